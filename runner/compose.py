@@ -1,0 +1,263 @@
+"""Hydra composition, and every check of the composed config against the Kedro project.
+
+``launch`` hands the command line to Hydra (run or multirun); ``check_params`` makes sure
+each override under ``params`` addresses a real Kedro parameter with a fitting type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from difflib import get_close_matches
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, ParamError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+CONFIG_NAME = "kmrun"
+
+
+def config_dir(argv: list[str]) -> Path:
+    """``conf/`` of the working directory, or what ``-cp``/``--config-path`` says."""
+    for i, arg in enumerate(argv):
+        if arg in ("-cp", "--config-path") and i + 1 < len(argv):
+            return Path(argv[i + 1]).resolve()
+        if arg.startswith("--config-path="):
+            return Path(arg.split("=", 1)[1]).resolve()
+    return Path.cwd() / "conf"
+
+
+def hydra_args(argv: list[str]) -> list[str]:
+    """The command line as Hydra should see it.
+
+    Overrides of ``params.x`` may name Kedro parameters the composed config has not
+    set yet, so they become ``++params.x`` (kmrun checks them against Kedro instead).
+    ``+params.x`` keeps its meaning: a parameter added on purpose, not checked.
+    A relative ``-cp`` is made absolute, as users expect of a path.
+    """
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("params.") and "=" in arg:
+            arg = "++" + arg
+        elif i > 0 and argv[i - 1] in ("-cp", "--config-path"):
+            arg = str(Path(arg).resolve())
+        out.append(arg)
+    return out
+
+
+def launch(argv: list[str], task: Callable[[DictConfig], Any]) -> Any:
+    """Run Hydra on ``argv`` with ``task`` as the task function; return what it returned.
+
+    Hydra reads ``sys.argv`` and, unless HYDRA_FULL_ERROR is set, prints errors and exits
+    1 itself. kmrun sets it for the call so that errors come back as exceptions, and the
+    CLI reports them in one place with exit 2.
+    """
+    import hydra
+
+    result: dict[str, Any] = {}
+
+    def kmrun_job(cfg: DictConfig) -> Any:
+        # An exception escaping the task makes Hydra print its own banner; keep it for later.
+        try:
+            result["value"] = task(cfg)
+        except Exception as err:
+            result["error"] = err
+        return result.get("value")
+
+    main = hydra.main(
+        config_path=str(config_dir(argv)), config_name=CONFIG_NAME, version_base="1.3"
+    )(kmrun_job)
+    saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = ["kmrun", *hydra_args(argv)]
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    finally:
+        sys.argv = saved_argv
+        if saved_env is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_env
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def added_on_purpose(overrides: list[str]) -> set[str]:
+    """Keys added with a single ``+`` (``+params.x=1`` → ``x``), relative to ``params``."""
+    keys = set()
+    for override in overrides:
+        if override.startswith("+params.") and not override.startswith("++"):
+            keys.add(override[len("+params.") :].split("=", 1)[0])
+    return keys
+
+
+def check_params(
+    overrides: Mapping[str, Any],
+    base: Mapping[str, Any],
+    added: set[str] = frozenset(),  # type: ignore[assignment]
+    origin: Callable[[str], str] = lambda key: "",
+) -> dict[str, Any]:
+    """Check ``overrides`` against the Kedro parameters ``base``; return them coerced.
+
+    Every leaf must address an existing parameter (or one under a key in ``added``)
+    with a value of a fitting type. All problems are reported at once, each with
+    where it came from and the closest existing keys.
+    """
+    problems: list[str] = []
+    known = _all_keys(base)
+
+    def walk(over: Mapping[str, Any], have: Any, path: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in over.items():
+            dotted = f"{path}.{key}" if path else str(key)
+            if any(dotted == a or dotted.startswith(a + ".") for a in added):
+                out[key] = value
+            elif not isinstance(have, Mapping) or key not in have:
+                close = get_close_matches(dotted, known, n=3, cutoff=0.6)
+                hint = f" Did you mean {' or '.join('params.' + c for c in close)}?" if close else ""
+                problems.append(
+                    f"params.{dotted}{origin('params.' + dotted)}: the Kedro project has no "
+                    f"parameter '{dotted}'.{hint}"
+                )
+            elif isinstance(value, Mapping) and isinstance(have[key], Mapping):
+                out[key] = walk(value, have[key], dotted)
+            else:
+                try:
+                    out[key] = coerce(value, have[key])
+                except TypeError as err:
+                    problems.append(f"params.{dotted}{origin('params.' + dotted)}: {err}")
+        return out
+
+    checked = walk(overrides, base, "")
+    if problems:
+        raise ParamError(
+            "\n".join(problems)
+            + "\nFix the key or value; to add a new Kedro parameter on purpose, use +params.KEY=VALUE."
+        )
+    return checked
+
+
+def coerce(value: Any, current: Any) -> Any:
+    """``value`` converted to the type of the parameter's ``current`` value.
+
+    ``None`` on either side is accepted as is. Raises ``TypeError`` with a readable
+    message when the value cannot fit.
+    """
+    if value is None or current is None:
+        return value
+    kind = type(current).__name__
+    bad = TypeError(f"{value!r} ({type(value).__name__}) does not fit the parameter's {kind} value {current!r}.")
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if isinstance(value, bool):
+        if isinstance(current, str):
+            return str(value).lower()
+        raise bad
+    if isinstance(current, int):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if isinstance(current, float):
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise bad
+    if isinstance(current, str):
+        if isinstance(value, (str, int, float)):
+            return str(value) if not isinstance(value, str) else value
+        raise bad
+    if isinstance(current, list):
+        if isinstance(value, list):
+            return value
+        raise bad
+    if isinstance(current, Mapping):
+        raise TypeError(f"{value!r} replaces a whole section; set its keys instead ({', '.join(current)}).")
+    return value
+
+
+def _all_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, Mapping):
+            keys += _all_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def origin_finder(conf_dir: Path, overrides: list[str], choices: Mapping[str, Any]) -> Callable[[str], str]:
+    """A function telling where a composed key was set: the command line or a file."""
+    from omegaconf import OmegaConf
+
+    files = [(conf_dir / f"{CONFIG_NAME}.yaml", "")]
+    for group, option in choices.items():
+        if option is None or str(group).startswith("hydra"):
+            continue
+        files.append((conf_dir / str(group) / f"{option}.yaml", str(group).replace("/", ".")))
+
+    def where(key: str) -> str:
+        for override in overrides:
+            name = override.lstrip("+~").split("=", 1)[0]
+            if name == key or key.startswith(name + ".") or name.startswith(key + "."):
+                return f" (command line: {override})"
+        for path, group_package in reversed(files):
+            if not path.is_file():
+                continue
+            text = path.read_text(encoding="utf-8")
+            package = _package(text, group_package)
+            try:
+                node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+            except Exception:
+                continue
+            relative = key[len(package) + 1 :] if package and key.startswith(package + ".") else key
+            if (not package or key.startswith(package + ".")) and OmegaConf.select(node, relative) is not None:
+                return f" (in {_shown(path)})"
+        return ""
+
+    return where
+
+
+def _package(text: str, default: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("# @package"):
+            package = line.split(maxsplit=2)[2].strip()
+            return "" if package == "_global_" else package
+    return default
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def config_hash(conf: Mapping[str, Any]) -> str:
+    """A stable hash of what a job computes: the Kedro section, params and metrics."""
+    keyed = {k: conf.get(k) for k in ("kedro", "params", "metrics")}
+    text = json.dumps(keyed, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def hydra_error(err: BaseException) -> ConfigError:
+    """One readable ``ConfigError`` from Hydra's or OmegaConf's exceptions."""
+    text = str(err).strip()
+    cause = err.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+        text += "\n" + str(cause).strip()
+    lines = [line for line in text.splitlines() if "HYDRA_FULL_ERROR" not in line]
+    if "Cannot find primary config" in text or "Primary config directory not found" in text:
+        lines = [
+            f"No {CONFIG_NAME}.yaml in {Path.cwd() / 'conf'}: run kmrun from a Kedro project "
+            "that has conf/kmrun.yaml (kmrun init writes one), or point -cp at its config dir."
+        ]
+    return ConfigError("\n".join(lines))

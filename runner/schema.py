@@ -1,0 +1,132 @@
+"""kmrun's own config, as typed dataclasses.
+
+Every section a user may write in ``conf/`` is declared here, with its default.
+``params`` is free-form (it mirrors the Kedro project's parameters) and is checked
+against Kedro by ``compose``; everything else must match these classes exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from .errors import ConfigError
+
+# OmegaConf reads these annotations at runtime, so they use typing's generics.
+
+
+@dataclass
+class KedroConf:
+    project_path: str = "."  # Kedro project root; relative to the working directory
+    env: Optional[str] = None  # Kedro config env; None: the project's default run env
+    pipeline: str = "__default__"  # registered pipeline to run
+    tags: List[str] = field(default_factory=list)  # run only nodes with any of these tags
+
+
+@dataclass
+class MlflowConf:
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment_name: Optional[str] = None  # None: the Kedro package name
+    run_name: Optional[str] = None  # None: MLflow picks one
+    tags: Dict[str, str] = field(default_factory=dict)  # extra tags on every run
+
+
+@dataclass
+class ObjectiveConf:
+    metric: Any = None  # metric name (or a list, for a multi-objective study); None: no objective
+    direction: Any = "maximize"  # minimize | maximize (or a list, as long as metric)
+
+
+@dataclass
+class SweepConf:
+    params: Dict[str, Any] = field(default_factory=dict)  # grid from YAML: key -> sweep expression
+    n_jobs: int = 1  # jobs at a time, each in its own worker process when > 1
+    max_failures: Optional[float] = None  # stop launching after this many failures (<1: a rate)
+    rerun: bool = False  # run every cell again, even those already FINISHED
+    dry_run: bool = False  # print the jobs and exit; nothing runs, no MLflow run is created
+
+
+@dataclass
+class KmrunConf:
+    kedro: KedroConf = field(default_factory=KedroConf)
+    params: Dict[str, Any] = field(default_factory=dict)  # Kedro parameter overrides, nested
+    mlflow: MlflowConf = field(default_factory=MlflowConf)
+    objective: ObjectiveConf = field(default_factory=ObjectiveConf)
+    metrics: List[str] = field(default_factory=lambda: ["metrics"])  # datasets that hold metrics
+    verbose: bool = False  # show Kedro's node-by-node log lines (same as -v)
+    sweep: SweepConf = field(default_factory=SweepConf)
+    study: Any = None  # an Optuna study, see docs/config.md
+
+
+SECTIONS = ("kedro", "params", "mlflow", "objective", "metrics", "verbose", "sweep", "study")
+DIRECTIONS = ("minimize", "maximize")
+
+
+def parse(cfg: DictConfig) -> KmrunConf:
+    """Check the composed config against the schema and return it typed.
+
+    ``hydra`` is Hydra's own section and is left out. Raises ``ConfigError`` naming the
+    first unknown key or bad value and what would be accepted.
+    """
+    plain = {k: v for k, v in cfg.items() if k != "hydra"}
+    for key in plain:
+        if key not in SECTIONS:
+            raise ConfigError(_unknown(str(key), SECTIONS, where=""))
+    params = plain.pop("params", None) or {}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(KmrunConf), plain)
+    except ConfigKeyError as err:
+        section = err.full_key.rpartition(".")[0]
+        allowed = _fields_of(section)
+        raise ConfigError(_unknown(err.full_key, allowed, where=section)) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(
+            f"Config key '{err.full_key}' has a value of the wrong type: "
+            f"{str(err.msg).splitlines()[0]}"
+        ) from None
+    conf: KmrunConf = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    conf.params = OmegaConf.to_container(params, resolve=True) if params else {}  # type: ignore[arg-type]
+    _check_objective(conf.objective)
+    return conf
+
+
+def _check_objective(objective: ObjectiveConf) -> None:
+    metrics = objective.metric if isinstance(objective.metric, list) else [objective.metric]
+    directions = (
+        objective.direction if isinstance(objective.direction, list) else [objective.direction]
+    )
+    for direction in directions:
+        if direction not in DIRECTIONS:
+            raise ConfigError(
+                f"objective.direction is {direction!r}; use one of: {', '.join(DIRECTIONS)}."
+            )
+    if objective.metric is not None and len(metrics) != len(directions):
+        if len(directions) == 1:
+            objective.direction = directions * len(metrics)
+        else:
+            raise ConfigError(
+                f"objective.metric names {len(metrics)} metric(s) but objective.direction "
+                f"gives {len(directions)} direction(s). Give one direction per metric."
+            )
+
+
+def _fields_of(section: str) -> list[str]:
+    node: Any = KmrunConf
+    for part in filter(None, section.split(".")):
+        node = node.__dataclass_fields__[part].default_factory  # type: ignore[union-attr]
+    return list(node.__dataclass_fields__)
+
+
+def _unknown(key: str, allowed: Any, where: str) -> str:
+    name = key.rpartition(".")[2]
+    close = get_close_matches(name, list(allowed), n=3)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    place = f"'{where}'" if where else "kmrun's config"
+    return (
+        f"Unknown key '{key}' in {place}.{hint}\n"
+        f"Accepted keys: {', '.join(allowed)}. They are documented in docs/config.md."
+    )

@@ -1,0 +1,237 @@
+"""MLflow: the store, runs, batched params and metrics, tags, artifacts, redaction.
+
+Everything goes through ``MlflowClient``, which keeps no hidden per-thread state, so
+jobs never share an "active run". Every string kmrun sends passes through a
+``Redactor`` first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from .errors import TrackingError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
+MAX_BATCH = 100  # params or tags per log_batch call
+MAX_METRICS_BATCH = 1000
+TRUNCATED = "…[truncated; the full value is in the config.yaml artifact]"
+REDACTED = "***"
+SECRET_NAME = re.compile(
+    r"pass(word|wd|phrase)?|secret|token|api[-_]?key|access[-_]?key|private[-_]?key|"
+    r"credential|auth|cookie|session[-_]?key|dsn|conn(ection)?[-_]?str",
+    re.IGNORECASE,
+)
+MIN_SECRET_LENGTH = 4  # shorter values would redact half of every text
+
+
+def default_store(cwd: Path | None = None) -> str:
+    """The embedded store: ``mlflow.db`` in the working directory, as MLflow's own default."""
+    return f"sqlite:///{((cwd or Path.cwd()) / 'mlflow.db').as_posix()}"
+
+
+def resolve_uri(configured: str | None) -> str:
+    """``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store()
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"C": 1}}`` → ``{"model.C": 1}``. Lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def is_secret_name(key: str) -> bool:
+    """Whether a (dotted) key names a secret: ``db_password``, ``api.token``…"""
+    return bool(SECRET_NAME.search(key))
+
+
+class Redactor:
+    """Removes secrets from what kmrun logs: values of secret-named keys, every
+    credential value of the Kedro project, and secret-named environment variables."""
+
+    def __init__(self, secret_values: Iterable[Any] = ()) -> None:
+        values = {str(v) for v in secret_values if v is not None}
+        self.values = sorted((v for v in values if len(v) >= MIN_SECRET_LENGTH), key=len, reverse=True)
+
+    @classmethod
+    def for_project(cls, credentials: Mapping[str, Any], params: Mapping[str, Any]) -> Redactor:
+        secrets = [v for v in flatten(credentials).values() if not isinstance(v, (dict, list))]
+        secrets += [v for k, v in os.environ.items() if is_secret_name(k)]
+        secrets += [v for k, v in flatten(params).items() if is_secret_name(k) and isinstance(v, str)]
+        return cls(secrets)
+
+    def text(self, text: str) -> str:
+        for value in self.values:
+            text = text.replace(value, REDACTED)
+        return text
+
+    def tree(self, tree: Any, key: str = "") -> Any:
+        """A copy of a nested dict/list with secret-named keys and secret values hidden."""
+        if key and is_secret_name(key) and not isinstance(tree, (dict, list)):
+            return REDACTED if tree is not None else None
+        if isinstance(tree, Mapping):
+            return {k: self.tree(v, f"{key}.{k}" if key else str(k)) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [self.tree(v, key) for v in tree]
+        return self.text(tree) if isinstance(tree, str) else tree
+
+    def params(self, flat: Mapping[str, Any]) -> dict[str, str]:
+        """Flat params as MLflow strings: redacted, and cut to MLflow's length limit."""
+        out = {}
+        for key, value in flat.items():
+            text = REDACTED if is_secret_name(key) and value is not None else self.text(str(value))
+            if len(text) > MAX_PARAM_VALUE:
+                text = text[: MAX_PARAM_VALUE - len(TRUNCATED)] + TRUNCATED
+            out[key] = text
+        return out
+
+
+@cache
+def git_tags(path: Path) -> dict[str, str]:
+    """``mlflow.source.git.commit`` and ``kmrun.git.dirty`` for the repo holding ``path``."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10
+        )
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip())
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"kmrun.git": "not a git repository"}
+    return {"mlflow.source.git.commit": commit, "kmrun.git.dirty": str(dirty).lower()}
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Tracker:
+    """One MLflow store and experiment. Opening it checks that the store works, so a
+    bad URI fails before any pipeline runs."""
+
+    def __init__(self, uri: str, experiment_name: str) -> None:
+        self.uri = uri
+        self.experiment_name = experiment_name
+        _quiet_store_logs()
+        try:
+            from mlflow import MlflowClient
+
+            self.client: MlflowClient = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(experiment_name)
+        except TrackingError:
+            raise
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrackingError(
+                f"mlflow.tracking_uri: cannot open the MLflow store '{uri}': {first}\n"
+                "Use sqlite:///PATH/mlflow.db, http(s)://HOST:PORT of an MLflow server, or "
+                "leave it null for the embedded store (mlflow.db in the working directory)."
+            ) from None
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                raise TrackingError(
+                    f"mlflow.experiment_name: experiment '{name}' is deleted in {self.uri}. "
+                    f"Restore it (mlflow experiments restore) or pick another name."
+                )
+            return str(found.experiment_id)
+        return str(self.client.create_experiment(name, artifact_location=self._artifact_root(name)))
+
+    def _artifact_root(self, name: str) -> str | None:
+        """Beside an SQLite file, artifacts go to ``mlartifacts/`` next to it."""
+        parsed = urlparse(self.uri)
+        if parsed.scheme != "sqlite" or self.uri.endswith(":memory:"):
+            return None
+        db = Path(self.uri[len("sqlite:///") :])
+        return (db.parent / "mlartifacts" / re.sub(r"[^\w.-]", "_", name)).resolve().as_uri()
+
+    def start(self, run_name: str | None, tags: Mapping[str, str], parent_id: str | None = None) -> str:
+        all_tags = dict(tags)
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        return str(run.info.run_id)
+
+    def log(
+        self,
+        run_id: str,
+        params: Mapping[str, str] = {},
+        metrics: Mapping[str, float] = {},
+        series: Mapping[str, list[float]] = {},
+        tags: Mapping[str, str] = {},
+    ) -> None:
+        """Send params, metrics (``series`` as steps 0..n-1) and tags in as few calls as MLflow allows."""
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        metric_rows = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for key, values in series.items():
+            metric_rows += [Metric(key, float(v), now, step) for step, v in enumerate(values)]
+        param_rows = [Param(k, v) for k, v in params.items()]
+        tag_rows = [RunTag(k, v) for k, v in tags.items()]
+        while param_rows or metric_rows or tag_rows:
+            self.client.log_batch(
+                run_id,
+                params=param_rows[:MAX_BATCH],
+                metrics=metric_rows[:MAX_METRICS_BATCH],
+                tags=tag_rows[:MAX_BATCH],
+            )
+            param_rows = param_rows[MAX_BATCH:]
+            metric_rows = metric_rows[MAX_METRICS_BATCH:]
+            tag_rows = tag_rows[MAX_BATCH:]
+
+    def log_step(self, run_id: str, key: str, value: float, step: int) -> None:
+        self.client.log_metric(run_id, key, value, step=step)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def finish(self, run_id: str, status: str) -> None:
+        """End a run: FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status)
+
+    def run_url(self, run_id: str) -> str:
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens MLflow's UI on this store."""
+    return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _quiet_store_logs() -> None:
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
