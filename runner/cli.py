@@ -75,7 +75,7 @@ def run_once(args: list[str], verbose: bool = False) -> JobResult:
         hydra = HydraConfig.get()
         loud = verbose or bool(cfg.get("verbose", False))
         with terminal.quiet_unless(loud):  # Kedro logs its set-up at INFO while it bootstraps
-            spec = job.prepare(cfg, list(hydra.overrides.task), hydra.runtime.choices, compose.config_dir(args))
+            spec = job.prepare(cfg, compose.as_typed(list(hydra.overrides.task)), hydra.runtime.choices, compose.config_dir(args))
         terminal.setup_logging(loud)
         terminal.header(spec, job.open_project(spec.conf.kedro.project_path, spec.conf.kedro.env).env_name)
         result = job.execute(spec)

@@ -89,6 +89,11 @@ def launch(argv: list[str], task: Callable[[DictConfig], Any]) -> Any:
     return result.get("value")
 
 
+def as_typed(overrides: list[str]) -> list[str]:
+    """Overrides as the user wrote them (undoes the ``++params.`` of ``hydra_args``)."""
+    return [o[2:] if o.startswith("++params.") else o for o in overrides]
+
+
 def added_on_purpose(overrides: list[str]) -> set[str]:
     """Keys added with a single ``+`` (``+params.x=1`` → ``x``), relative to ``params``."""
     keys = set()
@@ -255,6 +260,11 @@ def hydra_error(err: BaseException) -> ConfigError:
     if cause is not None and str(cause).strip() and str(cause).strip() not in text:
         text += "\n" + str(cause).strip()
     lines = [line for line in text.splitlines() if "HYDRA_FULL_ERROR" not in line]
+    full_key = getattr(cause, "full_key", None) or getattr(err, "full_key", None)
+    if "is not in struct" in text and full_key:
+        from .schema import unknown_key
+
+        lines = [unknown_key(str(full_key), source="on the command line")]
     if "Cannot find primary config" in text or "Primary config directory not found" in text:
         lines = [
             f"No {CONFIG_NAME}.yaml in {Path.cwd() / 'conf'}: run kmrun from a Kedro project "

@@ -80,9 +80,7 @@ def parse(cfg: DictConfig) -> KmrunConf:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(KmrunConf), plain)
     except ConfigKeyError as err:
-        section = err.full_key.rpartition(".")[0]
-        allowed = _fields_of(section)
-        raise ConfigError(_unknown(err.full_key, allowed, where=section)) from None
+        raise ConfigError(unknown_key(err.full_key)) from None
     except OmegaConfBaseException as err:
         raise ConfigError(
             f"Config key '{err.full_key}' has a value of the wrong type: "
@@ -114,6 +112,16 @@ def _check_objective(objective: ObjectiveConf) -> None:
             )
 
 
+def unknown_key(key: str, source: str = "") -> str:
+    """The message for an unknown dotted key of kmrun's config."""
+    section = key.rpartition(".")[0]
+    try:
+        allowed = _fields_of(section)
+    except (KeyError, AttributeError, TypeError):
+        allowed = list(SECTIONS)
+    return _unknown(key, allowed, where=section, source=source)
+
+
 def _fields_of(section: str) -> list[str]:
     node: Any = KmrunConf
     for part in filter(None, section.split(".")):
@@ -121,12 +129,12 @@ def _fields_of(section: str) -> list[str]:
     return list(node.__dataclass_fields__)
 
 
-def _unknown(key: str, allowed: Any, where: str) -> str:
+def _unknown(key: str, allowed: Any, where: str, source: str = "") -> str:
     name = key.rpartition(".")[2]
     close = get_close_matches(name, list(allowed), n=3)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     place = f"'{where}'" if where else "kmrun's config"
     return (
-        f"Unknown key '{key}' in {place}.{hint}\n"
+        f"Unknown key '{key}' in {place}{' ' + source if source else ''}.{hint}\n"
         f"Accepted keys: {', '.join(allowed)}. They are documented in docs/config.md."
     )

@@ -1,0 +1,106 @@
+"""Shared fixtures: a template MLflow store, a project copy in a temp dir, the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["KEDRO_DISABLE_TELEMETRY"] = "true"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def template_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated MLflow SQLite store, made once (migrations cost seconds)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@dataclass
+class Done:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+@dataclass
+class Workspace:
+    """A temp dir holding a copy of conf/ and the example project, and a fresh store."""
+
+    path: Path
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.path / 'mlflow.db'}"
+
+    def kmrun(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> Done:
+        full_env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200", **(env or {})}
+        done = subprocess.run(
+            [sys.executable, "-m", "runner.cli", *args],
+            cwd=self.path,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return Done(done.returncode, done.stdout, done.stderr)
+
+    def client(self, uri: str | None = None):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=uri or self.uri)
+
+    def runs(self, uri: str | None = None) -> list:
+        client = self.client(uri)
+        ids = [e.experiment_id for e in client.search_experiments()]
+        return client.search_runs(ids, max_results=1000) if ids else []
+
+    def running(self, uri: str | None = None) -> int:
+        db = Path((uri or self.uri).removeprefix("sqlite:///"))
+        if not db.exists():
+            return 0
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from runs where status='RUNNING'").fetchone()[0]
+
+
+@pytest.fixture
+def ws(tmp_path: Path, template_store: Path) -> Workspace:
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    shutil.copytree(
+        ROOT / "examples" / "digits",
+        tmp_path / "examples" / "digits",
+        ignore=shutil.ignore_patterns("*.pkl", "*.json", "sessions", "__pycache__"),
+    )
+    shutil.copy(template_store, tmp_path / "mlflow.db")
+    return Workspace(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _clean_globals(monkeypatch: pytest.MonkeyPatch):
+    """Reset what tests may leave behind: cwd, Hydra's singleton, MLflow's active run."""
+    cwd = os.getcwd()
+    yield
+    os.chdir(cwd)
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        while mlflow.active_run():
+            mlflow.end_run()

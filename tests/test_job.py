@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from runner.errors import MetricError
+from runner.job import deep_merge, objective_of, read_metrics
+from runner.schema import KmrunConf, ObjectiveConf
+
+
+@pytest.mark.parametrize(
+    ("datasets", "names", "scalars", "series"),
+    [
+        ({"score": 0.5}, ["score"], {"score": 0.5}, {}),
+        ({"m": {"acc": 0.9, "f1": 1}}, ["m"], {"acc": 0.9, "f1": 1.0}, {}),
+        ({"curve": [0.1, 0.2]}, ["curve"], {}, {"curve": [0.1, 0.2]}),
+        ({"m": {"loss": [3, 2], "acc": 0.7}}, ["m"], {"acc": 0.7}, {"loss": [3.0, 2.0]}),
+        ({"m": {"name": "x", "ok": True}}, ["m"], {}, {}),
+        ({"other": 1.0}, ["m"], {}, {}),
+    ],
+)
+def test_read_metrics(datasets, names, scalars, series):
+    assert read_metrics(datasets, names) == (scalars, series)
+
+
+def conf(metric, direction="maximize") -> KmrunConf:
+    return KmrunConf(objective=ObjectiveConf(metric=metric, direction=direction))
+
+
+def test_objective_from_scalar_series_and_list():
+    assert objective_of(conf("acc"), {"acc": 0.9}, {}, {}, []) == 0.9
+    assert objective_of(conf("loss"), {}, {"loss": [3.0, 1.5]}, {}, []) == 1.5
+    assert objective_of(conf(["acc", "loss"]), {"acc": 0.9}, {"loss": [1.0]}, {}, []) == [0.9, 1.0]
+    assert objective_of(conf(None), {}, {}, {}, []) is None
+
+
+def test_missing_objective_names_what_was_seen():
+    with pytest.raises(MetricError) as info:
+        objective_of(conf("acc"), {"accuracy": 0.9}, {}, {"metrics": {}}, ["model", "metrics"])
+    text = str(info.value)
+    assert "'acc' was not produced" in text and "accuracy" in text and "model, metrics" in text
+
+
+def test_nan_objective_fails():
+    with pytest.raises(MetricError, match="not a finite number"):
+        objective_of(conf("acc"), {"acc": math.nan}, {}, {}, [])
+
+
+def test_deep_merge_is_kedros_runtime_params_merge():
+    base = {"model": {"C": 1.0, "max_iter": 10}, "l": [1, 2]}
+    assert deep_merge(base, {"model": {"C": 2.0}, "l": [3]}) == {"model": {"C": 2.0, "max_iter": 10}, "l": [3]}
+    assert base["model"]["C"] == 1.0

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import pytest
+
+from runner.tracking import (
+    MAX_PARAM_VALUE,
+    REDACTED,
+    Redactor,
+    Tracker,
+    flatten,
+    is_secret_name,
+    resolve_uri,
+)
+
+
+@pytest.mark.parametrize(
+    ("tree", "flat"),
+    [
+        ({"a": 1}, {"a": 1}),
+        ({"model": {"C": 1.0, "kw": {"x": None}}}, {"model.C": 1.0, "model.kw.x": None}),
+        ({"l": [1, {"x": 2}]}, {"l": [1, {"x": 2}]}),
+        ({"empty": {}}, {"empty": {}}),
+    ],
+)
+def test_flatten(tree, flat):
+    assert flatten(tree) == flat
+
+
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        ("db_password", True),
+        ("api.token", True),
+        ("API_KEY", True),
+        ("aws_secret_access_key", True),
+        ("model.C", False),
+        ("split.seed", False),
+        ("tokenizer_name", True),  # errs on the safe side
+    ],
+)
+def test_is_secret_name(key, secret):
+    assert is_secret_name(key) is secret
+
+
+def test_redactor_hides_secret_keys_credential_values_and_env_secrets(monkeypatch):
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "env-token-123")
+    red = Redactor.for_project(
+        credentials={"db": {"user": "admin", "pass": "s3cr3t-cred"}},
+        params={"db_password": "hunter22", "model": {"C": 1.0}},
+    )
+    params = red.params(flatten({"db_password": "hunter22", "url": "postgres://u:s3cr3t-cred@h", "model": {"C": 1.0}}))
+    assert params == {"db_password": REDACTED, "url": f"postgres://u:{REDACTED}@h", "model.C": "1.0"}
+    assert red.text("token is env-token-123 and hunter22") == f"token is {REDACTED} and {REDACTED}"
+    tree = red.tree({"params": {"api_token": "abc", "n": 3, "s": "x s3cr3t-cred"}})
+    assert tree == {"params": {"api_token": REDACTED, "n": 3, "s": f"x {REDACTED}"}}
+
+
+def test_long_param_values_are_cut_to_mlflows_limit():
+    out = Redactor().params({"long": "x" * 10_000})
+    assert len(out["long"]) == MAX_PARAM_VALUE and out["long"].endswith("config.yaml artifact]")
+
+
+def test_resolve_uri_prefers_config_then_env_then_embedded(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert resolve_uri(None) == "sqlite:///elsewhere.db"
+    assert resolve_uri("http://x:5000") == "http://x:5000"
+
+
+def test_tracker_sends_hundreds_of_params_and_steps_in_batches(tmp_path, template_store):
+    import shutil
+
+    shutil.copy(template_store, tmp_path / "mlflow.db")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "batching")
+    run_id = tracker.start("r", {"t": "1"})
+    params = {f"p{i:03d}": str(i) for i in range(250)}
+    tracker.log(run_id, params=params, metrics={"m": 1.0}, series={"curve": [0.1, 0.2, 0.3]})
+    tracker.finish(run_id, "FINISHED")
+    run = tracker.client.get_run(run_id)
+    assert run.data.params == params
+    assert run.data.metrics == {"m": 1.0, "curve": 0.3}
+    history = tracker.client.get_metric_history(run_id, "curve")
+    assert [(m.step, m.value) for m in history] == [(0, 0.1), (1, 0.2), (2, 0.3)]
+    assert run.info.status == "FINISHED"
+    assert tracker.client.get_experiment(tracker.experiment_id).artifact_location.startswith(
+        (tmp_path / "mlartifacts").as_uri()
+    )
