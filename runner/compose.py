@@ -260,6 +260,10 @@ def hydra_error(err: BaseException) -> ConfigError:
     if cause is not None and str(cause).strip() and str(cause).strip() not in text:
         text += "\n" + str(cause).strip()
     lines = [line for line in text.splitlines() if "HYDRA_FULL_ERROR" not in line]
+    if "Config search path:" in lines:  # Hydra's search path says nothing to a kmrun user
+        lines = lines[: lines.index("Config search path:")]
+    if type(err).__name__.endswith("YAMLError") or "while parsing" in text or "while scanning" in text:
+        lines = ["YAML syntax error:", *lines, "Fix the file at the line shown."]
     full_key = getattr(cause, "full_key", None) or getattr(err, "full_key", None)
     if "is not in struct" in text and full_key:
         from .schema import unknown_key
