@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
     from .job import JobResult
+    from .sweep import SweepOutcome
 
 USAGE = """\
 usage: kmrun [-v] [OVERRIDE ...]            run one experiment
@@ -52,10 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         return _hydra_help(args)
     from . import terminal
 
+    multirun = any(a in ("-m", "--multirun") for a in args)
     try:
+        if multirun:
+            return run_many(args, verbose).exit_code
         result = run_once(args, verbose)
     except KeyboardInterrupt:
-        terminal.error("Interrupted. The MLflow run was marked KILLED.")
+        terminal.error("Interrupted. Runs in progress were marked KILLED; run the same command to resume.")
         return 130
     except (KmrunError, JobFailed) as err:
         if verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -95,6 +99,26 @@ def run_once(args: list[str], verbose: bool = False) -> JobResult:
         if _is_config_error(err):
             raise compose.hydra_error(err) from err
         raise
+
+
+def run_many(args: list[str], verbose: bool = False) -> SweepOutcome:
+    """Run a sweep through Hydra's multirun and kmrun's sweeper; return its outcome."""
+    from . import compose, sweep, terminal
+
+    terminal.VERBOSE = verbose
+    terminal.setup_logging(verbose)
+    try:
+        with terminal.quiet_unless(verbose):
+            compose.launch(args, lambda cfg: None)
+    except (KmrunError, JobFailed, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        if _is_config_error(err):
+            raise compose.hydra_error(err) from err
+        raise
+    if not sweep.outcomes:
+        raise KmrunError("-m ran no sweep: is `override hydra/sweeper: kmrun` in conf/kmrun.yaml's defaults?")
+    return sweep.outcomes[-1]
 
 
 def _is_config_error(err: BaseException) -> bool:

@@ -65,8 +65,10 @@ def prepare(
     overrides: list[str],
     choices: Mapping[str, Any] | None = None,
     conf_dir: Path | None = None,
+    open_store: bool = True,
 ) -> JobSpec:
-    """Check a composed config against the schema, the Kedro project and the store.
+    """Check a composed config against the schema, the Kedro project and the store
+    (unless ``open_store`` is false: a dry run creates nothing).
 
     Raises a ``KmrunError`` before any MLflow run exists when something is wrong.
     """
@@ -79,7 +81,8 @@ def prepare(
     project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
     uri = resolve_uri(conf.mlflow.tracking_uri)
     experiment = conf.mlflow.experiment_name or project.package_name
-    open_tracker(uri, experiment)
+    if open_store:
+        open_tracker(uri, experiment)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     return JobSpec(

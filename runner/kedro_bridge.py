@@ -78,6 +78,16 @@ class _Capture:
             self.datasets[dataset_name] = data
 
     def _redirect(self, catalog: Any, conf_catalog: dict[str, Any], save_version: str) -> None:
+        assert self.output_dir is not None and self.project_path is not None
+        catalog_log = logging.getLogger(type(catalog).__module__)
+        level = catalog_log.level
+        catalog_log.setLevel(logging.ERROR)  # "Replacing dataset" is what we mean to do
+        try:
+            self._replace(catalog, conf_catalog, save_version)
+        finally:
+            catalog_log.setLevel(level)
+
+    def _replace(self, catalog: Any, conf_catalog: dict[str, Any], save_version: str) -> None:
         from kedro.io import AbstractDataset
 
         assert self.output_dir is not None and self.project_path is not None

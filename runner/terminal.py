@@ -16,10 +16,13 @@ from .tracking import ui_command
 
 if TYPE_CHECKING:
     from .job import JobResult, JobSpec
+    from .schema import KmrunConf
+    from .sweep import Cell, SweepOutcome
 
 console = Console(stderr=False, highlight=False)
 errors = Console(stderr=True, highlight=False)
 
+VERBOSE = False  # -v: set once by the CLI, read by worker processes' set-up
 _QUIET = ("kedro", "py.warnings", "mlflow", "alembic", "optuna")
 
 
@@ -73,3 +76,97 @@ def error(message: str, hint: str | None = None) -> None:
     errors.print(f"[bold red]Error:[/] {message}", markup=True, soft_wrap=True)
     if hint:
         errors.print(hint, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    console.print(message)
+
+
+def dry_run(cells: list[Cell]) -> None:
+    table = Table(title=f"Dry run: {len(cells)} job(s); nothing was run or recorded", box=None)
+    table.add_column("#", justify="right")
+    table.add_column("overrides")
+    for cell in cells:
+        table.add_row(str(cell.index), " ".join(cell.swept))
+    console.print(table)
+
+
+class SweepProgress:
+    """A progress bar: done/total, failed, best so far, ETA."""
+
+    def __init__(self, total: int, conf: KmrunConf) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from .results import primary
+
+        self.metric, self.direction = primary(conf)
+        self.failed = 0
+        self.best: float | None = None
+        self.progress = Progress(
+            TextColumn("[bold]sweep"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("failed {task.fields[failed]}"),
+            TextColumn("best {task.fields[best]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("sweep", total=total, failed=0, best="-")
+
+    def update(self, cell: Cell) -> None:
+        from .results import score
+
+        self.failed += cell.status == "FAILED"
+        value = score(cell)
+        if value is not None and (
+            self.best is None or (value > self.best if self.direction == "maximize" else value < self.best)
+        ):
+            self.best = value
+        best = f"{self.metric}={self.best:.4g}" if self.best is not None else "-"
+        self.progress.update(self.task, advance=1, failed=self.failed, best=best)
+        if not console.is_terminal:
+            console.print(f"  [{cell.status}] {cell.label}  {self.metric}={_short(value)}")
+
+    def __enter__(self) -> SweepProgress:
+        if console.is_terminal:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _short(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def sweep_summary(conf: KmrunConf, outcome: SweepOutcome, uri: str) -> None:
+    from .results import counts, ranked, score
+
+    metric = conf.objective.metric
+    table = Table(title="Sweep results, best first")
+    table.add_column("#", justify="right")
+    table.add_column("cell")
+    table.add_column("status")
+    table.add_column(str(metric), justify="right")
+    table.add_column("run")
+    for cell in ranked(conf, outcome.cells):
+        style = {"FINISHED": "green", "SKIPPED": "green", "FAILED": "red"}.get(cell.status, "yellow")
+        table.add_row(str(cell.index), cell.label, f"[{style}]{cell.status}[/]", _short(score(cell)), (cell.run_id or "")[:12])
+    console.print(table)
+    n = counts(outcome.cells)
+    console.print(
+        f"{n['jobs_total']} jobs: {n['jobs_finished'] - n['jobs_skipped']} ran and finished, "
+        f"{n['jobs_skipped']} skipped, {n['jobs_failed']} failed, {n['jobs_not_started']} not started."
+        f"\nparent run {outcome.parent_run_id} · store {uri}\nui: {ui_command(uri)}"
+    )
+    failed = [c for c in outcome.cells if c.status in ("FAILED", "KILLED", "NOT_STARTED")]
+    if failed:
+        for cell in failed:
+            if cell.error:
+                errors.print(f"[red]{cell.status}[/] {cell.label}: {cell.error.splitlines()[0]}")
+        errors.print(
+            f"{len(failed)} job(s) did not finish. Fix the cause, then run the same command again; "
+            f"finished cells are skipped and only these run:\n  {outcome.command}"
+        )

@@ -209,6 +209,18 @@ class Tracker:
             metric_rows = metric_rows[MAX_METRICS_BATCH:]
             tag_rows = tag_rows[MAX_BATCH:]
 
+    def search(self, filter_string: str, max_results: int = 50_000) -> list[Any]:
+        """Runs of this experiment matching an MLflow filter, newest first."""
+        return list(
+            self.client.search_runs(
+                [self.experiment_id], filter_string, max_results=max_results, order_by=["attributes.start_time DESC"]
+            )
+        )
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a run RUNNING again, to add to it (a resumed sweep's parent)."""
+        self.client.update_run(run_id, status="RUNNING")
+
     def log_step(self, run_id: str, key: str, value: float, step: int) -> None:
         self.client.log_metric(run_id, key, value, step=step)
 

@@ -1,0 +1,162 @@
+"""A sweep's results: the table (CSV and Markdown), the best cell, a plot, and what the
+parent MLflow run keeps of them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .schema import KmrunConf
+    from .sweep import Cell
+    from .tracking import Tracker
+
+DONE = ("FINISHED", "SKIPPED")
+
+
+def swept(cell: Cell) -> dict[str, str]:
+    """``{"params.model.C": "0.1", ...}`` for one cell."""
+    return dict(o.lstrip("+").split("=", 1) for o in cell.swept)  # type: ignore[misc]
+
+
+def primary(conf: KmrunConf) -> tuple[str | None, str]:
+    """The metric and direction a grid sorts by (the first, for several)."""
+    metric, direction = conf.objective.metric, conf.objective.direction
+    if isinstance(metric, list):
+        return metric[0], direction[0]
+    return metric, direction
+
+
+def score(cell: Cell) -> float | None:
+    value = cell.objective[0] if isinstance(cell.objective, list) else cell.objective
+    if cell.status in DONE and isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def ranked(conf: KmrunConf, cells: list[Cell]) -> list[Cell]:
+    """Cells by objective, best first; cells without one last, in grid order."""
+    _, direction = primary(conf)
+    sign = -1.0 if direction == "maximize" else 1.0
+    return sorted(cells, key=lambda c: (score(c) is None, sign * (score(c) or 0.0), c.index))
+
+
+def best(conf: KmrunConf, cells: list[Cell]) -> Cell | None:
+    top = ranked(conf, cells)
+    return top[0] if top and score(top[0]) is not None else None
+
+
+def table(conf: KmrunConf, cells: list[Cell]) -> list[dict[str, Any]]:
+    metric, _ = primary(conf)
+    metric_names = sorted({m for c in cells for m in c.metrics})
+    rows = []
+    for cell in ranked(conf, cells):
+        row: dict[str, Any] = {"cell": cell.index, **swept(cell), "status": cell.status}
+        row[f"objective ({metric})"] = score(cell)
+        row.update({m: cell.metrics.get(m) for m in metric_names})
+        row["run_id"] = cell.run_id or ""
+        rows.append(row)
+    return rows
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row[h]) for h in head) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def plot(conf: KmrunConf, cells: list[Cell]) -> Any:
+    """A matplotlib figure: the objective against each swept key, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, _ = primary(conf)
+    keys = list(swept(cells[0])) if cells else []
+    scored = [c for c in cells if score(c) is not None]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.5 * max(1, len(keys)), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [swept(c)[key] for c in scored]
+        numeric = all(_is_number(v) for v in values)
+        xs: list[Any] = [float(v) for v in values] if numeric else values
+        ax.scatter(xs, [score(c) for c in scored], alpha=0.8)
+        if numeric and xs and min(xs) > 0 and max(xs) / min(xs) >= 100:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(str(metric))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{metric} by swept value ({len(scored)} of {len(cells)} cells scored)")
+    fig.tight_layout()
+    return fig
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def counts(cells: list[Cell]) -> dict[str, int]:
+    status = [c.status for c in cells]
+    return {
+        "jobs_total": len(cells),
+        "jobs_finished": status.count("FINISHED") + status.count("SKIPPED"),
+        "jobs_failed": status.count("FAILED"),
+        "jobs_skipped": status.count("SKIPPED"),
+        "jobs_killed": status.count("KILLED"),
+        "jobs_not_started": status.count("NOT_STARTED"),
+    }
+
+
+def log_parent(tracker: Tracker, parent: str, conf: KmrunConf, cells: list[Cell]) -> None:
+    """Counts, the best cell, the results table and the plot, on the parent run."""
+    metric, _ = primary(conf)
+    metrics: dict[str, float] = {k: float(v) for k, v in counts(cells).items()}
+    params: dict[str, str] = {}
+    tags: dict[str, str] = {}
+    top = best(conf, cells)
+    if top is not None and metric:
+        metrics[f"best_{metric}"] = score(top)  # type: ignore[assignment]
+        params = {f"best.{k}": v for k, v in swept(top).items()}
+        tags = {"kmrun.best_run_id": top.run_id or "", "kmrun.best_cell": top.label}
+    _log_once(tracker, parent, params)
+    tracker.log(parent, metrics=metrics, tags=tags)
+    rows = table(conf, cells)
+    tracker.log_text(parent, to_csv(rows), "results.csv")
+    tracker.log_text(parent, to_markdown(rows), "results.md")
+    figure = plot(conf, cells)
+    tracker.client.log_figure(parent, figure, "objective_by_param.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def _log_once(tracker: Tracker, run_id: str, params: dict[str, str]) -> None:
+    """MLflow params cannot change; a resumed sweep whose best moved keeps it in tags."""
+    existing = tracker.client.get_run(run_id).data.params
+    fresh = {k: v for k, v in params.items() if k not in existing}
+    changed = {f"kmrun.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
+    tracker.log(run_id, params=fresh, tags=changed)
