@@ -36,19 +36,31 @@ def config_dir(argv: list[str]) -> Path:
 def hydra_args(argv: list[str]) -> list[str]:
     """The command line as Hydra should see it.
 
-    Overrides of ``params.x`` may name Kedro parameters the composed config has not
-    set yet, so they become ``++params.x`` (kmrun checks them against Kedro instead).
-    ``+params.x`` keeps its meaning: a parameter added on purpose, not checked.
-    A relative ``-cp`` is made absolute, as users expect of a path.
+    Overrides of kmrun's sections may name keys the composed config has not set yet
+    (``params.x`` names a Kedro parameter; ``sweep.n_jobs`` has a schema default), so
+    they become ``++key=value``: kmrun checks them itself, against Kedro and against its
+    schema, with better messages than Hydra's struct mode. ``+params.x`` keeps its
+    meaning: a parameter added on purpose, not checked. A relative ``-cp`` is made
+    absolute, as users expect of a path.
     """
+    from .schema import SECTIONS
+
     out = []
     for i, arg in enumerate(argv):
-        if arg.startswith("params.") and "=" in arg:
+        key = arg.split("=", 1)[0]
+        if "=" in arg and key.split(".", 1)[0] in SECTIONS and key[0] not in "+~":
             arg = "++" + arg
         elif i > 0 and argv[i - 1] in ("-cp", "--config-path"):
             arg = str(Path(arg).resolve())
         out.append(arg)
     return out
+
+
+def as_typed(overrides: list[str]) -> list[str]:
+    """Overrides as the user wrote them (undoes the ``++`` that ``hydra_args`` added)."""
+    from .schema import SECTIONS
+
+    return [o[2:] if o.startswith("++") and o[2:].split(".", 1)[0].split("=", 1)[0] in SECTIONS else o for o in overrides]
 
 
 def launch(argv: list[str], task: Callable[[DictConfig], Any]) -> Any:
@@ -87,11 +99,6 @@ def launch(argv: list[str], task: Callable[[DictConfig], Any]) -> Any:
     if "error" in result:
         raise result["error"]
     return result.get("value")
-
-
-def as_typed(overrides: list[str]) -> list[str]:
-    """Overrides as the user wrote them (undoes the ``++params.`` of ``hydra_args``)."""
-    return [o[2:] if o.startswith("++params.") else o for o in overrides]
 
 
 def added_on_purpose(overrides: list[str]) -> set[str]:
@@ -255,7 +262,7 @@ def config_hash(conf: Mapping[str, Any]) -> str:
 
 def hydra_error(err: BaseException) -> ConfigError:
     """One readable ``ConfigError`` from Hydra's or OmegaConf's exceptions."""
-    text = str(err).strip()
+    text = str(err).strip().replace("'++", "'")
     cause = err.__cause__
     if cause is not None and str(cause).strip() and str(cause).strip() not in text:
         text += "\n" + str(cause).strip()

@@ -74,9 +74,9 @@ def prepare(
     """
     from omegaconf import OmegaConf
 
-    conf = parse(cfg)
-    project = open_project(conf.kedro.project_path, conf.kedro.env)
     origin = origin_finder(conf_dir or Path.cwd() / "conf", overrides, choices or {})
+    conf = parse(cfg, origin)
+    project = open_project(conf.kedro.project_path, conf.kedro.env)
     params = check_params(conf.params, project.parameters(), added_on_purpose(overrides), origin)
     project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
     uri = resolve_uri(conf.mlflow.tracking_uri)

@@ -8,6 +8,7 @@ against Kedro by ``compose``; everything else must match these classes exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from difflib import get_close_matches
 from typing import Any, Dict, List, Optional
 
@@ -66,7 +67,7 @@ SECTIONS = ("kedro", "params", "mlflow", "objective", "metrics", "verbose", "swe
 DIRECTIONS = ("minimize", "maximize")
 
 
-def parse(cfg: DictConfig) -> KmrunConf:
+def parse(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> KmrunConf:
     """Check the composed config against the schema and return it typed.
 
     ``hydra`` is Hydra's own section and is left out. Raises ``ConfigError`` naming the
@@ -75,15 +76,15 @@ def parse(cfg: DictConfig) -> KmrunConf:
     plain = {k: v for k, v in cfg.items() if k != "hydra"}
     for key in plain:
         if key not in SECTIONS:
-            raise ConfigError(_unknown(str(key), SECTIONS, where=""))
+            raise ConfigError(_unknown(str(key), SECTIONS, where="", source=origin(str(key)).strip()))
     params = plain.pop("params", None) or {}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(KmrunConf), plain)
     except ConfigKeyError as err:
-        raise ConfigError(unknown_key(err.full_key)) from None
+        raise ConfigError(unknown_key(err.full_key, origin(err.full_key).strip())) from None
     except OmegaConfBaseException as err:
         raise ConfigError(
-            f"Config key '{err.full_key}' has a value of the wrong type: "
+            f"Config key '{err.full_key}'{origin(err.full_key)} has a value of the wrong type: "
             f"{str(err.msg).splitlines()[0]}"
         ) from None
     conf: KmrunConf = OmegaConf.to_object(merged)  # type: ignore[assignment]

@@ -60,10 +60,11 @@ class SweepOutcome:
     cells: list[Cell]
     parent_run_id: str | None
     command: str
+    dry_run: bool = False
 
     @property
     def exit_code(self) -> int:
-        return 0 if all(c.status in ("FINISHED", "SKIPPED") for c in self.cells) else 1
+        return 0 if self.dry_run or all(c.status in ("FINISHED", "SKIPPED") for c in self.cells) else 1
 
 
 outcomes: list[SweepOutcome] = []  # what the CLI reads back after Hydra returns
@@ -72,26 +73,32 @@ outcomes: list[SweepOutcome] = []  # what the CLI reads back after Hydra returns
 def run_sweep(hydra_context: HydraContext, config: DictConfig, arguments: list[str]) -> SweepOutcome:
     """Expand, check, run and summarise one sweep."""
     conf = parse(_without_hydra(config))
-    cells = expand(hydra_context, arguments, conf.sweep.params)
-    base = [a for a in arguments if not _parse(hydra_context, [a])[0].is_sweep_override()]
+    base, cells = expand(hydra_context, arguments, conf.sweep.params)
     _compose_all(hydra_context, config, base, cells, open_store=not conf.sweep.dry_run)
     command = "kmrun -m " + " ".join(shlex.quote(a) for a in as_typed(sys.argv[1:]) if a not in ("-m", "--multirun"))
     if conf.sweep.dry_run:
         terminal.dry_run(cells)
-        outcome = SweepOutcome(cells, None, command)
+        outcome = SweepOutcome(cells, None, command, dry_run=True)
     else:
         outcome = Sweep(conf, cells, Path(str(config.hydra.sweep.dir)).resolve(), command).run()
     outcomes.append(outcome)
     return outcome
 
 
-def expand(hydra_context: HydraContext, arguments: list[str], yaml_grid: dict[str, Any]) -> list[Cell]:
-    """The grid's cells, from CLI sweep overrides and ``sweep.params``; the CLI wins."""
+def expand(
+    hydra_context: HydraContext, arguments: list[str], yaml_grid: dict[str, Any]
+) -> tuple[list[str], list[Cell]]:
+    """The overrides every job shares, and the grid's cells, from the command line and
+    ``sweep.params``; for a key in both, the command line wins."""
     from_yaml = [f"{k}={_as_sweep(v)}" for k, v in yaml_grid.items()]
-    overrides = _parse(hydra_context, hydra_args(from_yaml) + list(arguments))
+    latest: dict[str, Override] = {}  # one entry per key: the command line comes last and wins
+    for override in _parse(hydra_context, hydra_args(from_yaml) + list(arguments)):
+        latest[override.get_key_element().lstrip("+~")] = override
     axes: dict[str, list[str]] = {}
-    for override in overrides:
+    base = []
+    for override in latest.values():
         if not override.is_sweep_override():
+            base.append(override.input_line)
             continue
         key = override.get_key_element()
         _check_sweepable(key.lstrip("+~"))
@@ -110,14 +117,14 @@ def expand(hydra_context: HydraContext, arguments: list[str], yaml_grid: dict[st
     if empty:
         raise ConfigError(f"Empty sweep: {', '.join(as_typed(empty))} expands to no value. Check its range().")
     grid = itertools.product(*axes.values())
-    return [Cell(i, as_typed(list(values))) for i, values in enumerate(grid)]
+    return base, [Cell(i, as_typed(list(values))) for i, values in enumerate(grid)]
 
 
 def _compose_all(
     hydra_context: HydraContext, config: DictConfig, base: list[str], cells: list[Cell], open_store: bool
 ) -> None:
     """Compose and check every job before any runs; report every distinct problem at once."""
-    problems: dict[str, None] = {}
+    problems: dict[str, str] = {}
     conf_dir = _conf_dir(config)
     for cell in cells:
         job_cfg = hydra_context.config_loader.load_sweep_config(config, base + hydra_args(cell.swept))
@@ -130,10 +137,10 @@ def _compose_all(
                 open_store=open_store,
             )
         except KmrunError as err:
-            for line in str(err).splitlines():
-                problems.setdefault(line)
+            for line in str(err).splitlines():  # one line per bad key, not per value
+                problems.setdefault(line.split(" (", 1)[0], line)
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError("\n".join(sorted(problems.values(), key=lambda line: line.startswith("Fix"))))
 
 
 class Sweep:

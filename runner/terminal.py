@@ -83,7 +83,8 @@ def say(message: str) -> None:
 
 
 def dry_run(cells: list[Cell]) -> None:
-    table = Table(title=f"Dry run: {len(cells)} job(s); nothing was run or recorded", box=None)
+    console.print(f"Dry run: {len(cells)} job(s). Nothing was run or recorded.")
+    table = Table(box=None)
     table.add_column("#", justify="right")
     table.add_column("overrides")
     for cell in cells:

@@ -74,7 +74,7 @@ BAD_INPUT = [
     (["params.modle.C=5"], "no parameter 'modle'. Did you mean params.model"),
     (["params.model.C=abc"], "'abc' (str) does not fit the parameter's float value"),
     (["+experiment=nope"], "Could not find 'experiment/nope'"),
-    (["mlflow.trackin_uri=x"], "Unknown key 'mlflow.trackin_uri' in 'mlflow' on the command line. Did you mean 'tracking_uri'"),
+    (["mlflow.trackin_uri=x"], "Unknown key 'mlflow.trackin_uri' in 'mlflow' (command line: mlflow.trackin_uri=x). Did you mean 'tracking_uri'"),
     (["kedro.project_path=/"], "is not a Kedro project"),
     (["kedro.pipeline=trian"], "no pipeline named 'trian'"),
     (["mlflow.tracking_uri=foo://bar"], "cannot open the MLflow store 'foo://bar'"),

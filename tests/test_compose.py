@@ -81,7 +81,7 @@ def test_check_params_rejects_a_scalar_for_a_section():
 
 def test_hydra_args_let_params_through_struct_mode_and_keep_plus():
     args = hydra_args(["+experiment=b", "params.model.C=1", "+params.x=2", "mlflow.run_name=r"])
-    assert args == ["+experiment=b", "++params.model.C=1", "+params.x=2", "mlflow.run_name=r"]
+    assert args == ["+experiment=b", "++params.model.C=1", "+params.x=2", "++mlflow.run_name=r"]
     assert as_typed(args) == ["+experiment=b", "params.model.C=1", "+params.x=2", "mlflow.run_name=r"]
     assert added_on_purpose(args) == {"x"}
 

@@ -1,0 +1,139 @@
+"""Grid sweeps end to end through the CLI, against a real SQLite store."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+GRID = ["+experiment=baseline", "params.model.C=0.01,0.1,1", "params.split.seed=range(0,3)"]
+
+
+def tree(ws):
+    runs = ws.runs()
+    parents = [r for r in runs if r.data.tags.get("kmrun.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    return parents, children
+
+
+def test_a_3x3_grid_is_one_parent_and_nine_finished_children(ws):
+    done = ws.kmrun("-m", *GRID)
+    assert done.code == 0, done.text
+    parents, children = tree(ws)
+    assert len(parents) == 1 and len(children) == 9
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    cells = {(c.data.params["model.C"], c.data.params["split.seed"]) for c in children}
+    assert cells == {(C, s) for C in ("0.01", "0.1", "1.0") for s in ("0", "1", "2")}
+    for child in children:
+        assert f"params.model.C={child.data.params['model.C'].removesuffix('.0')}" in child.data.tags["kmrun.overrides"]
+    metrics = parent.data.metrics
+    assert metrics["jobs_total"] == 9 and metrics["jobs_finished"] == 9 and metrics["jobs_failed"] == 0
+    best = max(children, key=lambda c: c.data.metrics["accuracy"])
+    assert metrics["best_accuracy"] == best.data.metrics["accuracy"]
+    assert parent.data.tags["kmrun.best_run_id"] == best.info.run_id
+    assert parent.data.params["best.params.model.C"] in ("0.01", "0.1", "1")
+    artifacts = {a.path for a in ws.client().list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "results.md", "objective_by_param.png", "sweep.txt"} <= artifacts
+    csv_path = ws.client().download_artifacts(parent.info.run_id, "results.csv", str(ws.path))
+    lines = open(csv_path).read().splitlines()
+    assert len(lines) == 10 and best.info.run_id in lines[1]  # sorted, best first
+    assert "Sweep results, best first" in done.out
+    assert ws.running() == 0
+
+
+def test_a_failing_cell_fails_alone_and_a_rerun_runs_only_it(ws):
+    nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
+    original = nodes.read_text()
+    nodes.write_text(original.replace(
+        '    kind = model["type"]\n',
+        '    kind = model["type"]\n    if model["C"] == 0.1:\n        raise RuntimeError("boom at C=0.1")\n',
+    ))
+    args = ["-m", "+experiment=baseline", "params.model.C=0.01,0.1,1"]
+    done = ws.kmrun(*args)
+    assert done.code == 1, done.text
+    assert "boom at C=0.1" in done.err and "kmrun -m +experiment=baseline params.model.C=0.01,0.1,1" in done.err
+    parents, children = tree(ws)
+    by_status = sorted((c.data.params["model.C"], c.info.status) for c in children)
+    assert by_status == [("0.01", "FINISHED"), ("0.1", "FAILED"), ("1.0", "FINISHED")]
+    failed = next(c for c in children if c.info.status == "FAILED")
+    tb = ws.client().download_artifacts(failed.info.run_id, "traceback.txt", str(ws.path))
+    assert "RuntimeError: boom at C=0.1" in open(tb).read()
+    assert parents[0].info.status == "FAILED"
+
+    nodes.write_text(original)
+    done = ws.kmrun(*args)
+    assert done.code == 0, done.text
+    assert "2 skipped (already FINISHED), 1 to run." in done.out
+    parents, children = tree(ws)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same sweep, resumed
+    finished = [c.data.params["model.C"] for c in children if c.info.status == "FINISHED"]
+    assert sorted(finished) == ["0.01", "0.1", "1.0"]  # no duplicates
+    assert ws.running() == 0
+
+    done = ws.kmrun(*args, "sweep.rerun=true")
+    assert done.code == 0, done.text
+    parents, children = tree(ws)
+    assert len(parents) == 2 and len([c for c in children if c.info.status == "FINISHED"]) == 6
+
+
+def test_two_parallel_workers_keep_outputs_and_runs_apart(ws):
+    done = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.01,0.1,1,10", "sweep.n_jobs=2")
+    assert done.code == 0, done.text
+    _, children = tree(ws)
+    assert len(children) == 4
+    paths = set()
+    for child in children:
+        files = list(ws.path.glob(f"multirun/*/*/{child.data.tags['kmrun.cell']}/data/06_models/model.pkl"))
+        assert len(files) == 1
+        model = pickle.loads(files[0].read_bytes())
+        assert model.C == float(child.data.params["model.C"])
+        paths.add(files[0])
+        assert set(child.data.metrics) == {"accuracy", "f1_macro", "training_curve"}
+        history = ws.client().get_metric_history(child.info.run_id, "accuracy")
+        assert len(history) == 1
+    assert len(paths) == 4
+    assert not (ws.path / "examples/digits/data/06_models/model.pkl").exists()  # the project's own file is untouched
+
+
+def test_dry_run_creates_nothing(ws):
+    (ws.path / "mlflow.db").unlink()
+    done = ws.kmrun("-m", *GRID, "sweep.dry_run=true")
+    assert done.code == 0, done.text
+    assert "Dry run: 9 job(s)" in done.out
+    assert not (ws.path / "mlflow.db").exists() and not (ws.path / "multirun").exists()
+
+
+def test_the_yaml_sweep_file_runs_its_grid(ws):
+    done = ws.kmrun("-m", "+experiment=baseline", "+sweep=c_grid", "params.split.seed=0")
+    assert done.code == 0, done.text
+    _, children = tree(ws)
+    assert sorted(c.data.params["model.C"] for c in children) == ["0.01", "0.1", "1.0"]
+    assert {c.data.params["split.seed"] for c in children} == {"0"}  # the CLI wins over the file
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["params.model.C=0.1"], "Empty sweep"),
+        (["params.split.seed=range(3,1)"], "expands to no value"),
+        (["params.modle.C=1,2", "params.split.sed=1,2"], "no parameter 'modle'"),
+        (["params.split.seed=range(0,x)"], "Error parsing override 'params.split.seed=range(0,x)'"),
+        (["mlflow.run_name=a,b"], "'mlflow.run_name' cannot be swept"),
+        (["params.model.C=interval(0,1)"], "a grid needs discrete values"),
+    ],
+)
+def test_bad_sweeps_exit_2_before_any_run(ws, args, fragment):
+    done = ws.kmrun("-m", "+experiment=baseline", *args)
+    assert done.code == 2, done.text
+    assert fragment in done.err and "Traceback" not in done.text
+    assert ws.runs() == []
+
+
+def test_every_bad_sweep_key_is_listed_once(ws):
+    done = ws.kmrun("-m", "+experiment=baseline", "params.modle.C=1,2", "params.split.sed=1,2")
+    assert done.err.count("params.modle (") == 1 and done.err.count("params.split.sed (") == 1
