@@ -274,9 +274,14 @@ def _objective(conf: KmrunConf, metrics: dict[str, float]) -> Any:
 
 
 class Pool:
-    """Where jobs run: inline for one at a time, else worker processes (spawned, so no
-    worker inherits this process's MLflow or Kedro state). Each worker bootstraps the
-    Kedro project once and keeps it for every job it takes."""
+    """Where jobs run: inline for one at a time, else in worker processes.
+
+    Workers are forked where the OS allows it: they start at once and inherit the
+    bootstrapped Kedro project, so each job costs what it costs in-process. A worker
+    drops the database connections it inherited before its first job (SQLAlchemy's
+    rule for forked processes); MLflow's run state is never shared, since kmrun uses
+    no fluent "active run". Elsewhere, workers are spawned and bootstrap once each.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = max(1, size)
@@ -284,9 +289,10 @@ class Pool:
         if self.size > 1:
             import multiprocessing
 
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self._executor = ProcessPoolExecutor(
                 self.size,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=multiprocessing.get_context(method),
                 initializer=_worker_init,
                 initargs=(terminal.VERBOSE,),
             )
@@ -309,6 +315,10 @@ class Pool:
 def _worker_init(verbose: bool) -> None:
     if not verbose:
         logging.disable(logging.INFO)
+    store = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
+    engines = getattr(getattr(store, "SqlAlchemyStore", None), "_engine_map", {})
+    for engine in engines.values():
+        engine.dispose(close=False)
 
 
 def _parse(hydra_context: HydraContext, lines: list[str]) -> list[Override]:

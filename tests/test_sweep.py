@@ -137,3 +137,14 @@ def test_bad_sweeps_exit_2_before_any_run(ws, args, fragment):
 def test_every_bad_sweep_key_is_listed_once(ws):
     done = ws.kmrun("-m", "+experiment=baseline", "params.modle.C=1,2", "params.split.sed=1,2")
     assert done.err.count("params.modle (") == 1 and done.err.count("params.split.sed (") == 1
+
+
+def test_max_failures_stops_launching_and_reports_the_jobs_never_started(ws):
+    done = ws.kmrun(
+        "-m", "+experiment=baseline", "params.model.type=svm,knn,logistic_regression", "sweep.max_failures=1"
+    )
+    assert done.code == 1, done.text
+    parents, children = tree(ws)
+    assert [c.info.status for c in children] == ["FAILED"]  # the first cell failed; nothing else started
+    assert parents[0].data.metrics["jobs_not_started"] == 2 and parents[0].info.status == "FAILED"
+    assert "2 not started" in done.out
