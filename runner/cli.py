@@ -7,6 +7,7 @@ message and exit code 2. No logic lives here.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from typing import TYPE_CHECKING
@@ -54,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     from . import terminal
 
     multirun = any(a in ("-m", "--multirun") for a in args)
+    signal.signal(signal.SIGTERM, _interrupt)  # end runs KILLED, as on Ctrl-C
     try:
         if multirun:
             return run_many(args, verbose).exit_code
         result = run_once(args, verbose)
     except KeyboardInterrupt:
-        terminal.error("Interrupted. Runs in progress were marked KILLED; run the same command to resume.")
+        if not multirun:
+            terminal.error("Interrupted: the run is marked KILLED.")
         return 130
     except (KmrunError, JobFailed) as err:
         if verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -119,6 +122,10 @@ def run_many(args: list[str], verbose: bool = False) -> SweepOutcome:
     if not sweep.outcomes:
         raise KmrunError("-m ran no sweep: is `override hydra/sweeper: kmrun` in conf/kmrun.yaml's defaults?")
     return sweep.outcomes[-1]
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _is_config_error(err: BaseException) -> bool:

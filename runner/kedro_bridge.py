@@ -79,7 +79,7 @@ class _Capture:
 
     def _redirect(self, catalog: Any, conf_catalog: dict[str, Any], save_version: str) -> None:
         assert self.output_dir is not None and self.project_path is not None
-        catalog_log = logging.getLogger(type(catalog).__module__)
+        catalog_log = logging.getLogger("kedro.io.data_catalog")
         level = catalog_log.level
         catalog_log.setLevel(logging.ERROR)  # "Replacing dataset" is what we mean to do
         try:

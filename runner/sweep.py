@@ -169,6 +169,9 @@ class Sweep:
         try:
             self._launch(todo)
             status = "FAILED" if any(c.status == "FAILED" for c in self.cells) else "FINISHED"
+        except KeyboardInterrupt:
+            terminal.error(f"Interrupted: the sweep and its running job are KILLED. To resume:\n  {self.command}")
+            raise
         finally:
             for cell in self.cells:
                 if cell.status == "PENDING":
