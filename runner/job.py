@@ -25,6 +25,7 @@ from .errors import KmrunError, MetricError
 from .kedro_bridge import open_project
 from .schema import KmrunConf, parse
 from .tracking import Redactor, Tracker, flatten, git_tags, resolve_uri
+from .trial import TrialRef, attach, report
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -47,12 +48,13 @@ class JobSpec:
     parent_run_id: str | None = None
     output_dir: str | None = None  # where written datasets go; None: the project's own paths
     tags: dict[str, str] = field(default_factory=dict)
+    trial: TrialRef | None = None  # the Optuna trial this job is, in a study
 
 
 @dataclass
 class JobResult:
     run_id: str
-    status: str  # FINISHED | FAILED | KILLED
+    status: str  # FINISHED | FAILED | KILLED | PRUNED (an Optuna trial; its MLflow run is KILLED)
     metrics: dict[str, float]
     objective: float | list[float] | None
     error: str | None = None  # one paragraph for the user; the traceback is an artifact
@@ -140,8 +142,10 @@ def execute(spec: JobSpec) -> JobResult:
     tracker.log_text(run_id, redact.text("\n".join(spec.overrides) + "\n"), "overrides.txt")
 
     status, metrics, series, objective = "FAILED", {}, {}, None
-    _current.update(tracker=tracker, run_id=run_id)
+    _current.update(tracker=tracker, run_id=run_id, trial=spec.trial)
     try:
+        if spec.trial is not None:
+            attach(spec.trial, run_id)
         kedro_run = project.run(
             spec.params,
             conf.kedro.pipeline,
@@ -158,6 +162,9 @@ def execute(spec: JobSpec) -> JobResult:
         status = "KILLED"
         raise
     except Exception as err:
+        if spec.trial is not None and type(err).__name__ == "TrialPruned":
+            status = "KILLED"
+            return JobResult(run_id, "PRUNED", _latest(metrics, series), None, str(err))
         tracker.log_text(run_id, redact.text(traceback.format_exc()), "traceback.txt")
         code = err.exit_code if isinstance(err, KmrunError) else 1
         return JobResult(run_id, status, _latest(metrics, series), objective, redact.text(_describe(err)), code)
@@ -271,8 +278,12 @@ _current: dict[str, Any] = {}  # the run ``report`` writes to: this process runs
 
 
 def report_step(value: float, step: int, name: str = "intermediate") -> None:
-    """Log ``value`` at ``step`` on the current job's run; a no-op outside a job."""
-    tracker, run_id = _current.get("tracker"), _current.get("run_id")
+    """Log ``value`` at ``step`` on the current job's run and, in a study, report it to
+    the trial, raising ``optuna.TrialPruned`` when the pruner stops it. Outside a kmrun
+    job, nothing happens."""
+    tracker, run_id, trial = _current.get("tracker"), _current.get("run_id"), _current.get("trial")
     if tracker is None or not _number(value):
         return
     tracker.log_step(run_id, name, float(value), int(step))
+    if trial is not None:
+        report(trial, float(value), int(step))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .schema import KmrunConf
+    from .study import Study
     from .sweep import Cell
     from .tracking import Tracker
 
@@ -160,3 +161,106 @@ def _log_once(tracker: Tracker, run_id: str, params: dict[str, str]) -> None:
     fresh = {k: v for k, v in params.items() if k not in existing}
     changed = {f"kmrun.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
     tracker.log(run_id, params=fresh, tags=changed)
+
+
+def log_study(study: Study, parent: str) -> None:
+    """The best trial (or Pareto set), the trials table, Optuna's plots and a ready
+    experiment file of the best params, on the study's parent run."""
+    from optuna.trial import TrialState
+
+    tracker, optuna_study = study.tracker, study.study
+    metric = study.conf.objective.metric
+    names = metric if isinstance(metric, list) else [metric]
+    trials = optuna_study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    metrics = {
+        "trials_complete": float(states.count(TrialState.COMPLETE)),
+        "trials_pruned": float(states.count(TrialState.PRUNED)),
+        "trials_failed": float(states.count(TrialState.FAIL)),
+        "trials_this_run": float(len(study.cells)),
+    }
+    params: dict[str, str] = {}
+    tags: dict[str, str] = {}
+    if TrialState.COMPLETE in states:
+        if len(names) == 1:
+            best_trial = optuna_study.best_trial
+            metrics[f"best_{names[0]}"] = float(best_trial.value)  # type: ignore[arg-type]
+            params = {f"best.{k}": str(v) for k, v in best_trial.params.items()}
+            tags = {"kmrun.best_run_id": str(best_trial.user_attrs.get("mlflow_run_id", "")),
+                    "optuna.best_trial": str(best_trial.number)}
+            experiment = best_experiment(study, best_trial)
+            tracker.log_text(parent, experiment, "best_experiment.yaml")
+            if study.settings.export_best:
+                target = study.conf_dir / "experiment" / f"{study.settings.export_best}.yaml"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(experiment, encoding="utf-8")
+        else:
+            pareto = optuna_study.best_trials
+            tags = {"optuna.pareto_trials": ",".join(str(t.number) for t in pareto)}
+    _log_once(tracker, parent, params)
+    tracker.log(parent, metrics=metrics, tags=tags)
+    frame = optuna_study.trials_dataframe()
+    tracker.log_text(parent, frame.to_csv(index=False), "trials.csv")
+    if TrialState.COMPLETE in states:
+        log_study_plots(tracker, parent, optuna_study, names)
+
+
+def best_experiment(study: Study, trial: Any) -> str:
+    """A ``conf/experiment`` file that reruns the trial: ``+experiment=<its name>``."""
+    from omegaconf import OmegaConf
+
+    spec = study.compose(trial.params, open_store=False)
+    body = {"kedro": spec.config.get("kedro", {}), "params": spec.config.get("params", {}),
+            "objective": spec.config.get("objective", {}),
+            "mlflow": {"run_name": f"best of {study.name} (trial {trial.number})"}}
+    header = (
+        "# @package _global_\n"
+        f"# Best trial {trial.number} of Optuna study '{study.name}': "
+        f"{study.conf.objective.metric} = {trial.value:.6g}.\n"
+        "# Written by kmrun. Rerun it with: kmrun +experiment=<this file's name>\n"
+    )
+    return header + OmegaConf.to_yaml(OmegaConf.create(body))
+
+
+PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "intermediate_values")
+
+
+def log_study_plots(tracker: Tracker, parent: str, optuna_study: Any, names: list[str]) -> None:
+    """Optuna's plots: one self-contained HTML page (plotly), and a PNG each (matplotlib)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    import optuna.visualization as vis
+    import optuna.visualization.matplotlib as vis_png
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "set up pruning to plot ..." is not news
+    multi = len(names) > 1
+    wanted = ("pareto_front",) + PLOTS[2:4] if multi else PLOTS
+    target = {"target": lambda t: t.values[0], "target_name": names[0]} if multi else {}
+    sections, first = [], True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" warnings from optuna.visualization
+        for name in wanted:
+            kwargs = {"target_names": names} if name == "pareto_front" else (
+                {} if name == "intermediate_values" else target)
+            try:
+                figure = getattr(vis, f"plot_{name}")(optuna_study, **kwargs)
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                continue  # e.g. importances need two complete trials; no steps reported
+            sections.append(f"<h2>{name.replace('_', ' ')}</h2>" +
+                            figure.to_html(full_html=False, include_plotlyjs=first))
+            first = False
+            try:
+                axes = getattr(vis_png, f"plot_{name}")(optuna_study, **kwargs)
+                fig = axes.ravel()[0].figure if hasattr(axes, "ravel") else axes.figure
+                tracker.client.log_figure(parent, fig, f"plots/{name}.png")
+                plt.close(fig)
+            except Exception:
+                pass  # the HTML page has it
+    if sections:
+        page = "<html><head><meta charset='utf-8'><title>study</title></head><body>" + "".join(sections) + "</body></html>"
+        tracker.log_text(parent, page, "plots/study.html")

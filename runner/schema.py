@@ -52,6 +52,21 @@ class SweepConf:
 
 
 @dataclass
+class StudyConf:
+    n_trials: int = 20  # COMPLETE + PRUNED trials the study should hold in total
+    more: Optional[int] = None  # instead: run this many more finished trials than it holds now
+    timeout: Optional[float] = None  # seconds; no new trial starts after it
+    sampler: Dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})  # name + its options
+    pruner: Dict[str, Any] = field(default_factory=lambda: {"name": "none"})  # name + its options
+    storage: Optional[str] = None  # None: sqlite optuna.db beside the MLflow store; a URL; *.journal
+    name: Optional[str] = None  # None: the study file's name
+    n_jobs: int = 1  # trials at a time, each in its own worker process when > 1
+    max_failures: Optional[float] = None  # stop after this many failed trials (<1: a rate); None: n_trials
+    search_space: Dict[str, Any] = field(default_factory=dict)  # key -> interval/int/range/choice/tag(log)
+    export_best: Optional[str] = None  # also write the best params to conf/experiment/<this>.yaml
+
+
+@dataclass
 class KmrunConf:
     kedro: KedroConf = field(default_factory=KedroConf)
     params: Dict[str, Any] = field(default_factory=dict)  # Kedro parameter overrides, nested
@@ -60,7 +75,7 @@ class KmrunConf:
     metrics: List[str] = field(default_factory=lambda: ["metrics"])  # datasets that hold metrics
     verbose: bool = False  # show Kedro's node-by-node log lines (same as -v)
     sweep: SweepConf = field(default_factory=SweepConf)
-    study: Any = None  # an Optuna study, see docs/config.md
+    study: Optional[StudyConf] = None  # an Optuna study (+study=NAME), see docs/config.md
 
 
 SECTIONS = ("kedro", "params", "mlflow", "objective", "metrics", "verbose", "sweep", "study")
@@ -118,16 +133,15 @@ def unknown_key(key: str, source: str = "") -> str:
     section = key.rpartition(".")[0]
     try:
         allowed = _fields_of(section)
-    except (KeyError, AttributeError, TypeError):
+    except KeyError:
         allowed = list(SECTIONS)
     return _unknown(key, allowed, where=section, source=source)
 
 
 def _fields_of(section: str) -> list[str]:
-    node: Any = KmrunConf
-    for part in filter(None, section.split(".")):
-        node = node.__dataclass_fields__[part].default_factory  # type: ignore[union-attr]
-    return list(node.__dataclass_fields__)
+    classes = {"": KmrunConf, "kedro": KedroConf, "mlflow": MlflowConf, "objective": ObjectiveConf,
+               "sweep": SweepConf, "study": StudyConf}
+    return list(classes[section].__dataclass_fields__)
 
 
 def _unknown(key: str, allowed: Any, where: str, source: str = "") -> str:

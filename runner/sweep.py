@@ -61,10 +61,15 @@ class SweepOutcome:
     parent_run_id: str | None
     command: str
     dry_run: bool = False
+    target_met: bool | None = None  # a study: whether it holds n_trials finished trials
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.dry_run or all(c.status in ("FINISHED", "SKIPPED") for c in self.cells) else 1
+        if self.dry_run or self.target_met:
+            return 0
+        if self.target_met is False:
+            return 1
+        return 0 if all(c.status in ("FINISHED", "SKIPPED") for c in self.cells) else 1
 
 
 outcomes: list[SweepOutcome] = []  # what the CLI reads back after Hydra returns
@@ -73,9 +78,15 @@ outcomes: list[SweepOutcome] = []  # what the CLI reads back after Hydra returns
 def run_sweep(hydra_context: HydraContext, config: DictConfig, arguments: list[str]) -> SweepOutcome:
     """Expand, check, run and summarise one sweep."""
     conf = parse(_without_hydra(config))
+    command = "kmrun -m " + " ".join(shlex.quote(a) for a in as_typed(sys.argv[1:]) if a not in ("-m", "--multirun"))
+    if conf.study is not None:
+        from .study import run_study
+
+        outcome = run_study(hydra_context, config, arguments, conf, command)
+        outcomes.append(outcome)
+        return outcome
     base, cells = expand(hydra_context, arguments, conf.sweep.params)
     _compose_all(hydra_context, config, base, cells, open_store=not conf.sweep.dry_run)
-    command = "kmrun -m " + " ".join(shlex.quote(a) for a in as_typed(sys.argv[1:]) if a not in ("-m", "--multirun"))
     if conf.sweep.dry_run:
         terminal.dry_run(cells)
         outcome = SweepOutcome(cells, None, command, dry_run=True)
@@ -154,6 +165,7 @@ class Sweep:
         self.key = hashlib.sha256(json.dumps(sorted(c.spec.config_hash for c in cells if c.spec)).encode()).hexdigest()[:16]
 
     def run(self) -> SweepOutcome:
+        self.tracker.fail_stale_runs()
         todo = self._skip_finished()
         parent = self._parent()
         for cell in todo:
@@ -213,7 +225,6 @@ class Sweep:
             if previous:
                 run_id = previous[0].info.run_id
                 self.tracker.reopen(run_id)
-                self._fail_stale_children(run_id)
                 return str(run_id)
         definition = "\n".join(c.label for c in self.cells)
         tags = {"kmrun.role": "parent", "kmrun.sweep_key": self.key, "kmrun.sweep": self.command[:5000]}
@@ -221,16 +232,10 @@ class Sweep:
         self.tracker.log_text(run_id, self.command + "\n\n" + definition + "\n", "sweep.txt")
         return run_id
 
-    def _fail_stale_children(self, parent: str) -> None:
-        """Children left RUNNING by a killed process will never finish: mark them FAILED."""
-        for run in self.tracker.search(f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
-            self.tracker.client.set_tag(run.info.run_id, "kmrun.stale", "true")
-            self.tracker.finish(run.info.run_id, "FAILED")
-
     def _launch(self, todo: list[Cell]) -> None:
         limit = self.conf.sweep.max_failures
         failures = 0
-        with terminal.SweepProgress(len(self.cells), self.conf) as progress, Pool(self.conf.sweep.n_jobs) as pool:
+        with terminal.SweepProgress(len(self.cells), self.conf, label="sweep") as progress, Pool(self.conf.sweep.n_jobs) as pool:
             for cell in self.cells:
                 if cell.status == "SKIPPED":
                     progress.update(cell)

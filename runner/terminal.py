@@ -17,6 +17,7 @@ from .tracking import ui_command
 if TYPE_CHECKING:
     from .job import JobResult, JobSpec
     from .schema import KmrunConf
+    from .study import Study
     from .sweep import Cell, SweepOutcome
 
 console = Console(stderr=False, highlight=False)
@@ -95,37 +96,39 @@ def dry_run(cells: list[Cell]) -> None:
 class SweepProgress:
     """A progress bar: done/total, failed, best so far, ETA."""
 
-    def __init__(self, total: int, conf: KmrunConf) -> None:
+    def __init__(self, total: int, conf: KmrunConf, label: str) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from .results import primary
 
         self.metric, self.direction = primary(conf)
-        self.failed = 0
+        self.failed = self.pruned = 0
         self.best: float | None = None
         self.progress = Progress(
-            TextColumn("[bold]sweep"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("failed {task.fields[failed]}"),
+            TextColumn("pruned {task.fields[pruned]}"),
             TextColumn("best {task.fields[best]}"),
             TimeRemainingColumn(),
             console=console,
             transient=False,
         )
-        self.task = self.progress.add_task("sweep", total=total, failed=0, best="-")
+        self.task = self.progress.add_task(label, total=total, failed=0, pruned=0, best="-")
 
     def update(self, cell: Cell) -> None:
         from .results import score
 
         self.failed += cell.status == "FAILED"
+        self.pruned += cell.status == "PRUNED"
         value = score(cell)
         if value is not None and (
             self.best is None or (value > self.best if self.direction == "maximize" else value < self.best)
         ):
             self.best = value
         best = f"{self.metric}={self.best:.4g}" if self.best is not None else "-"
-        self.progress.update(self.task, advance=1, failed=self.failed, best=best)
+        self.progress.update(self.task, advance=1, failed=self.failed, pruned=self.pruned, best=best)
         if not console.is_terminal:
             console.print(f"  [{cell.status}] {cell.label}  {self.metric}={_short(value)}")
 
@@ -171,3 +174,42 @@ def sweep_summary(conf: KmrunConf, outcome: SweepOutcome, uri: str) -> None:
             f"{len(failed)} job(s) did not finish. Fix the cause, then run the same command again; "
             f"finished cells are skipped and only these run:\n  {outcome.command}"
         )
+
+
+def study_summary(study: Study, outcome: SweepOutcome, target: int) -> None:
+    """The best trial (or the Pareto set), the counts, and what to do next."""
+    from optuna.trial import TrialState
+
+    trials = study.study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    metrics = study.conf.objective.metric
+    names = metrics if isinstance(metrics, list) else [metrics]
+    best = study.study.best_trials if len(names) > 1 else ([study.study.best_trial] if TrialState.COMPLETE in states else [])
+    title = "Pareto set" if len(names) > 1 else "Best trial"
+    table = Table(title=f"{title} of study '{study.name}'")
+    table.add_column("trial", justify="right")
+    for name in names:
+        table.add_column(str(name), justify="right")
+    table.add_column("params")
+    table.add_column("run")
+    for trial in best:
+        values = [f"{v:.6g}" for v in (trial.values or [])]
+        params = " ".join(f"{k.rsplit('.', 1)[-1]}={_short_value(v)}" for k, v in trial.params.items())
+        table.add_row(str(trial.number), *values, params, str(trial.user_attrs.get("mlflow_run_id", ""))[:12])
+    console.print(table)
+    complete, pruned = states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED)
+    failed = states.count(TrialState.FAIL)
+    console.print(
+        f"study '{study.name}': {complete} complete + {pruned} pruned of {target} wanted; {failed} failed in all. "
+        f"This run: {len(outcome.cells)} trials.\nparent run {outcome.parent_run_id} · storage "
+        f"{study.storage_url} · store {study.tracker.uri}\nui: {ui_command(study.tracker.uri)}"
+    )
+    if complete + pruned < target:
+        errors.print(f"The study holds fewer than {target} finished trials. To continue:\n  {outcome.command}")
+    if best and len(names) == 1:
+        console.print("Rerun the best trial: kmrun +experiment=<the best_experiment.yaml artifact>"
+                      + (f" (written to conf/experiment/{study.settings.export_best}.yaml)" if study.settings.export_best else ""))
+
+
+def _short_value(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

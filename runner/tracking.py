@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
@@ -174,7 +175,7 @@ class Tracker:
         return (db.parent / "mlartifacts" / re.sub(r"[^\w.-]", "_", name)).resolve().as_uri()
 
     def start(self, run_name: str | None, tags: Mapping[str, str], parent_id: str | None = None) -> str:
-        all_tags = dict(tags)
+        all_tags = {**process_tags(), **tags}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
@@ -217,9 +218,24 @@ class Tracker:
             )
         )
 
+    def fail_stale_runs(self) -> list[str]:
+        """Runs of this host left RUNNING by a process that no longer exists (killed
+        with -9, or a crashed machine's reboot) are marked FAILED, tagged kmrun.stale."""
+        stale = []
+        host = socket.gethostname()
+        for run in self.search(f"attributes.status = 'RUNNING' and tags.`kmrun.host` = '{host}'"):
+            pid = int(run.data.tags.get("kmrun.pid", "0") or 0)
+            if pid and not _alive(pid):
+                self.client.set_tag(run.info.run_id, "kmrun.stale", "true")
+                self.finish(run.info.run_id, "FAILED")
+                stale.append(run.info.run_id)
+        return stale
+
     def reopen(self, run_id: str) -> None:
         """Mark a run RUNNING again, to add to it (a resumed sweep's parent)."""
         self.client.update_run(run_id, status="RUNNING")
+        for key, value in process_tags().items():
+            self.client.set_tag(run_id, key, value)
 
     def log_step(self, run_id: str, key: str, value: float, step: int) -> None:
         self.client.log_metric(run_id, key, value, step=step)
@@ -233,6 +249,21 @@ class Tracker:
 
     def run_url(self, run_id: str) -> str:
         return f"#/experiments/{self.experiment_id}/runs/{run_id}"
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a run, so that a later kmrun can tell a dead one from a live one."""
+    return {"kmrun.host": socket.gethostname(), "kmrun.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def ui_command(uri: str) -> str:

@@ -1,0 +1,169 @@
+"""Optuna on the worker's side: open the study's storage, build its pruner, and let a
+node report intermediate values to its trial (and be pruned) through that storage.
+
+Kept apart from ``study`` (the orchestrator) so that a worker process, or one day a
+worker on another machine, needs only this and ``job``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, TrackingError
+
+if TYPE_CHECKING:
+    import optuna
+
+HEARTBEAT_SECONDS = 5  # a RUNNING trial whose process died is failed after GRACE_SECONDS
+GRACE_SECONDS = 20
+SQLITE_LOCK_TIMEOUT = 60  # seconds a writer waits for SQLite's lock before failing
+
+PRUNERS = {
+    "none": "NopPruner",
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner",
+}
+
+
+@dataclass(frozen=True)
+class TrialRef:
+    """Which trial a job is: plain data, so it crosses processes."""
+
+    storage: str
+    study_name: str
+    trial_id: int
+    number: int
+    pruner: tuple[tuple[str, Any], ...]  # the pruner's config, as sorted items
+
+
+@cache
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage: a ``*.journal`` file, or any SQLAlchemy URL (with heartbeats,
+    so that trials of a killed process can be failed)."""
+    import optuna
+
+    try:
+        if url.endswith(".journal"):
+            path = url.removeprefix("journal:").removeprefix("file://")
+            backend = optuna.storages.journal.JournalFileBackend(path)
+            return optuna.storages.JournalStorage(backend)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if url.startswith("sqlite") else {}
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+        )
+    except Exception as err:
+        raise TrackingError(
+            f"study.storage: cannot open the Optuna storage '{hide_password(url)}': "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}\n"
+            "Use null (optuna.db beside the MLflow store), an SQLAlchemy URL such as "
+            "sqlite:///optuna.db or postgresql://HOST/DB, or a file ending in .journal."
+        ) from None
+
+
+def make_pruner(config: dict[str, Any]) -> optuna.pruners.BasePruner:
+    """``{name: median, n_warmup_steps: 2}`` → ``MedianPruner(n_warmup_steps=2)``."""
+    import optuna
+
+    return _build(optuna.pruners, PRUNERS, config, "study.pruner")
+
+
+def _build(module: Any, names: dict[str, str], config: dict[str, Any], key: str) -> Any:
+    options = dict(config)
+    name = str(options.pop("name", "")).lower()
+    if name not in names:
+        raise ConfigError(f"{key}.name is {name!r}; use one of: {', '.join(names)}.")
+    cls = getattr(module, names[name])
+    try:
+        return cls(**options)
+    except TypeError as err:
+        accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+        raise ConfigError(
+            f"{key}: {err}. {names[name]} accepts: {', '.join(accepted) or 'no options'}."
+        ) from None
+    except (ValueError, ImportError, ModuleNotFoundError) as err:
+        raise ConfigError(f"{key}: {name}: {err}") from None
+
+
+def hide_password(url: str) -> str:
+    """``postgresql://u:secret@h/db`` → ``postgresql://u:***@h/db``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+@cache
+def _study(storage: str, study_name: str, pruner: tuple[tuple[str, Any], ...]) -> optuna.Study:
+    import optuna
+
+    return optuna.load_study(study_name=study_name, storage=open_storage(storage), pruner=make_pruner(dict(pruner)))
+
+
+def handle(ref: TrialRef) -> optuna.Trial:
+    """The live trial a worker reports to."""
+    import optuna
+
+    return optuna.trial.Trial(_study(ref.storage, ref.study_name, ref.pruner), ref.trial_id)
+
+
+def attach(ref: TrialRef, run_id: str) -> None:
+    """Record the MLflow run of a trial in the study (a user attribute)."""
+    open_storage(ref.storage).set_trial_user_attr(ref.trial_id, "mlflow_run_id", run_id)
+
+
+def report(ref: TrialRef, value: float, step: int) -> None:
+    """Report to the trial; raise ``optuna.TrialPruned`` when the pruner says stop."""
+    import optuna
+
+    trial = handle(ref)
+    trial.report(value, step)
+    if trial.should_prune():
+        raise optuna.TrialPruned(f"trial {ref.number} pruned at step {step} (value {value:.6g})")
+
+
+class Heartbeat:
+    """Records a heartbeat for every running trial, so that a killed process's trials
+    can be found stale and failed (``optuna.storages.fail_stale_trials``)."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage) -> None:
+        self.storage = storage
+        self.trials: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if hasattr(storage, "record_heartbeat") and getattr(storage, "heartbeat_interval", None):
+            self._thread = threading.Thread(target=self._beat, name="kmrun-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            for trial_id in list(self.trials):
+                try:
+                    self.storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+                except Exception:  # a missed beat only makes the trial look stale sooner
+                    pass
+
+    def add(self, trial_id: int) -> None:
+        self.trials.add(trial_id)
+        if self._thread is not None:
+            self.storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+
+    def remove(self, trial_id: int) -> None:
+        self.trials.discard(trial_id)
+
+    def stop(self) -> None:
+        self._stop.set()
