@@ -56,6 +56,30 @@ def hydra_args(argv: list[str]) -> list[str]:
     return out
 
 
+FLAGS_WITH_VALUE = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+                    "-c", "--cfg", "-p", "--package", "-i", "--info", "--experimental-rerun")
+
+
+def check_syntax(argv: list[str]) -> None:
+    """Parse each override with Hydra's parser first, so that an error names it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for i, arg in enumerate(argv):
+        if arg.startswith("-") or (i > 0 and argv[i - 1] in FLAGS_WITH_VALUE):
+            continue
+        try:
+            parser.parse_override(arg)
+        except HydraException as err:
+            raise ConfigError(
+                f"Bad override or sweep expression '{arg}': {str(err).strip().splitlines()[0]}\n"
+                "Write KEY=VALUE; sweep values as a,b,c · range(START,STOP[,STEP]) · choice(a,b) · "
+                "interval(LOW,HIGH) · int(interval(LOW,HIGH)) · tag(log, interval(LOW,HIGH)), "
+                "quoted for the shell."
+            ) from None
+
+
 def as_typed(overrides: list[str]) -> list[str]:
     """Overrides as the user wrote them (undoes the ``++`` that ``hydra_args`` added)."""
     from .schema import SECTIONS
@@ -72,6 +96,7 @@ def launch(argv: list[str], task: Callable[[DictConfig], Any]) -> Any:
     """
     import hydra
 
+    check_syntax(argv)
     result: dict[str, Any] = {}
 
     def kmrun_job(cfg: DictConfig) -> Any:

@@ -330,9 +330,23 @@ def _worker_init(verbose: bool) -> None:
 
 
 def _parse(hydra_context: HydraContext, lines: list[str]) -> list[Override]:
+    """Hydra's own parser, one line at a time, so an error names its override."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
-    return OverridesParser.create(config_loader=hydra_context.config_loader).parse_overrides(lines)
+    parser = OverridesParser.create(config_loader=hydra_context.config_loader)
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(parser.parse_override(line))
+        except HydraException as err:
+            typed = as_typed([line])[0]
+            raise ConfigError(
+                f"Bad override or sweep expression '{typed}': {str(err).strip().splitlines()[0]}\n"
+                "Write values as a,b,c · range(START,STOP[,STEP]) · choice(a,b) · interval(LOW,HIGH) · "
+                "int(interval(LOW,HIGH)) · tag(log, interval(LOW,HIGH)); quote them for the shell."
+            ) from None
+    return parsed
 
 
 def _as_sweep(value: Any) -> str:

@@ -1,0 +1,160 @@
+"""Optuna studies end to end through the CLI, with the default SQLite storages."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def study_of(ws, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{ws.path / 'optuna.db'}")
+
+
+def family(ws):
+    runs = ws.runs()
+    parents = [r for r in runs if r.data.tags.get("kmrun.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("kmrun.kind") == "trial"]
+    return parents, children
+
+
+def test_a_seeded_tpe_study_records_parent_children_plots_and_a_rerunnable_best(ws):
+    done = ws.kmrun("-m", "+experiment=baseline", "+study=tune", "study.export_best=best_of_tune")
+    assert done.code == 0, done.text
+    parents, children = family(ws)
+    assert len(parents) == 1 and len(children) == 10
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == list(range(10))
+    assert all(c.data.tags["optuna.sampler"] == "TPESampler" and "FloatDistribution" in c.data.tags["optuna.distributions"] for c in children)
+    study = study_of(ws, "tune")
+    parent = parents[0]
+    assert parent.data.metrics["best_accuracy"] == study.best_value
+    assert parent.data.tags["kmrun.best_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+    assert parent.data.params["best.params.model.C"] == str(study.best_params["params.model.C"])
+    client = ws.client()
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"trials.csv", "best_experiment.yaml", "plots/study.html", "plots/optimization_history.png",
+            "plots/param_importances.png", "plots/parallel_coordinate.png", "plots/slice.png"} <= names
+    exported = ws.path / "conf/experiment/best_of_tune.yaml"
+    assert exported.read_text() == open(client.download_artifacts(parent.info.run_id, "best_experiment.yaml", str(ws.path))).read()
+
+    rerun = ws.kmrun("+experiment=best_of_tune")
+    assert rerun.code == 0, rerun.text
+    newest = max(ws.runs(), key=lambda r: r.info.start_time)
+    assert newest.data.metrics["accuracy"] == study.best_value
+
+
+def test_pruned_trials_are_killed_with_their_steps(ws):
+    done = ws.kmrun("-m", "+study=prune")
+    assert done.code == 0, done.text
+    study = study_of(ws, "prune")
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert pruned and len(pruned) + len(complete) == 12
+    client = ws.client()
+    for trial in pruned:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED"
+        steps = client.get_metric_history(run.info.run_id, "intermediate")
+        assert 0 < len(steps) < 20  # the full run takes 20 epochs
+        assert [s.step for s in steps] == sorted(s.step for s in steps)
+    full = client.get_metric_history(complete[0].user_attrs["mlflow_run_id"], "intermediate")
+    assert len(full) == 20
+
+
+def test_kill_9_mid_trial_then_rerun_completes_without_duplicates(ws):
+    args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=6",
+            "params.model.max_iter=5000", "params.model.C=tag(log, interval(100, 1000))"]
+    env = {"KEDRO_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**__import__("os").environ, **env})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            with sqlite3.connect(ws.path / "optuna.db") as con:
+                running = con.execute("select count(*) from trials where state='RUNNING'").fetchone()[0]
+                done = con.execute("select count(*) from trials where state='COMPLETE'").fetchone()[0]
+        except sqlite3.Error:
+            continue
+        if running and done >= 1:
+            break
+    assert proc.poll() is None, "the study ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ws.running() >= 1  # the kill left a run RUNNING ...
+
+    again = ws.kmrun(*args)
+    assert again.code == 0, again.text
+    study = study_of(ws, "tune")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    finished = [c for c in family(ws)[1] if c.info.status == "FINISHED"]
+    complete_runs = {t.user_attrs["mlflow_run_id"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert {c.info.run_id for c in finished} == complete_runs and len(finished) == 6
+    assert ws.running() == 0  # ... and the rerun cleaned it up
+
+
+def test_two_processes_share_one_study(ws):
+    args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=8"]
+    import os
+
+    first = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+    time.sleep(1.0)
+    second = ws.kmrun(*args)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, out + err
+    assert second.code == 0, second.text
+    study = study_of(ws, "tune")
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 8 and len({t.number for t in study.trials}) == len(study.trials)
+    children = [c for c in family(ws)[1] if c.info.status == "FINISHED"]
+    assert len(children) == 8 and ws.running() == 0
+
+
+def test_multi_objective_gives_a_pareto_set(ws):
+    done = ws.kmrun("-m", "+experiment=baseline", "+study=tune", "study.n_trials=6", "study.name=mo",
+                    "objective.metric=[accuracy,f1_macro]", "objective.direction=[maximize,maximize]")
+    assert done.code == 0, done.text
+    assert "Pareto set of study 'mo'" in done.out
+    parents, _ = family(ws)
+    tags = parents[0].data.tags
+    study = study_of(ws, "mo")
+    assert tags["optuna.pareto_trials"] == ",".join(str(t.number) for t in study.best_trials)
+    plots = {a.path for a in ws.client().list_artifacts(parents[0].info.run_id, "plots")}
+    assert "plots/pareto_front.png" in plots and "plots/study.html" in plots
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["params.model.C=interval(0.1"], "Bad override or sweep expression 'params.model.C=interval(0.1'"),
+        (["params.model.C=interval(5,1)"], "the interval is empty or inverted"),
+        (["params.model.C=tag(log, interval(0, 1))"], "a log scale needs LOW > 0"),
+        (["study.sampler.name=annealing"], "study.sampler.name is 'annealing'; use one of: tpe, random"),
+        (["study.pruner.name=early"], "study.pruner.name is 'early'; use one of: none, median"),
+        (["study.pruner.n_warmup=3", "study.pruner.name=median"], "MedianPruner accepts: n_startup_trials"),
+        (["objective.metric=[accuracy,f1_macro]", "objective.direction=[maximize,minimize,maximize]"], "gives 3 direction(s)"),
+        (["study.sampler.name=grid"], "grid needs discrete values, but params.model.C is a continuous interval"),
+        (["study.storage=postgresql://u:pw@127.0.0.1:1/db"], "cannot open the Optuna storage 'postgresql://u:***@127.0.0.1:1/db'"),
+        (["params.model.maxiter=int(interval(1,5))"], "no parameter 'model.maxiter'"),
+        (["study.n_trails=3"], "Did you mean 'n_trials'"),
+    ],
+)
+def test_bad_studies_exit_2_before_any_trial(ws, args, fragment):
+    done = ws.kmrun("-m", "+experiment=baseline", "+study=tune", *args)
+    assert done.code == 2, done.text
+    assert fragment in done.err and "Traceback" not in done.text
+    assert ws.running() == 0 and [r for r in ws.runs()] == []
