@@ -23,6 +23,17 @@ if TYPE_CHECKING:
 USAGE = """\
 usage: kmrun [-v] [OVERRIDE ...]            run one experiment
        kmrun -m [-v] [OVERRIDE ...]         run a sweep: a grid, or an Optuna study
+       kmrun SUBCOMMAND [OPTIONS]           find, compare and reproduce runs
+
+Subcommands (kmrun SUBCOMMAND --help for their options):
+  runs        list runs: --filter "metrics.accuracy > 0.9" --sort KEY --format table|csv|md|json
+  best        the best run by the objective, and how to reproduce it
+  show        one run: params, metrics, tags, artifacts, config, reproduce command
+  reproduce   rerun a run with its exact composed config and compare metrics
+  promote     write a run's params to conf/experiment/NAME.yaml
+  ui          start MLflow's UI on the store (127.0.0.1)
+  dashboard   start optuna-dashboard on the study storage
+  init        add kmrun's config to the Kedro project in this directory
 
 Examples:
   kmrun +experiment=baseline                              one experiment
@@ -47,6 +58,14 @@ VERBOSE_FLAGS = ("-v", "--verbose")
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        return subcommand(args)
+    if args and "=" not in args[0] and not args[0].startswith(("-", "+", "~")):
+        from . import terminal
+
+        terminal.error(f"Unknown subcommand '{args[0]}'. Subcommands: {', '.join(SUBCOMMANDS)}; "
+                       "overrides hold '=' (params.model.C=0.5) or start with + or ~.")
+        return 2
     verbose = any(a in VERBOSE_FLAGS for a in args)
     args = [a for a in args if a not in VERBOSE_FLAGS]
     if any(a in ("-h", "--help") for a in args):
@@ -70,6 +89,83 @@ def main(argv: list[str] | None = None) -> int:
         terminal.error(str(err))
         return err.exit_code
     return 0 if result.status == "FINISHED" else 1
+
+
+SUBCOMMANDS = ("runs", "best", "show", "reproduce", "promote", "ui", "dashboard", "init")
+
+
+def subcommand(args: list[str]) -> int:
+    """Parse a subcommand's options, run it, and turn ``KmrunError`` into exit 2."""
+    import argparse
+
+    from . import terminal
+
+    parser = argparse.ArgumentParser(prog="kmrun", description="kmrun subcommands; see kmrun --help.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str, store: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if store:
+            p.add_argument("--tracking-uri", help="the MLflow store (default: conf/kmrun.yaml, $MLFLOW_TRACKING_URI, ./mlflow.db)")
+            p.add_argument("-cp", "--config-dir", help="kmrun's config dir (default: ./conf)")
+        p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+        return p
+
+    p = command("runs", "List runs, children grouped under their sweep or study.")
+    p.add_argument("--experiment", help="experiment name (default: the configured one, else all)")
+    p.add_argument("--filter", help='MLflow search syntax, e.g. "metrics.accuracy > 0.9"')
+    p.add_argument("--sort", help="KEY [ASC|DESC], e.g. metrics.accuracy (metrics sort DESC by default)")
+    p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    p.add_argument("--format", choices=("table", "csv", "md", "json"), default="table")
+    p.add_argument("--only-changed", action="store_true", help="only the params that differ across the rows")
+    p = command("best", "The best FINISHED run by the objective.")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--sweep", metavar="PARENT_RUN_ID", help="only the children of this sweep or study")
+    scope.add_argument("--experiment", help="experiment name")
+    p.add_argument("--metric", help="default: objective.metric of conf/kmrun.yaml")
+    p.add_argument("--direction", choices=("minimize", "maximize"))
+    p = command("show", "Show one run.")
+    p.add_argument("run_id", help="a run id or a unique prefix of one")
+    p = command("reproduce", "Rerun a run with its exact composed config; compare metrics.")
+    p.add_argument("run_id")
+    p.add_argument("--strict", action="store_true", help="refuse when the git commit differs or the tree is dirty")
+    p = command("promote", "Write a run's params as conf/experiment/NAME.yaml.")
+    p.add_argument("run_id")
+    p.add_argument("--name", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    for name, port in (("ui", 5000), ("dashboard", 8080)):
+        p = command(name, "Start MLflow's UI on the store." if name == "ui" else "Start optuna-dashboard on the study storage.")
+        p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
+        p.add_argument("--port", type=int, default=port)
+        if name == "dashboard":
+            p.add_argument("--storage", help="default: optuna.db beside the MLflow store")
+    command("init", "Write conf/kmrun.yaml, conf/experiment/baseline.yaml and an example study.", store=False)
+
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as done:
+        return 0 if done.code in (0, None) else 2
+    try:
+        if options.command == "init":
+            from pathlib import Path
+
+            from .scaffold import init
+
+            with terminal.quiet_unless(options.verbose):
+                written = init(Path.cwd())
+            terminal.say(
+                "wrote " + ", ".join(str(p.relative_to(Path.cwd())) for p in written) + "\nnext:\n"
+                "  kmrun +experiment=baseline\n  kmrun -m +experiment=baseline params.KEY=a,b\n  kmrun runs"
+            )
+            return 0
+        from . import commands
+
+        return int(getattr(commands, options.command)(options))
+    except KmrunError as err:
+        if options.verbose:
+            traceback.print_exc()
+        terminal.error(str(err))
+        return err.exit_code
 
 
 def run_once(args: list[str], verbose: bool = False) -> JobResult:

@@ -207,16 +207,25 @@ def log_study(study: Study, parent: str) -> None:
 
 def best_experiment(study: Study, trial: Any) -> str:
     """A ``conf/experiment`` file that reruns the trial: ``+experiment=<its name>``."""
+    spec = study.compose(trial.params, open_store=False)
+    return experiment_file(
+        spec.config,
+        f"Best trial {trial.number} of Optuna study '{study.name}': "
+        f"{study.conf.objective.metric} = {trial.value:.6g}.",
+        f"best of {study.name} (trial {trial.number})",
+    )
+
+
+def experiment_file(config: dict[str, Any], about: str, run_name: str) -> str:
+    """An experiment file (``# @package _global_``) holding a composed config's Kedro
+    section and params, so that ``kmrun +experiment=<it>`` runs the same job again."""
     from omegaconf import OmegaConf
 
-    spec = study.compose(trial.params, open_store=False)
-    body = {"kedro": spec.config.get("kedro", {}), "params": spec.config.get("params", {}),
-            "objective": spec.config.get("objective", {}),
-            "mlflow": {"run_name": f"best of {study.name} (trial {trial.number})"}}
+    body = {"kedro": config.get("kedro", {}), "params": config.get("params", {}),
+            "objective": config.get("objective", {}), "mlflow": {"run_name": run_name}}
     header = (
         "# @package _global_\n"
-        f"# Best trial {trial.number} of Optuna study '{study.name}': "
-        f"{study.conf.objective.metric} = {trial.value:.6g}.\n"
+        f"# {about}\n"
         "# Written by kmrun. Rerun it with: kmrun +experiment=<this file's name>\n"
     )
     return header + OmegaConf.to_yaml(OmegaConf.create(body))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -213,3 +214,69 @@ def study_summary(study: Study, outcome: SweepOutcome, target: int) -> None:
 
 def _short_value(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_runs(rows: list[dict[str, Any]], fmt: str, metric: str | None) -> None:
+    """``kmrun runs`` output: a table, or csv, md or json for other tools."""
+    if fmt == "json":
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    flat = [_flat_row(r) for r in rows]
+    if fmt in ("csv", "md"):
+        from .results import to_csv, to_markdown
+
+        columns = list(dict.fromkeys(k for r in flat for k in r))
+        flat = [{c: r.get(c) for c in columns} for r in flat]
+        sys.stdout.write(to_csv(flat) if fmt == "csv" else to_markdown(flat))
+        return
+    metric_names = sorted({m for r in rows for m in r["metrics"]} - {metric})
+    param_names = sorted({p for r in rows for p in r["params"]})
+    table = Table(title=f"{len(rows)} run(s)", show_lines=False)
+    columns = ["name", "status", "start", "duration", f"objective ({metric})" if metric else "objective"]
+    columns += metric_names + param_names + ["run id"]
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    for r in rows:
+        name = ("└ " if r["parent_run_id"] and any(o["run_id"] == r["parent_run_id"] for o in rows) else "") + str(r["name"])
+        cells = [name, r["status"], r["start"], f"{r['duration_s']}s" if r["duration_s"] is not None else "",
+                 _short(r["objective"])]
+        cells += [_short(r["metrics"].get(m)) for m in metric_names]
+        cells += [str(r["params"].get(p, "")) for p in param_names]
+        table.add_row(*cells, r["run_id"][:12])
+    # one line per run, however wide: a table folded into a narrow terminal cannot be read
+    wide = sum(max(len(c), 10) + 3 for c in columns) + 40
+    Console(width=max(console.width, wide), highlight=False).print(table)
+
+
+def _flat_row(r: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in r.items() if k not in ("metrics", "params")}
+    out.update({f"metrics.{k}": v for k, v in r["metrics"].items()})
+    out.update({f"params.{k}": v for k, v in r["params"].items()})
+    return out
+
+
+def show_run(run: Any, artifacts: list[str], config: str | None, reproduce: str) -> None:
+    info = run.info
+    console.print(f"[bold]{info.run_name}[/] {info.run_id} · {info.status} · experiment {info.experiment_id}")
+    for title, data in (("params", run.data.params), ("metrics", run.data.metrics), ("tags", run.data.tags)):
+        table = Table(title=title, show_header=False, box=None, title_justify="left")
+        for key in sorted(data):
+            value = data[key]
+            table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+        console.print(table)
+    console.print("[bold]artifacts[/]\n  " + ("\n  ".join(artifacts) or "none"))
+    if config is not None:
+        console.print("[bold]composed config[/] (config.yaml)")
+        console.print(config, markup=False)
+    console.print(f"[bold]reproduce[/]: {reproduce}")
+
+
+def metric_diff(original: dict[str, float], new: dict[str, float]) -> None:
+    table = Table(title="Metrics against the original run")
+    for column in ("metric", "original", "reproduced", "difference"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for name in sorted(set(original) | set(new)):
+        a, b = original.get(name), new.get(name)
+        diff = f"{b - a:+.3g}" if a is not None and b is not None else "-"
+        table.add_row(name, _short(a), _short(b), diff)
+    console.print(table)

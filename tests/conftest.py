@@ -78,8 +78,7 @@ class Workspace:
             return con.execute("select count(*) from runs where status='RUNNING'").fetchone()[0]
 
 
-@pytest.fixture
-def ws(tmp_path: Path, template_store: Path) -> Workspace:
+def make_workspace(tmp_path: Path, template_store: Path) -> Workspace:
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     shutil.copytree(
         ROOT / "examples" / "digits",
@@ -88,6 +87,11 @@ def ws(tmp_path: Path, template_store: Path) -> Workspace:
     )
     shutil.copy(template_store, tmp_path / "mlflow.db")
     return Workspace(tmp_path)
+
+
+@pytest.fixture
+def ws(tmp_path: Path, template_store: Path) -> Workspace:
+    return make_workspace(tmp_path, template_store)
 
 
 @pytest.fixture(autouse=True)

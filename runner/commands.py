@@ -1,0 +1,359 @@
+"""The subcommands that read the store: runs, best, show, reproduce, promote, ui, dashboard.
+
+Each honours ``conf/kmrun.yaml`` (the store, the experiment, the objective) and
+``MLFLOW_TRACKING_URI``, like a run does. Bad input raises ``KmrunError``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import KmrunError
+from .tracking import REDACTED, git_tags, resolve_uri
+
+if TYPE_CHECKING:
+    import argparse
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+
+@dataclass
+class Store:
+    """Where runs are, and how to judge them, as conf/kmrun.yaml and the environment say."""
+
+    uri: str
+    experiment: str | None
+    metric: str | None
+    direction: str
+    conf_dir: Path
+
+    def client(self) -> MlflowClient:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    from omegaconf import OmegaConf
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    conf_dir = Path(args.config_dir or "conf").resolve()
+    raw: Any = OmegaConf.load(conf_dir / "kmrun.yaml") if (conf_dir / "kmrun.yaml").is_file() else OmegaConf.create({})
+    uri = args.tracking_uri or resolve_uri(OmegaConf.select(raw, "mlflow.tracking_uri"))
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise KmrunError(
+            f"No MLflow store at {uri}. Run an experiment first (kmrun +experiment=baseline), or point "
+            "--tracking-uri, MLFLOW_TRACKING_URI or mlflow.tracking_uri in conf/kmrun.yaml at one."
+        )
+    experiment = OmegaConf.select(raw, "mlflow.experiment_name")
+    if experiment is None and OmegaConf.select(raw, "kedro.project_path") is not None:
+        from .kedro_bridge import _read_metadata
+
+        try:
+            experiment = _read_metadata(Path(str(OmegaConf.select(raw, "kedro.project_path"))).resolve())
+        except KmrunError:
+            experiment = None
+    metric = OmegaConf.select(raw, "objective.metric")
+    direction = OmegaConf.select(raw, "objective.direction") or "maximize"
+    if isinstance(metric, (list, tuple)) or OmegaConf.is_list(metric):
+        metric, direction = metric[0], direction[0] if OmegaConf.is_list(direction) else direction
+    return Store(uri, experiment, metric, str(direction), conf_dir)
+
+
+def experiment_ids(store: Store, client: MlflowClient, name: str | None) -> list[str]:
+    """The named experiment, else the configured one if the store has it, else all."""
+    known = {e.name: e.experiment_id for e in client.search_experiments()}
+    if name is not None:
+        if name not in known:
+            raise KmrunError(f"--experiment: no experiment '{name}' in {store.uri}. Experiments: {', '.join(sorted(known)) or 'none'}.")
+        return [known[name]]
+    if store.experiment in known:
+        return [known[str(store.experiment)]]
+    return list(known.values())
+
+
+def search(client: MlflowClient, ids: list[str], filter_string: str = "", order_by: list[str] | None = None,
+           max_results: int = 1000) -> list[Run]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_runs(ids, filter_string, max_results=max_results, order_by=order_by or []))
+    except MlflowException as err:
+        message = str(err.message).strip().splitlines()[0]
+        raise KmrunError(
+            f"--filter {filter_string!r}" + (f" --sort {order_by[0]!r}" if order_by else "")
+            + f": MLflow says: {message}\n"
+            "MLflow's search syntax: metrics.accuracy > 0.9 and params.`model.C` = '0.1' and "
+            "attributes.status = 'FINISHED' (params are strings; quote them). See "
+            "https://mlflow.org/docs/latest/search-runs.html"
+        ) from None
+
+
+def resolve_run(client: MlflowClient, store: Store, prefix: str) -> Run:
+    """A run by its id or a unique prefix of it."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = search(client, ids, max_results=50_000) if ids else []
+    matches = [r for r in runs if r.info.run_id.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        near = [r.info.run_id for r in runs if r.info.run_id[:2] == prefix[:2]][:5]
+        hint = f" Ids starting like it: {', '.join(near)}." if near else ""
+        raise KmrunError(f"No run with id '{prefix}' in {store.uri}.{hint} List runs with: kmrun runs")
+    raise KmrunError(
+        f"Run id prefix '{prefix}' is ambiguous: {', '.join(r.info.run_id for r in matches[:6])}. Give more characters."
+    )
+
+
+# --- runs -----------------------------------------------------------------------------
+
+
+def runs(args: argparse.Namespace) -> int:
+    from . import terminal
+
+    store = open_store(args)
+    client = store.client()
+    ids = experiment_ids(store, client, args.experiment)
+    if not ids:
+        raise KmrunError(f"The store {store.uri} holds no experiment yet. Run one: kmrun +experiment=baseline")
+    found = search(client, ids, args.filter or "", _order(args.sort), args.limit)
+    if not found:
+        if args.filter:
+            raise KmrunError(f"No runs matching {args.filter!r} in {store.uri}.")
+        raise KmrunError(f"No runs in {store.uri} yet. Run one: kmrun +experiment=baseline")
+    rows = [row(r, store.metric) for r in grouped(found)]
+    if args.only_changed:
+        rows = only_changed(rows)
+    terminal.print_runs(rows, args.format, store.metric)
+    return 0
+
+
+def _order(sort: str | None) -> list[str]:
+    if not sort:
+        return ["attributes.start_time DESC"]
+    key, _, way = sort.partition(" ")
+    way = way.strip().upper() or ("DESC" if key.startswith("metrics.") else "ASC")
+    section, _, name = key.partition(".")
+    if section in ("metrics", "params", "tags") and "`" not in name:
+        key = f"{section}.`{name}`"
+    return [f"{key} {way}"]
+
+
+def grouped(found: list[Run]) -> list[Run]:
+    """Runs in search order, each parent followed by its children."""
+    by_id = {r.info.run_id: r for r in found}
+    children: dict[str, list[Run]] = {}
+    for run in found:
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent in by_id:
+            children.setdefault(parent, []).append(run)
+    out = []
+    for run in found:
+        if run.data.tags.get("mlflow.parentRunId") in by_id:
+            continue
+        out.append(run)
+        out.extend(children.get(run.info.run_id, []))
+    return out
+
+
+def row(run: Run, metric: str | None) -> dict[str, Any]:
+    info = run.info
+    duration = (info.end_time - info.start_time) / 1000 if info.end_time else None
+    return {
+        "run_id": info.run_id,
+        "name": info.run_name,
+        "status": info.status,
+        "start": datetime.fromtimestamp(info.start_time / 1000).isoformat(timespec="seconds"),
+        "duration_s": round(duration, 2) if duration is not None else None,
+        "parent_run_id": run.data.tags.get("mlflow.parentRunId"),
+        "objective": run.data.metrics.get(metric) if metric else None,
+        "metrics": dict(run.data.metrics),
+        "params": dict(run.data.params),
+    }
+
+
+def only_changed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = {k for r in rows for k in r["params"]}
+    changed = {k for k in keys if len({r["params"].get(k) for r in rows}) > 1}
+    return [{**r, "params": {k: v for k, v in r["params"].items() if k in changed}} for r in rows]
+
+
+# --- best, show -----------------------------------------------------------------------
+
+
+def best(args: argparse.Namespace) -> int:
+    from . import terminal
+
+    store = open_store(args)
+    metric = args.metric or store.metric
+    if not metric:
+        raise KmrunError("kmrun best needs a metric: set objective.metric in conf/kmrun.yaml or pass --metric NAME.")
+    direction = args.direction or store.direction
+    client = store.client()
+    filters = [f"attributes.status = 'FINISHED'", f"metrics.`{metric}` > -1e300"]
+    if args.sweep:
+        parent = resolve_run(client, store, args.sweep)
+        filters.append(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        ids = [parent.info.experiment_id]
+    else:
+        ids = experiment_ids(store, client, args.experiment)
+    found = search(client, ids, " and ".join(filters), [f"metrics.`{metric}` {'DESC' if direction == 'maximize' else 'ASC'}"], 1)
+    if not found:
+        raise KmrunError(f"No FINISHED run with metric '{metric}' in {store.uri}.")
+    top = found[0]
+    terminal.say(
+        f"best run {top.info.run_id} ({top.info.run_name}): {metric} = {top.data.metrics[metric]:.6g} ({direction})\n"
+        f"reproduce: kmrun reproduce {top.info.run_id}\npromote:   kmrun promote {top.info.run_id} --name NAME"
+    )
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    from . import terminal
+
+    store = open_store(args)
+    client = store.client()
+    run = resolve_run(client, store, args.run_id)
+    artifacts = _artifacts(client, run.info.run_id)
+    config = _config_text(client, run) if "config.yaml" in artifacts else None
+    terminal.show_run(run, artifacts, config, f"kmrun reproduce {run.info.run_id}")
+    return 0
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out.extend(_artifacts(client, run_id, item.path) if item.is_dir else [item.path])
+    return out
+
+
+def _config_text(client: MlflowClient, run: Run) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).read_text(encoding="utf-8")
+
+
+# --- reproduce, promote ---------------------------------------------------------------
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from . import terminal
+    from .cli import run_once
+
+    store = open_store(args)
+    client = store.client()
+    original = resolve_run(client, store, args.run_id)
+    if "config.yaml" not in _artifacts(client, original.info.run_id):
+        raise KmrunError(f"Run {original.info.run_id} has no config.yaml artifact: it was not recorded by kmrun.")
+    _check_git(original, args.strict)
+    config = OmegaConf.to_container(OmegaConf.create(_config_text(client, original)))
+    assert isinstance(config, dict)
+    config["params"] = _without_redacted(config.get("params") or {})
+    config["study"] = None
+    config.setdefault("mlflow", {}).setdefault("tags", {})["kmrun.reproduced_from"] = original.info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        text = "defaults:\n  - _self_\n  - override hydra/job_logging: none\n  - override hydra/hydra_logging: none\n"
+        text += OmegaConf.to_yaml(OmegaConf.create(config))
+        text += "hydra:\n  run:\n    dir: outputs/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}\n"
+        (Path(tmp) / "kmrun.yaml").write_text(text, encoding="utf-8")
+        result = run_once(["-cp", tmp])
+    terminal.metric_diff(original.data.metrics, result.metrics)
+    return 0
+
+
+def _without_redacted(tree: dict[str, Any]) -> dict[str, Any]:
+    """Secrets were logged as ***: leave them out, so the project's own values apply."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out[key] = _without_redacted(value)
+        elif value != REDACTED:
+            out[key] = value
+    return out
+
+
+def _check_git(run: Run, strict: bool) -> None:
+    from . import terminal
+
+    recorded = run.data.tags.get("mlflow.source.git.commit")
+    now = git_tags(Path.cwd())
+    problems = []
+    if recorded and now.get("mlflow.source.git.commit") not in (None, recorded):
+        problems.append(f"the run was made at commit {recorded[:10]}, the work tree is at {now['mlflow.source.git.commit'][:10]}")
+    if now.get("kmrun.git.dirty") == "true":
+        problems.append("the work tree has uncommitted changes")
+    if not problems:
+        return
+    message = "; ".join(problems) + f". To match the code exactly: git checkout {recorded or 'COMMIT'}"
+    if strict:
+        raise KmrunError(f"--strict: {message}")
+    terminal.error(f"Warning: {message}")
+
+
+def promote(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from . import terminal
+    from .results import experiment_file
+
+    store = open_store(args)
+    client = store.client()
+    run = resolve_run(client, store, args.run_id)
+    if "config.yaml" not in _artifacts(client, run.info.run_id):
+        raise KmrunError(f"Run {run.info.run_id} has no config.yaml artifact: it was not recorded by kmrun.")
+    target = store.conf_dir / "experiment" / f"{args.name}.yaml"
+    if target.exists() and not args.force:
+        raise KmrunError(f"{target} exists. Pick another --name, or pass --force to overwrite it.")
+    config = OmegaConf.to_container(OmegaConf.create(_config_text(client, run)))
+    assert isinstance(config, dict)
+    config["params"] = _without_redacted(config.get("params") or {})
+    text = experiment_file(config, f"Promoted from run {run.info.run_id} ({run.info.run_name}).", args.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    terminal.say(f"wrote {target}\nrun it: kmrun +experiment={args.name}")
+    return 0
+
+
+# --- ui, dashboard --------------------------------------------------------------------
+
+
+def ui(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    from . import terminal
+
+    terminal.say(f"MLflow UI on http://{args.host}:{args.port} for {store.uri} (Ctrl-C stops it)")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store.uri,
+               "--host", args.host, "--port", str(args.port)]
+    return _serve(command)
+
+
+def dashboard(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        raise KmrunError("kmrun dashboard needs optuna-dashboard, which is not installed. Install it: pip install optuna-dashboard")
+    store = open_store(args)
+    storage = args.storage or (f"sqlite:///{Path(store.uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+                               if store.uri.startswith("sqlite:///") else f"sqlite:///{Path.cwd() / 'optuna.db'}")
+    command = [sys.executable, "-m", "optuna_dashboard", storage, "--host", args.host, "--port", str(args.port)]
+    return _serve(command)
+
+
+def _serve(command: list[str]) -> int:
+    process = subprocess.Popen(command, env=os.environ)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=10)
+        return 0
+

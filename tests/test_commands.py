@@ -1,0 +1,220 @@
+"""kmrun runs / best / show / reproduce / promote / ui / init, against a store made by real runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import Workspace, make_workspace
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, template_store) -> Workspace:
+    """One baseline run and a 2x2 grid, made once for this module."""
+    ws = make_workspace(tmp_path_factory.mktemp("store"), template_store)
+    assert ws.kmrun("+experiment=baseline").code == 0
+    done = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.01,1", "params.split.seed=0,1")
+    assert done.code == 0, done.text
+    return ws
+
+
+def mlflow_search(ws, filter_string="", order_by=None):
+    client = ws.client()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, filter_string, order_by=order_by or [], max_results=1000)
+
+
+def test_runs_json_agrees_with_mlflow_search(store):
+    done = store.kmrun("runs", "--filter", "metrics.accuracy > 0.9", "--sort", "metrics.accuracy", "--format", "json")
+    assert done.code == 0, done.text
+    rows = json.loads(done.out)
+    expected = mlflow_search(store, "metrics.accuracy > 0.9", ["metrics.accuracy DESC"])
+    assert {r["run_id"] for r in rows} == {r.info.run_id for r in expected}
+    assert all(r["metrics"]["accuracy"] > 0.9 for r in rows)
+    by_id = {r.info.run_id: r for r in expected}
+    for row in rows:
+        assert row["metrics"] == by_id[row["run_id"]].data.metrics
+        assert row["params"] == by_id[row["run_id"]].data.params
+    # children come right after their parent, parents in search order
+    positions = {r["run_id"]: i for i, r in enumerate(rows)}
+    for row in rows:
+        if row["parent_run_id"] in positions:
+            assert positions[row["parent_run_id"]] < positions[row["run_id"]]
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "md"])
+def test_runs_in_each_format(store, fmt):
+    done = store.kmrun("runs", "--filter", "attributes.status = 'FINISHED' and metrics.accuracy > 0",
+                       "--sort", "metrics.accuracy", "--format", fmt, "--only-changed")
+    assert done.code == 0, done.text
+    expected = mlflow_search(store, "attributes.status = 'FINISHED' and metrics.accuracy > 0")
+    if fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(done.out)))
+        assert {r["run_id"] for r in rows} == {r.info.run_id for r in expected}
+        assert "params.model.C" in rows[0] and "params.model.max_iter" not in rows[0]  # --only-changed
+        accuracies = [float(r["metrics.accuracy"]) for r in rows if not r["parent_run_id"]]
+        assert accuracies == sorted(accuracies, reverse=True)
+    elif fmt == "md":
+        lines = done.out.splitlines()
+        assert lines[0].startswith("| run_id | name | status") and len(lines) == 2 + len(expected)
+    else:
+        assert f"{len(expected)} run(s)" in done.out
+        grouped = store.kmrun("runs", "--filter", "attributes.status = 'FINISHED'")
+        assert grouped.code == 0 and "└ C=0.01 seed=0" in grouped.out and "sweep baseline" in grouped.out
+
+
+def test_best_agrees_with_mlflow(store):
+    done = store.kmrun("best")
+    assert done.code == 0, done.text
+    top = mlflow_search(store, "attributes.status = 'FINISHED' and metrics.accuracy > 0", ["metrics.accuracy DESC"])[0]
+    assert f"best run {top.info.run_id}" in done.out and f"kmrun reproduce {top.info.run_id}" in done.out
+    parent = next(r for r in mlflow_search(store) if r.data.tags.get("kmrun.role") == "parent")
+    done = store.kmrun("best", "--sweep", parent.info.run_id[:8])
+    children = mlflow_search(store, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", ["metrics.accuracy DESC"])
+    assert done.code == 0 and f"best run {children[0].info.run_id}" in done.out
+
+
+def test_show_accepts_a_prefix_and_prints_everything(store):
+    run = next(r for r in mlflow_search(store) if r.info.run_name == "baseline")
+    done = store.kmrun("show", run.info.run_id[:10])
+    assert done.code == 0, done.text
+    for text in ("model.C", "accuracy", "mlflow.source.git.commit" if "mlflow.source.git.commit" in run.data.tags else "kmrun.config_hash",
+                 "config.yaml", "overrides.txt", "project_path: examples/digits", f"kmrun reproduce {run.info.run_id}"):
+        assert text in done.out, text
+
+
+def test_reproduce_gives_the_same_metrics_and_is_tagged(store):
+    run = next(r for r in mlflow_search(store) if r.info.run_name == "C=0.01 seed=1")
+    done = store.kmrun("reproduce", run.info.run_id)
+    assert done.code == 0, done.text
+    new = mlflow_search(store, f"tags.`kmrun.reproduced_from` = '{run.info.run_id}'")
+    assert len(new) == 1
+    assert new[0].data.metrics["accuracy"] == run.data.metrics["accuracy"]
+    assert new[0].data.params == run.data.params
+    assert "Metrics against the original run" in done.out
+
+
+def test_promote_writes_an_experiment_that_reruns_the_same_params(store):
+    run = next(r for r in mlflow_search(store) if r.info.run_name == "C=1 seed=0")
+    done = store.kmrun("promote", run.info.run_id, "--name", "tuned")
+    assert done.code == 0, done.text
+    assert (store.path / "conf/experiment/tuned.yaml").is_file()
+    again = store.kmrun("promote", run.info.run_id, "--name", "tuned")
+    assert again.code == 2 and "--force" in again.err
+    rerun = store.kmrun("+experiment=tuned")
+    assert rerun.code == 0, rerun.text
+    new = next(r for r in mlflow_search(store) if r.info.run_name == "tuned")
+    assert new.data.params == run.data.params and new.data.metrics["accuracy"] == run.data.metrics["accuracy"]
+
+
+def test_bad_subcommand_input_exits_2_with_guidance(store, tmp_path):
+    ids = sorted(r.info.run_id for r in mlflow_search(store))
+    shared = max((os.path.commonprefix([a, b]) for a, b in zip(ids, ids[1:])), key=len)
+    cases = [
+        (["show", "ffffffffzzzz"], "No run with id 'ffffffffzzzz'"),
+        (["show", shared], "is ambiguous"),
+        (["runs", "--filter", "metrics.accuracy >> 1"], "MLflow says"),
+        (["runs", "--filter", "metrics.accuracy > 2"], "No runs matching"),
+        (["runs", "--experiment", "nope"], "no experiment 'nope'"),
+        (["runs", "--bogus"], "unrecognized arguments: --bogus"),
+        (["runs", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"], "No MLflow store at"),
+    ]
+    for args, fragment in cases:
+        done = store.kmrun(*args)
+        assert done.code == 2, (args, done.text)
+        assert fragment in done.err, (args, done.err)
+        assert "Traceback" not in done.text
+
+
+def test_an_empty_store_says_so(ws):
+    done = ws.kmrun("runs")
+    assert done.code == 2 and "No runs in" in done.err and "kmrun +experiment=baseline" in done.err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_answers_on_localhost(store):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "ui", "--port", str(port)], cwd=store.path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, status = time.time() + 90, None
+        while time.time() < deadline and status != 200:
+            time.sleep(1)
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status
+            except OSError:
+                pass
+        assert status == 200
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+NODES = '''
+from kedro.pipeline import Pipeline, node
+
+
+def make_data(fit):
+    return [i * fit["scale"] for i in range(fit["n"])]
+
+
+def score(data, fit):
+    return {"loss": abs(sum(data) / len(data) - fit["target"])}
+
+
+def create_pipeline(**kwargs):
+    return Pipeline([
+        node(make_data, "params:fit", "data", name="make"),
+        node(score, ["data", "params:fit"], "metrics", name="score"),
+    ])
+'''
+
+
+def test_init_in_a_fresh_kedro_project_then_run_and_grid(tmp_path, template_store):
+    (tmp_path / "cfg.yml").write_text(
+        "project_name: mini\nrepo_name: mini\npython_package: mini\ntools: none\nexample_pipeline: 'no'\noutput_dir: .\n"
+    )
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
+    kedro = Path(sys.executable).parent / "kedro"
+    subprocess.run([str(kedro), "new", "-c", "cfg.yml"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    project = tmp_path / "mini"
+    (project / "src/mini/pipelines/fit").mkdir(parents=True)
+    (project / "src/mini/pipelines/fit/__init__.py").write_text(NODES)
+    (project / "conf/base/parameters.yml").write_text("fit:\n  scale: 0.5\n  n: 10\n  target: 2.0\n")
+    (project / "conf/base/catalog.yml").write_text("metrics:\n  type: json.JSONDataset\n  filepath: data/metrics.json\n")
+    kedro_files = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    ws = Workspace(project)
+    import shutil
+
+    shutil.copy(template_store, project / "mlflow.db")
+    done = ws.kmrun("init")
+    assert done.code == 0, done.text
+    assert "kmrun +experiment=baseline" in done.out
+    assert all(p.read_bytes() == b for p, b in kedro_files.items() if p.name != "mlflow.db")  # Kedro's files untouched
+    assert {"kmrun.yaml", "experiment", "study"} <= {p.name for p in (project / "conf").iterdir()}
+    assert ws.kmrun("init").code == 2  # never overwrites
+
+    run = ws.kmrun("+experiment=baseline")
+    assert run.code == 0, run.text
+    grid = ws.kmrun("-m", "+experiment=baseline", "params.fit.scale=0.1,1", "params.fit.n=5,20")
+    assert grid.code == 0, grid.text
+    runs = ws.runs()
+    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    assert len(children) == 4 and all("loss" in c.data.metrics for c in children)
+    assert next(r for r in runs if r.info.run_name == "baseline").data.metrics["loss"] == 0.25
