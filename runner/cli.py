@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     multirun = any(a in ("-m", "--multirun") for a in args)
     signal.signal(signal.SIGTERM, _interrupt)  # end runs KILLED, as on Ctrl-C
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         if multirun:
             return run_many(args, verbose).exit_code
@@ -221,7 +223,16 @@ def run_many(args: list[str], verbose: bool = False) -> SweepOutcome:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """First Ctrl-C (or SIGTERM): unwind, marking runs KILLED. A second one: leave now;
+    the next kmrun marks anything left RUNNING as FAILED."""
+    signal.signal(signal.SIGINT, _leave_now)
+    signal.signal(signal.SIGTERM, _leave_now)
     raise KeyboardInterrupt
+
+
+def _leave_now(signum: int, frame: object) -> None:
+    os.write(2, b"\nInterrupted again: exiting now. The next kmrun marks runs left RUNNING as FAILED.\n")
+    os._exit(130)
 
 
 def _is_config_error(err: BaseException) -> bool:

@@ -219,6 +219,12 @@ def objective_of(
     values = []
     for name in wanted if isinstance(wanted, list) else [wanted]:
         value = metrics.get(name, series[name][-1] if name in series else None)
+        raw = _raw_value(datasets, name)
+        if value is None and raw is not None:
+            raise MetricError(
+                f"objective.metric '{name}' is {raw!r} ({type(raw).__name__}), not a number. "
+                "Make the node return a number (or a list of numbers, one per step)."
+            )
         if value is None:
             produced = ", ".join(sorted({*metrics, *series})) or "none"
             raise MetricError(
@@ -231,6 +237,16 @@ def objective_of(
             raise MetricError(f"objective.metric '{name}' is {value}, not a finite number.")
         values.append(value)
     return values if isinstance(wanted, list) else values[0]
+
+
+def _raw_value(datasets: Mapping[str, Any], name: str) -> Any:
+    """What a metrics dataset held under ``name``, when it was not a number."""
+    for key, value in datasets.items():
+        if key == name:
+            return value
+        if isinstance(value, Mapping) and name in value:
+            return value[name]
+    return None
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

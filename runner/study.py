@@ -206,7 +206,7 @@ class Study:
         status = "KILLED"
         try:
             self._optimize(study, parent, target)
-            status = "FAILED" if self._finished() < target else "FINISHED"
+            status = "FAILED" if any(c.status == "FAILED" for c in self.cells) else "FINISHED"
         except KeyboardInterrupt:
             terminal.error(f"Interrupted: the study and its running trials are KILLED/FAILED. To resume:\n  {self.command}")
             raise
@@ -217,14 +217,16 @@ class Study:
                 results.log_study(self, parent)
             finally:
                 self.tracker.finish(parent, status)
-        outcome = SweepOutcome(self.cells, parent, self.command, target_met=self._finished() >= target)
+        elsewhere = self._count("RUNNING")  # this process's trials are all told by now
+        outcome = SweepOutcome(self.cells, parent, self.command, target_met=self._finished() + elsewhere >= target)
         terminal.study_summary(self, outcome, target)
         return outcome
 
     def _finished(self) -> int:
-        from optuna.trial import TrialState
+        return self._count("COMPLETE", "PRUNED")
 
-        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    def _count(self, *states: str) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=tuple(_state(s) for s in states)))
 
     def _fail_stale(self) -> None:
         """Trials (and MLflow runs) of dead processes: failed, never left RUNNING."""
@@ -254,8 +256,8 @@ class Study:
             with terminal.SweepProgress(total, self.conf, label="study") as progress, Pool(self.settings.n_jobs) as pool:
                 while True:
                     while not stop and len(running) < pool.size and time.monotonic() < deadline:
-                        if self._finished() + len(running) >= target:
-                            break
+                        if self._count("COMPLETE", "PRUNED", "RUNNING") >= target:
+                            break  # reached, or being reached by running trials (ours or another process's)
                         with warnings.catch_warnings():
                             # kmrun records heartbeats itself; Optuna assumes only optimize() does
                             warnings.filterwarnings("ignore", message="Heartbeat of storage")

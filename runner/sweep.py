@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import shlex
 import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -78,7 +79,9 @@ outcomes: list[SweepOutcome] = []  # what the CLI reads back after Hydra returns
 def run_sweep(hydra_context: HydraContext, config: DictConfig, arguments: list[str]) -> SweepOutcome:
     """Expand, check, run and summarise one sweep."""
     conf = parse(_without_hydra(config))
-    command = "kmrun -m " + " ".join(shlex.quote(a) for a in as_typed(sys.argv[1:]) if a not in ("-m", "--multirun"))
+    command = "kmrun -m " + " ".join(  # the command that resumes: the same, minus a forced rerun
+        shlex.quote(a) for a in as_typed(sys.argv[1:]) if a not in ("-m", "--multirun") and not a.startswith("sweep.rerun=")
+    )
     if conf.study is not None:
         from .study import run_study
 
@@ -315,18 +318,41 @@ class Pool:
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if self._executor is None:
+            return
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            # Workers get SIGINT too on Ctrl-C, but not on SIGTERM sent to this process:
+            # tell them, so each ends its run KILLED instead of finishing the job first.
+            import multiprocessing
+            import signal
+
+            for child in multiprocessing.active_children():
+                if child.pid is not None:
+                    os.kill(child.pid, signal.SIGINT)
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _worker_init(verbose: bool) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _worker_interrupt)
+    signal.signal(signal.SIGTERM, _worker_interrupt)
     if not verbose:
         logging.disable(logging.INFO)
     store = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
     engines = getattr(getattr(store, "SqlAlchemyStore", None), "_engine_map", {})
     for engine in engines.values():
         engine.dispose(close=False)
+
+
+def _worker_interrupt(signum: int, frame: object) -> None:
+    """Once: the running job ends its run KILLED; further signals must not cut that short."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _parse(hydra_context: HydraContext, lines: list[str]) -> list[Override]:

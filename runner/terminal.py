@@ -205,7 +205,10 @@ def study_summary(study: Study, outcome: SweepOutcome, target: int) -> None:
         f"This run: {len(outcome.cells)} trials.\nparent run {outcome.parent_run_id} · storage "
         f"{study.storage_url} · store {study.tracker.uri}\nui: {ui_command(study.tracker.uri)}"
     )
-    if complete + pruned < target:
+    running = states.count(TrialState.RUNNING)
+    if running:
+        console.print(f"{running} trial(s) still running in other processes.")
+    if complete + pruned + running < target:
         errors.print(f"The study holds fewer than {target} finished trials. To continue:\n  {outcome.command}")
     if best and len(names) == 1:
         console.print("Rerun the best trial: kmrun +experiment=<the best_experiment.yaml artifact>"

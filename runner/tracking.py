@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,8 +144,9 @@ class Tracker:
         try:
             from mlflow import MlflowClient
 
-            self.client: MlflowClient = MlflowClient(tracking_uri=uri)
-            self.experiment_id = self._experiment(experiment_name)
+            with creation_lock(uri):  # several kmrun processes may create one store at once
+                self.client: MlflowClient = MlflowClient(tracking_uri=uri)
+                self.experiment_id = self._experiment(experiment_name)
         except TrackingError:
             raise
         except Exception as err:
@@ -249,6 +251,25 @@ class Tracker:
 
     def run_url(self, run_id: str) -> str:
         return f"#/experiments/{self.experiment_id}/runs/{run_id}"
+
+
+@contextmanager
+def creation_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local SQLite file while it is created or migrated:
+    concurrent migrations of one new file corrupt it."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def process_tags() -> dict[str, str]:

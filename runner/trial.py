@@ -11,10 +11,10 @@ import inspect
 import threading
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, TrackingError
+from .tracking import creation_lock
 
 if TYPE_CHECKING:
     import optuna
@@ -55,14 +55,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             backend = optuna.storages.journal.JournalFileBackend(path)
             return optuna.storages.JournalStorage(backend)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if url.startswith("sqlite") else {}
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-        )
+        with creation_lock(url):
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+            )
     except Exception as err:
         raise TrackingError(
             f"study.storage: cannot open the Optuna storage '{hide_password(url)}': "
