@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import KmrunError
-from .tracking import REDACTED, git_tags, resolve_uri
+from .results import without_redacted
+from .tracking import Redactor, git_tags, resolve_uri
 
 if TYPE_CHECKING:
     import argparse
@@ -257,7 +258,7 @@ def reproduce(args: argparse.Namespace) -> int:
     _check_git(original, args.strict)
     config = OmegaConf.to_container(OmegaConf.create(_config_text(client, original)))
     assert isinstance(config, dict)
-    config["params"] = _without_redacted(config.get("params") or {})
+    config["params"] = without_redacted(config.get("params") or {})
     config["study"] = None
     config.setdefault("mlflow", {}).setdefault("tags", {})["kmrun.reproduced_from"] = original.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,17 +269,6 @@ def reproduce(args: argparse.Namespace) -> int:
         result = run_once(["-cp", tmp])
     terminal.metric_diff(original.data.metrics, result.metrics)
     return 0
-
-
-def _without_redacted(tree: dict[str, Any]) -> dict[str, Any]:
-    """Secrets were logged as ***: leave them out, so the project's own values apply."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out[key] = _without_redacted(value)
-        elif value != REDACTED:
-            out[key] = value
-    return out
 
 
 def _check_git(run: Run, strict: bool) -> None:
@@ -315,8 +305,7 @@ def promote(args: argparse.Namespace) -> int:
         raise KmrunError(f"{target} exists. Pick another --name, or pass --force to overwrite it.")
     config = OmegaConf.to_container(OmegaConf.create(_config_text(client, run)))
     assert isinstance(config, dict)
-    config["params"] = _without_redacted(config.get("params") or {})
-    text = experiment_file(config, f"Promoted from run {run.info.run_id} ({run.info.run_name}).", args.name)
+    text = experiment_file(Redactor(), config, f"Promoted from run {run.info.run_id} ({run.info.run_name}).", args.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     terminal.say(f"wrote {target}\nrun it: kmrun +experiment={args.name}")

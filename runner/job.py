@@ -99,6 +99,12 @@ def prepare(
     )
 
 
+def redactor(spec: JobSpec) -> Redactor:
+    """What must never reach MLflow for this job: credentials, secret-named params, secret env vars."""
+    project = open_project(spec.conf.kedro.project_path, spec.conf.kedro.env)
+    return Redactor.for_project(project.credentials(), deep_merge(project.parameters(), spec.params))
+
+
 @cache
 def open_tracker(uri: str, experiment_name: str) -> Tracker:
     """One ``Tracker`` per store and experiment in this process."""
@@ -116,8 +122,8 @@ def execute(spec: JobSpec) -> JobResult:
     conf = spec.conf
     project = open_project(conf.kedro.project_path, conf.kedro.env)
     tracker = open_tracker(spec.uri, spec.experiment_name)
+    redact = redactor(spec)
     params = deep_merge(project.parameters(), spec.params)
-    redact = Redactor.for_project(project.credentials(), params)
     kedro_run_id = _kedro_run_id()
     tags = {
         **{k: str(v) for k, v in conf.mlflow.tags.items()},

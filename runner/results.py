@@ -8,8 +8,11 @@ import io
 import math
 from typing import TYPE_CHECKING, Any
 
+from .tracking import REDACTED
+
 if TYPE_CHECKING:
     from .schema import KmrunConf
+    from .tracking import Redactor
     from .study import Study
     from .sweep import Cell
     from .tracking import Tracker
@@ -132,7 +135,7 @@ def counts(cells: list[Cell]) -> dict[str, int]:
     }
 
 
-def log_parent(tracker: Tracker, parent: str, conf: KmrunConf, cells: list[Cell]) -> None:
+def log_parent(tracker: Tracker, parent: str, conf: KmrunConf, cells: list[Cell], redact: Redactor) -> None:
     """Counts, the best cell, the results table and the plot, on the parent run."""
     metric, _ = primary(conf)
     metrics: dict[str, float] = {k: float(v) for k, v in counts(cells).items()}
@@ -141,13 +144,13 @@ def log_parent(tracker: Tracker, parent: str, conf: KmrunConf, cells: list[Cell]
     top = best(conf, cells)
     if top is not None and metric:
         metrics[f"best_{metric}"] = score(top)  # type: ignore[assignment]
-        params = {f"best.{k}": v for k, v in swept(top).items()}
-        tags = {"kmrun.best_run_id": top.run_id or "", "kmrun.best_cell": top.label}
+        params = redact.params({f"best.{k}": v for k, v in swept(top).items()})
+        tags = {"kmrun.best_run_id": top.run_id or "", "kmrun.best_cell": redact.text(top.label)}
     _log_once(tracker, parent, params)
     tracker.log(parent, metrics=metrics, tags=tags)
     rows = table(conf, cells)
-    tracker.log_text(parent, to_csv(rows), "results.csv")
-    tracker.log_text(parent, to_markdown(rows), "results.md")
+    tracker.log_text(parent, redact.text(to_csv(rows)), "results.csv")
+    tracker.log_text(parent, redact.text(to_markdown(rows)), "results.md")
     figure = plot(conf, cells)
     tracker.client.log_figure(parent, figure, "objective_by_param.png")
     import matplotlib.pyplot as plt
@@ -185,7 +188,7 @@ def log_study(study: Study, parent: str) -> None:
         if len(names) == 1:
             best_trial = optuna_study.best_trial
             metrics[f"best_{names[0]}"] = float(best_trial.value)  # type: ignore[arg-type]
-            params = {f"best.{k}": str(v) for k, v in best_trial.params.items()}
+            params = study.redact.params({f"best.{k}": v for k, v in best_trial.params.items()})
             tags = {"kmrun.best_run_id": str(best_trial.user_attrs.get("mlflow_run_id", "")),
                     "optuna.best_trial": str(best_trial.number)}
             experiment = best_experiment(study, best_trial)
@@ -200,7 +203,7 @@ def log_study(study: Study, parent: str) -> None:
     _log_once(tracker, parent, params)
     tracker.log(parent, metrics=metrics, tags=tags)
     frame = optuna_study.trials_dataframe()
-    tracker.log_text(parent, frame.to_csv(index=False), "trials.csv")
+    tracker.log_text(parent, study.redact.text(frame.to_csv(index=False)), "trials.csv")
     if TrialState.COMPLETE in states:
         log_study_plots(tracker, parent, optuna_study, names)
 
@@ -209,6 +212,7 @@ def best_experiment(study: Study, trial: Any) -> str:
     """A ``conf/experiment`` file that reruns the trial: ``+experiment=<its name>``."""
     spec = study.compose(trial.params, open_store=False)
     return experiment_file(
+        study.redact,
         spec.config,
         f"Best trial {trial.number} of Optuna study '{study.name}': "
         f"{study.conf.objective.metric} = {trial.value:.6g}.",
@@ -216,12 +220,14 @@ def best_experiment(study: Study, trial: Any) -> str:
     )
 
 
-def experiment_file(config: dict[str, Any], about: str, run_name: str) -> str:
+def experiment_file(redact: Redactor, config: dict[str, Any], about: str, run_name: str) -> str:
     """An experiment file (``# @package _global_``) holding a composed config's Kedro
-    section and params, so that ``kmrun +experiment=<it>`` runs the same job again."""
+    section and params, so that ``kmrun +experiment=<it>`` runs the same job again.
+    Secrets are left out, so the project's own values apply."""
     from omegaconf import OmegaConf
 
-    body = {"kedro": config.get("kedro", {}), "params": config.get("params", {}),
+    params = without_redacted(redact.tree(config.get("params", {})))
+    body = {"kedro": config.get("kedro", {}), "params": params,
             "objective": config.get("objective", {}), "mlflow": {"run_name": run_name}}
     header = (
         "# @package _global_\n"
@@ -229,6 +235,17 @@ def experiment_file(config: dict[str, Any], about: str, run_name: str) -> str:
         "# Written by kmrun. Rerun it with: kmrun +experiment=<this file's name>\n"
     )
     return header + OmegaConf.to_yaml(OmegaConf.create(body))
+
+
+def without_redacted(tree: dict[str, Any]) -> dict[str, Any]:
+    """A nested dict minus the leaves that were logged as ``***``."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out[key] = without_redacted(value)
+        elif value != REDACTED:
+            out[key] = value
+    return out
 
 
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "intermediate_values")

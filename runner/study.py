@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from . import terminal
 from .compose import as_typed, hydra_args
 from .errors import ConfigError
-from .job import JobResult, JobSpec, open_tracker, prepare
+from .job import JobResult, JobSpec, open_tracker, prepare, redactor
 from .schema import KmrunConf, StudyConf
 from .sweep import Cell, Pool, SweepOutcome, _check_sweepable, _conf_dir, _parse, _without_hydra
 from .tracking import _alive, process_tags
@@ -167,6 +167,7 @@ class Study:
         first, *_ = [self.compose(corner) for corner in _corners(self.distributions)]
         self.tracker = open_tracker(first.uri, first.experiment_name)
         self.spec = first
+        self.redact = redactor(first)
         self.storage_url = self.settings.storage or _beside(first.uri)
         self.storage = open_storage(self.storage_url)
 
@@ -199,7 +200,7 @@ class Study:
         if finished:
             terminal.say(f"Study '{self.name}': {finished} trials already finished; running until it holds {target}.")
         parent = self.tracker.start(f"study {self.name}", {
-            "kmrun.role": "parent", "kmrun.kind": "study", "kmrun.sweep": self.command[:5000],
+            "kmrun.role": "parent", "kmrun.kind": "study", "kmrun.sweep": self.redact.text(self.command)[:5000],
             "optuna.study_name": self.name, "optuna.storage": hide_password(self.storage_url),
             "optuna.sampler": type(study.sampler).__name__, "optuna.pruner": type(study.pruner).__name__,
         })

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import terminal
 from .compose import as_typed, hydra_args
 from .errors import ConfigError, KmrunError
-from .job import JobResult, JobSpec, execute, open_tracker, prepare
+from .job import JobResult, JobSpec, execute, open_tracker, prepare, redactor
 from .schema import KmrunConf, parse
 
 if TYPE_CHECKING:
@@ -165,6 +165,7 @@ class Sweep:
         assert first is not None
         self.conf, self.cells, self.sweep_dir, self.command = conf, cells, sweep_dir, command
         self.tracker = open_tracker(first.uri, first.experiment_name)
+        self.redact = redactor(first)
         self.key = hashlib.sha256(json.dumps(sorted(c.spec.config_hash for c in cells if c.spec)).encode()).hexdigest()[:16]
 
     def run(self) -> SweepOutcome:
@@ -230,9 +231,10 @@ class Sweep:
                 self.tracker.reopen(run_id)
                 return str(run_id)
         definition = "\n".join(c.label for c in self.cells)
-        tags = {"kmrun.role": "parent", "kmrun.sweep_key": self.key, "kmrun.sweep": self.command[:5000]}
+        command = self.redact.text(self.command)
+        tags = {"kmrun.role": "parent", "kmrun.sweep_key": self.key, "kmrun.sweep": command[:5000]}
         run_id = self.tracker.start(f"sweep {self.cells[0].spec.run_name or ''}".strip(), tags)
-        self.tracker.log_text(run_id, self.command + "\n\n" + definition + "\n", "sweep.txt")
+        self.tracker.log_text(run_id, self.redact.text(command + "\n\n" + definition + "\n"), "sweep.txt")
         return run_id
 
     def _launch(self, todo: list[Cell]) -> None:
@@ -263,7 +265,7 @@ class Sweep:
     def _summarise(self, parent: str) -> None:
         from . import results
 
-        results.log_parent(self.tracker, parent, self.conf, self.cells)
+        results.log_parent(self.tracker, parent, self.conf, self.cells, self.redact)
 
 
 def _record(cell: Cell, result: JobResult) -> None:

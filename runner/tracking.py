@@ -151,6 +151,8 @@ class Tracker:
             raise
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "locked" in first:
+                first += " (another process holds it; try again when that process is done)"
             raise TrackingError(
                 f"mlflow.tracking_uri: cannot open the MLflow store '{uri}': {first}\n"
                 "Use sqlite:///PATH/mlflow.db, http(s)://HOST:PORT of an MLflow server, or "

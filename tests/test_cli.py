@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-from runner.tracking import REDACTED
-
 pytestmark = pytest.mark.slow
 
 
@@ -68,103 +66,6 @@ def test_second_experiment_swaps_the_model_by_yaml(ws):
     assert run.data.params["model.type"] == "random_forest"
     assert run.data.params["model.n_estimators"] == "200"
     assert run.data.metrics["accuracy"] > 0.9
-
-
-BAD_INPUT = [
-    (["params.modle.C=5"], "no parameter 'modle'. Did you mean params.model"),
-    (["params.model.C=abc"], "'abc' (str) does not fit the parameter's float value"),
-    (["+experiment=nope"], "Could not find 'experiment/nope'"),
-    (["mlflow.trackin_uri=x"], "Unknown key 'mlflow.trackin_uri' in 'mlflow' (command line: mlflow.trackin_uri=x). Did you mean 'tracking_uri'"),
-    (["kedro.project_path=/"], "is not a Kedro project"),
-    (["kedro.pipeline=trian"], "no pipeline named 'trian'"),
-    (["mlflow.tracking_uri=foo://bar"], "cannot open the MLflow store 'foo://bar'"),
-    (["kedro.env=prod"], "no environment 'prod'"),
-]
-
-
-@pytest.mark.parametrize(("args", "fragment"), BAD_INPUT)
-def test_bad_input_exits_2_with_one_message_and_no_run(ws, args, fragment):
-    done = ws.kmrun("+experiment=baseline", *args)
-    assert done.code == 2, done.text
-    assert fragment in done.err
-    assert "Traceback" not in done.text
-    assert ws.runs() == []
-
-
-def test_unknown_experiment_lists_the_available_ones(ws):
-    done = ws.kmrun("+experiment=basline")
-    assert done.code == 2 and "baseline" in done.err and "forest" in done.err
-
-
-def test_yaml_syntax_error_names_file_and_line(ws):
-    (ws.path / "conf/experiment/broken.yaml").write_text("# @package _global_\nparams:\n  model: {C: 1\n")
-    done = ws.kmrun("+experiment=broken")
-    assert done.code == 2, done.text
-    assert "broken.yaml" in done.err and "line" in done.err
-    assert "Traceback" not in done.text
-
-
-def test_unknown_key_in_a_config_file_names_the_key(ws):
-    (ws.path / "conf/experiment/typo.yaml").write_text("# @package _global_\nobjective:\n  metrc: accuracy\n")
-    done = ws.kmrun("+experiment=typo")
-    assert done.code == 2 and "Unknown key 'objective.metrc'" in done.err and "Did you mean 'metric'" in done.err
-
-
-def test_param_typo_in_an_experiment_file_names_the_file(ws):
-    (ws.path / "conf/experiment/typo.yaml").write_text("# @package _global_\nparams:\n  split:\n    sed: 3\n")
-    done = ws.kmrun("+experiment=typo")
-    assert done.code == 2 and "params.split.sed (in conf/experiment/typo.yaml)" in done.err
-    assert "params.split.seed" in done.err
-
-
-def test_verbose_shows_the_traceback(ws):
-    done = ws.kmrun("+experiment=baseline", "params.modle.C=5", "-v")
-    assert done.code == 2 and "Traceback" in done.text
-
-
-def test_missing_objective_metric_fails_the_run_and_names_the_datasets(ws):
-    done = ws.kmrun("+experiment=baseline", "objective.metric=auc")
-    assert done.code == 2, done.text
-    assert "'auc' was not produced" in done.err and "accuracy, f1_macro" in done.err
-    run = only_run(ws)
-    assert run.info.status == "FAILED"
-    assert "traceback.txt" in {a.path for a in ws.client().list_artifacts(run.info.run_id)}
-    assert ws.running() == 0
-
-
-def test_a_failing_node_fails_the_run_with_exit_1(ws):
-    done = ws.kmrun("+experiment=baseline", "params.model.type=svm")
-    assert done.code == 1, done.text
-    assert "ValueError" in done.err and "Unknown model.type 'svm'" in done.err
-    assert "Traceback" not in done.text
-    run = only_run(ws)
-    assert run.info.status == "FAILED" and ws.running() == 0
-
-
-def test_secrets_never_reach_the_store(ws, monkeypatch):
-    project = ws.path / "examples/digits"
-    with open(project / "conf/base/parameters.yml", "a") as f:
-        f.write("db_password: hunter2-in-params\nservice:\n  api_token: tok-in-params-77\n")
-    (project / "conf/local/credentials.yml").write_text(
-        "warehouse:\n  user: admin\n  password: cred-secret-991\n  key: ${oc.env:KMRUN_TEST_API_KEY}\n"
-    )
-    secrets = ["hunter2-in-params", "tok-in-params-77", "cred-secret-991", "env-secret-554", "cli-secret-332"]
-    done = ws.kmrun(
-        "+experiment=baseline",
-        "params.db_password=cli-secret-332",
-        env={"KMRUN_TEST_API_KEY": "env-secret-554"},
-    )
-    assert done.code == 0, done.text
-    run = only_run(ws)
-    assert run.data.params["db_password"] == REDACTED
-    assert run.data.params["service.api_token"] == REDACTED
-    stored = list(run.data.params.values()) + list(run.data.tags.values())
-    client = ws.client()
-    for artifact in client.list_artifacts(run.info.run_id):
-        stored.append(open(client.download_artifacts(run.info.run_id, artifact.path, str(ws.path))).read())
-    stored.append(done.text)
-    leaks = [s for s in secrets for text in stored if s in text]
-    assert leaks == []
 
 
 def test_help_is_kmruns_and_hydras_and_imports_no_mlflow_or_optuna(ws):

@@ -135,26 +135,3 @@ def test_multi_objective_gives_a_pareto_set(ws):
     assert tags["optuna.pareto_trials"] == ",".join(str(t.number) for t in study.best_trials)
     plots = {a.path for a in ws.client().list_artifacts(parents[0].info.run_id, "plots")}
     assert "plots/pareto_front.png" in plots and "plots/study.html" in plots
-
-
-@pytest.mark.parametrize(
-    ("args", "fragment"),
-    [
-        (["params.model.C=interval(0.1"], "Bad override or sweep expression 'params.model.C=interval(0.1'"),
-        (["params.model.C=interval(5,1)"], "the interval is empty or inverted"),
-        (["params.model.C=tag(log, interval(0, 1))"], "a log scale needs LOW > 0"),
-        (["study.sampler.name=annealing"], "study.sampler.name is 'annealing'; use one of: tpe, random"),
-        (["study.pruner.name=early"], "study.pruner.name is 'early'; use one of: none, median"),
-        (["study.pruner.n_warmup=3", "study.pruner.name=median"], "MedianPruner accepts: n_startup_trials"),
-        (["objective.metric=[accuracy,f1_macro]", "objective.direction=[maximize,minimize,maximize]"], "gives 3 direction(s)"),
-        (["study.sampler.name=grid"], "grid needs discrete values, but params.model.C is a continuous interval"),
-        (["study.storage=postgresql://u:pw@127.0.0.1:1/db"], "cannot open the Optuna storage 'postgresql://u:***@127.0.0.1:1/db'"),
-        (["params.model.maxiter=int(interval(1,5))"], "no parameter 'model.maxiter'"),
-        (["study.n_trails=3"], "Did you mean 'n_trials'"),
-    ],
-)
-def test_bad_studies_exit_2_before_any_trial(ws, args, fragment):
-    done = ws.kmrun("-m", "+experiment=baseline", "+study=tune", *args)
-    assert done.code == 2, done.text
-    assert fragment in done.err and "Traceback" not in done.text
-    assert ws.running() == 0 and [r for r in ws.runs()] == []

@@ -1,0 +1,115 @@
+"""The bad-input catalogue: each malformed input ends the same way.
+
+Exit 2 (or 1, documented, for an error raised by the pipeline's own code), one clear
+message naming the file, key or flag and the fix, no traceback, and no run left RUNNING.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+NODES = "examples/digits/src/digits/pipelines/train/nodes.py"
+
+
+def patch_node(returned: str):
+    """A setup that makes evaluate_model return ``returned`` as the metrics dict."""
+
+    def setup(ws):
+        path = ws.path / NODES
+        text = path.read_text()
+        path.write_text(text.replace('    predicted = estimator.predict(X_test)\n    return {',
+                                     f'    predicted = estimator.predict(X_test)\n    return {returned}\n    return {{'))
+
+    return setup
+
+
+def write(relative: str, text: str):
+    def setup(ws):
+        (ws.path / relative).write_text(text)
+
+    return setup
+
+
+B = ["+experiment=baseline"]
+S = ["-m", "+experiment=baseline", "+study=tune"]
+
+CATALOGUE = [
+    # (id, args, setup, exit code, fragments of the message)
+    ("unknown-param", B + ["params.modle.C=5"], None, 2, ["params.modle", "Did you mean params.model"]),
+    ("param-type-float", B + ["params.model.C=abc"], None, 2, ["'abc' (str) does not fit the parameter's float"]),
+    ("param-type-int", B + ["params.split.seed=1.5"], None, 2, ["1.5 (float) does not fit the parameter's int"]),
+    ("param-section-scalar", B + ["params.model=3"], None, 2, ["replaces a whole section"]),
+    ("unknown-experiment", ["+experiment=nope"], None, 2, ["Could not find 'experiment/nope'", "baseline", "forest"]),
+    ("unknown-group-option", B + ["model=svm"], None, 2, ["Could not find 'model/svm'", "random_forest"]),
+    ("yaml-syntax", ["+experiment=broken"], write("conf/experiment/broken.yaml", "# @package _global_\nparams:\n  model: {C: 1\n"),
+     2, ["YAML syntax error", "broken.yaml", "line 3"]),
+    ("unknown-key-kedro", B + ["kedro.pipline=x"], None, 2, ["Unknown key 'kedro.pipline'", "Did you mean 'pipeline'"]),
+    ("unknown-key-mlflow", B + ["mlflow.trackin_uri=x"], None, 2, ["Unknown key 'mlflow.trackin_uri'", "tracking_uri"]),
+    ("unknown-key-objective-file", ["+experiment=typo"], write("conf/experiment/typo.yaml", "# @package _global_\nobjective:\n  metrc: accuracy\n"),
+     2, ["Unknown key 'objective.metrc'", "conf/experiment/typo.yaml", "Did you mean 'metric'"]),
+    ("unknown-key-sweep", B + ["sweep.n_job=2"], None, 2, ["Unknown key 'sweep.n_job'", "n_jobs"]),
+    ("unknown-key-study", B + ["study.n_trails=3"], None, 2, ["Unknown key 'study.n_trails'", "n_trials"]),
+    ("unknown-top-level", B + ["verbos=true"], None, 2, ["Unknown key 'verbos'", "verbose"]),
+    ("wrong-type-tags", B + ["kedro.tags=3"], None, 2, ["'kedro.tags'", "wrong type"]),
+    ("bad-direction", B + ["objective.direction=up"], None, 2, ["objective.direction is 'up'", "minimize, maximize"]),
+    ("not-a-kedro-project", B + ["kedro.project_path=/"], None, 2, ["is not a Kedro project", "kedro.project_path"]),
+    ("unknown-pipeline", B + ["kedro.pipeline=trian"], None, 2, ["no pipeline named 'trian'", "Did you mean train"]),
+    ("unknown-env", B + ["kedro.env=prod"], None, 2, ["no environment 'prod'", "Available: base, local"]),
+    ("missing-config-dir", B + ["-cp", "/nonexistent/conf"], None, 2, ["kmrun.yaml"]),
+    ("bad-tracking-scheme", B + ["mlflow.tracking_uri=foo://bar"], None, 2, ["cannot open the MLflow store 'foo://bar'"]),
+    ("unwritable-store", B + ["mlflow.tracking_uri=sqlite:///conf/kmrun.yaml/mlflow.db"], None, 2, ["cannot open the MLflow store"]),
+    ("bad-override-syntax", B + ["params.model.C=interval(0.1"], None, 2, ["Bad override or sweep expression 'params.model.C=interval(0.1'"]),
+    ("missing-metric", B + ["objective.metric=auc"], None, 2, ["'auc' was not produced", "accuracy, f1_macro", "metrics"]),
+    ("missing-metric-dataset", B + ["metrics=[scores]"], None, 2, ["'accuracy' was not produced", "Datasets the pipeline saved"]),
+    ("non-numeric-objective", B, patch_node('{"accuracy": "high"}'), 2, ["'accuracy' is 'high' (str), not a number"]),
+    ("nan-objective", B, patch_node('{"accuracy": float("nan")}'), 2, ["'accuracy' is nan, not a finite number"]),
+    ("node-error", B + ["params.model.type=svm"], None, 1, ["ValueError", "Unknown model.type 'svm'", "traceback.txt"]),
+    ("grid-interval", ["-m", "+experiment=baseline", "params.model.C=interval(0,1)"], None, 2, ["a grid needs discrete values"]),
+    ("empty-range", ["-m", "+experiment=baseline", "params.split.seed=range(3,1)"], None, 2, ["expands to no value"]),
+    ("param-typo-in-file", ["+experiment=typo"], write("conf/experiment/typo.yaml", "# @package _global_\nparams:\n  split:\n    sed: 3\n"),
+     2, ["params.split.sed (in conf/experiment/typo.yaml)", "params.split.seed"]),
+    ("unknown-search-space-key", S + ["params.model.maxiter=int(interval(1,5))"], None, 2, ["no parameter 'model.maxiter'"]),
+    ("empty-sweep", ["-m", "+experiment=baseline", "params.model.C=0.1"], None, 2, ["Empty sweep"]),
+    ("bad-range", ["-m", "+experiment=baseline", "params.split.seed=range(0,x)"], None, 2, ["Bad override or sweep expression"]),
+    ("unsweepable-key", ["-m", "+experiment=baseline", "mlflow.run_name=a,b"], None, 2, ["'mlflow.run_name' cannot be swept"]),
+    ("inverted-interval", S + ["params.model.C=interval(5,1)"], None, 2, ["the interval is empty or inverted"]),
+    ("log-low-zero", S + ["params.model.C=tag(log, interval(0, 1))"], None, 2, ["a log scale needs LOW > 0"]),
+    ("unknown-sampler", S + ["study.sampler.name=annealing"], None, 2, ["study.sampler.name is 'annealing'", "tpe, random"]),
+    ("unknown-pruner", S + ["study.pruner.name=early"], None, 2, ["study.pruner.name is 'early'", "median"]),
+    ("bad-pruner-option", S + ["study.pruner.name=median", "study.pruner.n_warmup=3"], None, 2, ["MedianPruner accepts: n_startup_trials"]),
+    ("directions-mismatch", S + ["objective.metric=[accuracy,f1_macro]", "objective.direction=[maximize,minimize,maximize]"],
+     None, 2, ["names 2 metric(s) but objective.direction gives 3"]),
+    ("grid-sampler-continuous", S + ["study.sampler.name=grid"], None, 2, ["grid needs discrete values", "params.model.C"]),
+    ("unreachable-storage", S + ["study.storage=postgresql://u:pw@127.0.0.1:1/db"], None, 2,
+     ["cannot open the Optuna storage 'postgresql://u:***@127.0.0.1:1/db'"]),
+    ("unknown-subcommand", ["runz"], None, 2, ["Unknown subcommand 'runz'", "runs"]),
+    ("unknown-subcommand-option", ["runs", "--bogus"], None, 2, ["unrecognized arguments: --bogus"]),
+    ("unknown-run-id", ["show", "ffffffffzz"], None, 2, ["No run with id 'ffffffffzz'"]),
+]
+
+
+@pytest.mark.parametrize(("args", "setup", "code", "fragments"), [c[1:] for c in CATALOGUE], ids=[c[0] for c in CATALOGUE])
+def test_bad_input(ws, args, setup, code, fragments):
+    if setup:
+        setup(ws)
+    done = ws.kmrun(*args)
+    assert done.code == code, done.text
+    for fragment in fragments:
+        assert fragment in done.err, (fragment, done.err)
+    assert "Traceback" not in done.text
+    assert len(done.err.strip().splitlines()) <= 12, done.err  # one paragraph, not a log
+    assert ws.running() == 0
+
+
+def test_the_catalogue_is_large_and_distinct():
+    assert len(CATALOGUE) >= 25 and len({tuple(c[1]) + (c[0],) for c in CATALOGUE}) == len(CATALOGUE)
+
+
+@pytest.mark.parametrize("ask", [["-v"], ["HYDRA_FULL_ERROR"]])
+def test_a_traceback_only_when_asked(ws, ask):
+    env = {"HYDRA_FULL_ERROR": "1"} if ask == ["HYDRA_FULL_ERROR"] else None
+    args = ["+experiment=baseline", "params.modle.C=5"] + ([] if env else ask)
+    done = ws.kmrun(*args, env=env)
+    assert done.code == 2 and "Traceback" in done.err and "no parameter 'modle'" in done.err

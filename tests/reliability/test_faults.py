@@ -1,0 +1,136 @@
+"""Kills, interrupts and concurrency with real processes, real signals and real stores:
+nothing finished is lost, nothing runs twice, nothing stays RUNNING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import optuna
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SLOW_GRID = ["-m", "+experiment=forest", "params.model.n_estimators=range(200,1400,200)"]  # 6 jobs of ~1-3 s
+
+
+def start(ws, args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}, **kwargs)
+
+
+def wait_for(ws, sql, at_least=1, timeout=120):
+    """Poll the MLflow store until ``sql`` counts at least ``at_least`` rows."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with sqlite3.connect(ws.path / "mlflow.db") as con:
+                if con.execute(sql).fetchone()[0] >= at_least:
+                    return
+        except sqlite3.Error:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for: {sql}")
+
+
+RUNNING_CHILD = ("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
+                 "where r.status = 'RUNNING' and t.key = 'kmrun.role' and t.value = 'child'")
+FINISHED_CHILD = RUNNING_CHILD.replace("'RUNNING'", "'FINISHED'")
+
+
+def statuses(ws):
+    return Counter((r.data.tags.get("kmrun.role"), r.info.status) for r in ws.runs())
+
+
+def test_kill_9_during_a_grid_then_rerun_loses_and_repeats_nothing(ws):
+    proc = start(ws, SLOW_GRID)
+    wait_for(ws, FINISHED_CHILD, 2)
+    wait_for(ws, RUNNING_CHILD, 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = {r.data.tags["kmrun.config_hash"] for r in ws.runs() if r.info.status == "FINISHED"}
+    assert ws.running() >= 2  # the parent and the child it was running
+
+    done = ws.kmrun(*SLOW_GRID)
+    assert done.code == 0, done.text
+    assert f"{len(finished_before)} skipped (already FINISHED)" in done.out
+    children = [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    finished = Counter(r.data.tags["kmrun.config_hash"] for r in children if r.info.status == "FINISHED")
+    assert len(finished) == 6 and set(finished.values()) == {1}  # every cell, once
+    assert finished_before <= set(finished)  # nothing finished was redone
+    assert [r.data.tags.get("kmrun.stale") for r in children if r.info.status == "FAILED"] == ["true"]
+    assert ws.running() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_sweep_is_killed_promptly_and_says_how_to_resume(ws, sig):
+    proc = start(ws, SLOW_GRID + ["sweep.n_jobs=2"])
+    wait_for(ws, RUNNING_CHILD, 1)
+    time.sleep(0.5)
+    sent = time.time()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert time.time() - sent < 10
+    assert proc.returncode == 130
+    assert "To resume:" in err and "kmrun -m +experiment=forest" in err
+    counts = statuses(ws)
+    assert counts[("parent", "KILLED")] == 1 and counts[("child", "KILLED")] >= 1
+    assert ws.running() == 0
+
+
+def test_ctrl_c_on_a_single_run_marks_it_killed(ws):
+    proc = start(ws, ["+experiment=forest", "params.model.n_estimators=3000"])
+    wait_for(ws, "select count(*) from runs where status = 'RUNNING'", 1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "KILLED" in err and "Traceback" not in err
+    assert [r.info.status for r in ws.runs()] == ["KILLED"]
+
+
+def test_a_second_ctrl_c_leaves_at_once_and_the_next_run_cleans_up(ws):
+    proc = start(ws, ["+experiment=forest", "params.model.n_estimators=3000"])
+    wait_for(ws, "select count(*) from runs where status = 'RUNNING'", 1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert ws.running() <= 1  # either cleaned already, or left for the next kmrun
+    done = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.1,1")
+    assert done.code == 0, done.text
+    assert ws.running() == 0
+
+
+def test_four_processes_on_one_study_give_exactly_n_trials(ws):
+    args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=12"]
+    procs = [start(ws, args) for _ in range(4)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out + err
+    study = optuna.load_study(study_name="tune", storage=f"sqlite:///{ws.path / 'optuna.db'}")
+    states = Counter(t.state.name for t in study.trials)
+    assert states["COMPLETE"] == 12 and states["RUNNING"] == 0
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    children = [r for r in ws.runs() if r.data.tags.get("kmrun.kind") == "trial"]
+    complete = {t.user_attrs["mlflow_run_id"] for t in study.trials if t.state.name == "COMPLETE"}
+    assert {c.info.run_id for c in children if c.info.status == "FINISHED"} == complete
+    assert len(children) == 12 and ws.running() == 0
+
+
+def test_a_locked_store_fails_clearly_before_the_pipeline_runs(ws):
+    con = sqlite3.connect(ws.path / "mlflow.db", isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")
+    try:
+        done = ws.kmrun("+experiment=baseline")
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+    assert done.code == 2 and "database is locked" in done.err and "another process holds it" in done.err
+    assert not (ws.path / "examples/digits/data/06_models/model.pkl").exists()  # the pipeline never ran

@@ -1,0 +1,59 @@
+"""No secret reaches MLflow: not from Kedro credentials, parameters named like secrets,
+environment variables, or the command line; after a run, a grid and a study."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.tracking import REDACTED
+
+pytestmark = pytest.mark.slow
+
+SECRETS = ["hunter2-in-params", "tok-in-params-77", "cred-secret-991", "env-secret-554", "cli-secret-332"]
+
+
+def everything_stored(ws) -> list[str]:
+    """Every param, tag and text artifact of every run in the store."""
+    client, texts = ws.client(), []
+
+    def walk(run_id, path=None):
+        for item in client.list_artifacts(run_id, path):
+            if item.is_dir:
+                walk(run_id, item.path)
+            else:
+                local = client.download_artifacts(run_id, item.path, str(ws.path / "downloads"))
+                texts.append(open(local, "rb").read().decode("utf-8", errors="replace"))
+
+    (ws.path / "downloads").mkdir(exist_ok=True)
+    for run in ws.runs():
+        texts += list(run.data.params.values()) + list(run.data.params) + list(run.data.tags.values())
+        walk(run.info.run_id)
+    return texts
+
+
+def test_no_secret_in_any_param_tag_or_artifact_after_a_run_a_grid_and_a_study(ws):
+    project = ws.path / "examples/digits"
+    with open(project / "conf/base/parameters.yml", "a") as f:
+        f.write("db_password: hunter2-in-params\nservice:\n  api_token: tok-in-params-77\n")
+    (project / "conf/local/credentials.yml").write_text(
+        "warehouse:\n  user: admin\n  password: cred-secret-991\n  key: ${oc.env:KMRUN_TEST_API_KEY}\n"
+    )
+    env = {"KMRUN_TEST_API_KEY": "env-secret-554", "MY_SERVICE_TOKEN": "env-secret-554"}
+    outputs = []
+    for args in (
+        ["+experiment=baseline", "params.db_password=cli-secret-332"],
+        ["-m", "+experiment=baseline", "params.model.C=0.1,1", "params.db_password=cli-secret-332"],
+        ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=3", "params.db_password=cli-secret-332"],
+    ):
+        done = ws.kmrun(*args, env=env)
+        assert done.code == 0, done.text
+        outputs.append(done.text)
+    runs = ws.runs()
+    assert len(runs) == 1 + 3 + 4
+    for run in runs:
+        if "db_password" in run.data.params:
+            assert run.data.params["db_password"] == REDACTED
+            assert run.data.params["service.api_token"] == REDACTED
+    stored = everything_stored(ws) + outputs
+    leaks = sorted({secret for secret in SECRETS for text in stored if secret in text})
+    assert leaks == []
