@@ -1,12 +1,22 @@
 """kmrun's benchmark: per-trial overhead, parallel throughput and start-up.
 
-    python bench/run.py            # the full run (several minutes)
+    python bench/run.py            # the full run (about 5 minutes here)
     python bench/run.py --quick    # under 3 minutes
     python bench/run.py --tiny     # a smoke run for the test suite; its figures mean nothing
 
-Every figure is a ratio or a time measured within this one run, on this machine, with the
-contenders interleaved where they compete. The table is printed and written to
-bench/results/latest.json (or --out).
+Every figure is a ratio or a time measured within this one run, on this machine. The
+per-trial contenders run in interleaved rounds so that drift on a shared machine hits
+them alike. The table is printed and written to bench/results/latest.json (or --out).
+
+Contenders, on the same trials (logistic regression on the digits, C varied):
+  (a) hand loop: the example's node functions called in a loop, one MLflow run per trial
+      (params and metrics through MlflowClient.log_batch), in one process.
+  (b) kmrun: a grid of the same trials (`kmrun -m`), and a study of them (grid sampler).
+      Per-trial cost is marginal: (T(k + n) - T(k)) / n over fresh stores, so the fixed
+      start-up (imports, Hydra, bootstrapping Kedro) cancels out; it is measured apart,
+      as the time to the first trial.
+  (c) naive: `kedro run --params` as a subprocess per trial (no MLflow logging at all:
+      kedro-mlflow is not installed here, so this is a lower bound for that approach).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,81 +38,195 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
 
-SIZES = {  # trials per contender, jobs per parallel sweep
-    "full": {"trials": 30, "naive": 3, "parallel_jobs": 16, "runs_store": 500},
-    "quick": {"trials": 10, "naive": 2, "parallel_jobs": 8, "runs_store": 500},
-    "tiny": {"trials": 2, "naive": 1, "parallel_jobs": 2, "runs_store": 20},
+SIZES = {  # trials per contender, rounds, naive trials, jobs per parallel sweep, runs in the query store
+    "full": {"trials": 30, "rounds": 2, "naive": 3, "parallel_jobs": 16, "store_runs": 500},
+    "quick": {"trials": 12, "rounds": 1, "naive": 2, "parallel_jobs": 8, "store_runs": 500},
+    "tiny": {"trials": 1, "rounds": 1, "naive": 1, "parallel_jobs": 2, "store_runs": 20},
 }
+C_VALUES = [round(0.01 * 1.2**i, 6) for i in range(80)]  # distinct values: no cell is ever skipped
+BASE_TRIALS = 2  # the small run of the marginal-cost pair (a grid needs at least two cells)
 
 
-def workspace(base: Path, name: str) -> Path:
-    path = base / name
+def workspace(base: Path, template: Path) -> Path:
+    """A fresh copy of conf/ and the example, with an empty migrated MLflow store."""
+    path = Path(tempfile.mkdtemp(dir=base))
     shutil.copytree(ROOT / "conf", path / "conf")
     shutil.copytree(ROOT / "examples" / "digits", path / "examples" / "digits",
                     ignore=shutil.ignore_patterns("*.pkl", "*.json", "sessions", "__pycache__"))
+    shutil.copy(template, path / "mlflow.db")
     return path
 
 
-def kmrun(cwd: Path, *args: str) -> float:
+def timed(command: list[str], cwd: Path) -> float:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True)
+    done = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"kmrun {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def kmrun(cwd: Path, *args: str) -> float:
+    return timed([sys.executable, "-m", "runner.cli", *args], cwd)
+
+
+def values(n: int, offset: int = 0) -> str:
+    return ",".join(str(c) for c in C_VALUES[offset : offset + n])
+
+
+def kmrun_grid(ws: Path, n: int) -> float:
+    return kmrun(ws, "-m", "+experiment=baseline", f"params.model.C={values(n)}")
+
+
+def kmrun_study(ws: Path, n: int) -> float:
+    return kmrun(ws, "-m", "+experiment=baseline", "+study=tune", f"study.n_trials={n}",
+                 "study.sampler.name=grid", "~study.search_space", f"params.model.C=choice({values(n)})")
+
+
+def hand_loop(uri: str, n: int) -> float:
+    """Contender (a), in this process: seconds for ``n`` trials."""
+    sys.path.insert(0, str(ROOT / "examples" / "digits" / "src"))
+    from digits.pipelines.train import nodes
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from runner.tracking import flatten
+
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(f"hand-{time.time_ns()}")
+    base = {"split": {"test_size": 0.25, "seed": 42},
+            "model": {"type": "logistic_regression", "C": 1.0, "max_iter": 300, "n_estimators": 100,
+                      "max_depth": 12, "alpha": 0.0001, "epochs": 20, "seed": 0}}
+    start = time.perf_counter()
+    for C in C_VALUES[:n]:
+        params = {**base, "model": {**base["model"], "C": C}}
+        run = client.create_run(experiment)
+        data = nodes.load_digits()
+        X_train, X_test, y_train, y_test = nodes.split_data(data, params["split"])
+        model, _ = nodes.train_model(X_train, y_train, X_test, y_test, params["model"])
+        metrics = nodes.evaluate_model(model, X_test, y_test)
+        now = int(time.time() * 1000)
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in flatten(params).items()],
+                         metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        client.set_terminated(run.info.run_id, "FINISHED")
     return time.perf_counter() - start
 
 
-def children_span(cwd: Path) -> tuple[int, float]:
-    """Jobs and seconds from the first child's start to the last child's end."""
+def per_trial(base: Path, template: Path, n: int, rounds: int) -> dict[str, float]:
+    """Seconds per trial for (a) and (b), in interleaved rounds; the median round counts."""
+    hand, grid, study = [], [], []
+    for _ in range(rounds):
+        hand_ws = workspace(base, template)
+        hand.append(hand_loop(f"sqlite:///{hand_ws / 'mlflow.db'}", n) / n)
+        small, large = kmrun_grid(workspace(base, template), BASE_TRIALS), kmrun_grid(workspace(base, template), BASE_TRIALS + n)
+        grid.append((large - small) / n)
+        small, large = kmrun_study(workspace(base, template), BASE_TRIALS), kmrun_study(workspace(base, template), BASE_TRIALS + n)
+        study.append((large - small) / n)
+    return {"hand": statistics.median(hand), "grid": statistics.median(grid), "study": statistics.median(study)}
+
+
+def naive(base: Path, template: Path, n: int) -> float:
+    """Contender (c): seconds per `kedro run --params` subprocess."""
+    project = workspace(base, template) / "examples" / "digits"
+    kedro = str(Path(sys.executable).parent / "kedro")
+    times = [timed([kedro, "run", "--params", f"model.C={c}"], project) for c in C_VALUES[:n]]
+    return sum(times) / n
+
+
+def parallel(base: Path, template: Path, jobs: int) -> dict[str, float]:
+    """Throughput of a CPU-bound grid (random forests) with 2 workers against 1, timed on
+    the jobs themselves (first child start to last child end)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              "tags.`kmrun.role` = 'child'", max_results=10_000)
-    start = min(r.info.start_time for r in runs)
-    end = max(r.info.end_time for r in runs)
-    return len(runs), (end - start) / 1000
-
-
-def parallel_speedup(base: Path, jobs: int) -> dict[str, float]:
-    """Throughput of a CPU-bound grid (random forests) with 2 workers against 1.
-
-    Measured on the jobs themselves (first child start to last child end), so process
-    start-up, which both pay once, does not blur the ratio."""
-    grid = f"params.model.n_estimators=range(100,{100 + 25 * jobs},25)"
     spans = {}
     for workers in (1, 2):
-        ws = workspace(base, f"parallel{workers}")
-        kmrun(ws, "-m", "+experiment=forest", grid, f"sweep.n_jobs={workers}")
-        count, span = children_span(ws)
-        assert count == jobs, (count, jobs)
-        spans[workers] = span
-    return {
-        "parallel_jobs": jobs,
-        "parallel_seconds_1": round(spans[1], 3),
-        "parallel_seconds_2": round(spans[2], 3),
-        "parallel_speedup": round(spans[1] / spans[2], 3),
-    }
+        ws = workspace(base, template)
+        kmrun(ws, "-m", "+experiment=forest", f"params.model.n_estimators=range(100,{100 + 25 * jobs},25)",
+              f"sweep.n_jobs={workers}")
+        client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  "tags.`kmrun.role` = 'child'", max_results=10_000)
+        assert len(runs) == jobs, (len(runs), jobs)
+        spans[workers] = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
+    return {"parallel_jobs": jobs, "parallel_seconds_1": round(spans[1], 3),
+            "parallel_seconds_2": round(spans[2], 3), "parallel_speedup": round(spans[1] / spans[2], 3)}
+
+
+def startup(base: Path, template: Path) -> dict[str, float]:
+    """`kmrun --help`, and a whole one-trial run against bare imports of the libraries."""
+    ws = workspace(base, template)
+    help_time = statistics.median(kmrun(ws, "--help") for _ in range(3))
+    imports = statistics.median(
+        timed([sys.executable, "-c", "import mlflow, kedro.framework.session, optuna"], ws) for _ in range(3))
+    first = statistics.median(kmrun(workspace(base, template), "+experiment=baseline") for _ in range(3))
+    return {"help_seconds": round(help_time, 3), "imports_seconds": round(imports, 3),
+            "first_trial_seconds": round(first, 3), "first_trial_ratio": round(first / imports, 3)}
+
+
+def runs_query(base: Path, template: Path, n: int) -> float:
+    """`kmrun runs` top-10 by accuracy on a store of ``n`` finished runs (made with log_batch)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    ws = workspace(base, template)
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    experiment = client.create_experiment("digits")
+    for i in range(n):
+        run = client.create_run(experiment, run_name=f"r{i}")
+        client.log_batch(run.info.run_id, params=[Param("model.C", str(C_VALUES[i % 80])), Param("split.seed", str(i))],
+                         metrics=[Metric("accuracy", (i * 7919 % 1000) / 1000, 0, 0)])
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return statistics.median(kmrun(ws, "runs", "--limit", "10", "--sort", "metrics.accuracy") for _ in range(3))
+
+
+def template_store(base: Path) -> Path:
+    from mlflow import MlflowClient
+
+    path = base / "template.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer trials: under 3 minutes")
-    mode.add_argument("--tiny", action="store_true", help="1-2 trials: a smoke test, figures mean nothing")
+    mode.add_argument("--tiny", action="store_true", help="one trial each: a smoke test, figures mean nothing")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args()
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     n = SIZES[size]
+    started = time.perf_counter()
     results: dict[str, object] = {
         "mode": size,
         "cpu_count": os.cpu_count(),
-        "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "versions": {p: version(p) for p in ("kmrun", "kedro", "mlflow", "optuna", "hydra-core", "scikit-learn")},
+        "trials": n["trials"],
     }
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        results.update(parallel_speedup(base, n["parallel_jobs"]))
+        template = template_store(base)
+        each = per_trial(base, template, n["trials"], n["rounds"])
+        results.update({
+            "hand_seconds_per_trial": round(each["hand"], 4),
+            "grid_seconds_per_trial": round(each["grid"], 4),
+            "study_seconds_per_trial": round(each["study"], 4),
+            "hand_seconds_total": round(each["hand"] * n["trials"], 3),
+            "grid_seconds_total": round(each["grid"] * n["trials"], 3),
+            "study_seconds_total": round(each["study"] * n["trials"], 3),
+            "overhead_ms_per_trial": round((each["grid"] - each["hand"]) * 1000, 1),
+            "study_overhead_ms_per_trial": round((each["study"] - each["hand"]) * 1000, 1),
+            "overhead_ratio": round(each["grid"] / each["hand"], 3),
+            "study_overhead_ratio": round(each["study"] / each["hand"], 3),
+        })
+        results["naive_seconds_per_trial"] = round(naive(base, template, n["naive"]), 3)
+        results.update(parallel(base, template, n["parallel_jobs"]))
+        results.update(startup(base, template))
+        results["runs_query_seconds_500" if n["store_runs"] == 500 else "runs_query_seconds_small"] = round(
+            runs_query(base, template, n["store_runs"]), 3)
+        results.setdefault("runs_query_seconds_500", results.get("runs_query_seconds_small"))
+    results["bench_seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     width = max(len(k) for k in results)

@@ -197,6 +197,10 @@ class Study:
         self._fail_stale()
         finished = self._finished()
         target = finished + self.settings.more if self.settings.more is not None else self.settings.n_trials
+        grid_size = _grid_size(study.sampler)
+        if grid_size is not None and target > grid_size:
+            terminal.say(f"The grid sampler has {grid_size} points; the study stops there (not at {target}).")
+            target = grid_size
         if finished:
             terminal.say(f"Study '{self.name}': {finished} trials already finished; running until it holds {target}.")
         parent = self.tracker.start(f"study {self.name}", {
@@ -236,7 +240,9 @@ class Study:
         from optuna.trial import TrialState
 
         if hasattr(self.storage, "record_heartbeat"):
-            optuna.storages.fail_stale_trials(self.study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
         stale_runs = set(self.tracker.fail_stale_runs())
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             run_id = trial.user_attrs.get("mlflow_run_id")
@@ -316,10 +322,21 @@ class Study:
     def _tell(self, study: optuna.Study, trial: optuna.Trial, cell: Cell, result: JobResult) -> None:
         cell.run_id, cell.metrics, cell.objective, cell.error = result.run_id, result.metrics, result.objective, result.error
         cell.status = result.status
-        if result.status == "FINISHED":
-            study.tell(trial, result.objective)
-        else:
-            study.tell(trial, state=_state(TELL[result.status]))
+        try:
+            if result.status == "FINISHED":
+                study.tell(trial, result.objective)
+            else:
+                study.tell(trial, state=_state(TELL[result.status]))
+        except RuntimeError as err:
+            # GridSampler calls study.stop() when its grid is done, which only optimize()
+            # allows; the trial's state is stored before that, so nothing is lost.
+            if "Study.stop" not in str(err):
+                raise
+
+
+def _grid_size(sampler: Any) -> int | None:
+    grid = getattr(sampler, "_all_grids", None)
+    return len(grid) if grid is not None and type(sampler).__name__ == "GridSampler" else None
 
 
 def _state(name: str) -> Any:

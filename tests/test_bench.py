@@ -1,0 +1,25 @@
+"""The benchmark runs and writes every key; its figures are not checked (a noisy machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"overhead_ratio", "study_overhead_ratio", "overhead_ms_per_trial", "parallel_speedup", "help_seconds",
+        "first_trial_ratio", "runs_query_seconds_500", "naive_seconds_per_trial", "cpu_count", "versions"}
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_in_tiny_mode_and_writes_every_key(tmp_path):
+    out = tmp_path / "latest.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert KEYS <= set(results), KEYS - set(results)
+    assert results["mode"] == "tiny" and results["versions"]["kmrun"]
