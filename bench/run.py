@@ -187,6 +187,13 @@ def template_store(base: Path) -> Path:
     return path
 
 
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except Exception:
+        return "not installed"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
@@ -201,7 +208,7 @@ def main() -> None:
         "mode": size,
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "versions": {p: version(p) for p in ("kmrun", "kedro", "mlflow", "optuna", "hydra-core", "scikit-learn")},
+        "versions": {p: _version(p) for p in ("kmrun", "kedro", "mlflow", "optuna", "hydra-core", "scikit-learn")},
         "trials": n["trials"],
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,11 +10,13 @@ import os
 import signal
 import sys
 import traceback
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import JobFailed, KmrunError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from omegaconf import DictConfig
 
     from .job import JobResult
@@ -192,31 +194,17 @@ def run_once(args: list[str], verbose: bool = False) -> JobResult:
             )
         return result
 
-    try:
-        return compose.launch(args, task)  # type: ignore[no-any-return]
-    except (KmrunError, JobFailed, KeyboardInterrupt):
-        raise
-    except Exception as err:
-        if _is_config_error(err):
-            raise compose.hydra_error(err) from err
-        raise
+    return _launch(args, task)  # type: ignore[no-any-return]
 
 
 def run_many(args: list[str], verbose: bool = False) -> SweepOutcome:
     """Run a sweep through Hydra's multirun and kmrun's sweeper; return its outcome."""
-    from . import compose, sweep, terminal
+    from . import sweep, terminal
 
     terminal.VERBOSE = verbose
     terminal.setup_logging(verbose)
-    try:
-        with terminal.quiet_unless(verbose):
-            compose.launch(args, lambda cfg: None)
-    except (KmrunError, JobFailed, KeyboardInterrupt):
-        raise
-    except Exception as err:
-        if _is_config_error(err):
-            raise compose.hydra_error(err) from err
-        raise
+    with terminal.quiet_unless(verbose):
+        _launch(args, lambda cfg: None)
     if not sweep.outcomes:
         raise KmrunError("-m ran no sweep: is `override hydra/sweeper: kmrun` in conf/kmrun.yaml's defaults?")
     return sweep.outcomes[-1]
@@ -233,6 +221,20 @@ def _interrupt(signum: int, frame: object) -> None:
 def _leave_now(signum: int, frame: object) -> None:
     os.write(2, b"\nInterrupted again: exiting now. The next kmrun marks runs left RUNNING as FAILED.\n")
     os._exit(130)
+
+
+def _launch(args: list[str], task: Callable[[DictConfig], Any]) -> Any:
+    """Hydra with ``task``; its config errors become one ``ConfigError``."""
+    from . import compose
+
+    try:
+        return compose.launch(args, task)
+    except (KmrunError, JobFailed, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        if _is_config_error(err):
+            raise compose.hydra_error(err) from err
+        raise
 
 
 def _is_config_error(err: BaseException) -> bool:

@@ -236,6 +236,20 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> li
     return out
 
 
+def recorded_config(args: argparse.Namespace, run_id: str) -> tuple[Store, Run, dict[str, Any]]:
+    """The store, the run, and the composed config it recorded (its config.yaml artifact)."""
+    from omegaconf import OmegaConf
+
+    store = open_store(args)
+    client = store.client()
+    run = resolve_run(client, store, run_id)
+    if "config.yaml" not in _artifacts(client, run.info.run_id):
+        raise KmrunError(f"Run {run.info.run_id} has no config.yaml artifact: it was not recorded by kmrun.")
+    config = OmegaConf.to_container(OmegaConf.create(_config_text(client, run)))
+    assert isinstance(config, dict)
+    return store, run, config
+
+
 def _config_text(client: MlflowClient, run: Run) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         return Path(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).read_text(encoding="utf-8")
@@ -250,14 +264,8 @@ def reproduce(args: argparse.Namespace) -> int:
     from . import terminal
     from .cli import run_once
 
-    store = open_store(args)
-    client = store.client()
-    original = resolve_run(client, store, args.run_id)
-    if "config.yaml" not in _artifacts(client, original.info.run_id):
-        raise KmrunError(f"Run {original.info.run_id} has no config.yaml artifact: it was not recorded by kmrun.")
+    _, original, config = recorded_config(args, args.run_id)
     _check_git(original, args.strict)
-    config = OmegaConf.to_container(OmegaConf.create(_config_text(client, original)))
-    assert isinstance(config, dict)
     config["params"] = without_redacted(config.get("params") or {})
     config["study"] = None
     config.setdefault("mlflow", {}).setdefault("tags", {})["kmrun.reproduced_from"] = original.info.run_id
@@ -290,21 +298,13 @@ def _check_git(run: Run, strict: bool) -> None:
 
 
 def promote(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
     from . import terminal
     from .results import experiment_file
 
-    store = open_store(args)
-    client = store.client()
-    run = resolve_run(client, store, args.run_id)
-    if "config.yaml" not in _artifacts(client, run.info.run_id):
-        raise KmrunError(f"Run {run.info.run_id} has no config.yaml artifact: it was not recorded by kmrun.")
+    store, run, config = recorded_config(args, args.run_id)
     target = store.conf_dir / "experiment" / f"{args.name}.yaml"
     if target.exists() and not args.force:
         raise KmrunError(f"{target} exists. Pick another --name, or pass --force to overwrite it.")
-    config = OmegaConf.to_container(OmegaConf.create(_config_text(client, run)))
-    assert isinstance(config, dict)
     text = experiment_file(Redactor(), config, f"Promoted from run {run.info.run_id} ({run.info.run_name}).", args.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")

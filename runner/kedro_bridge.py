@@ -128,6 +128,7 @@ class KedroProject:
         _drop_kedro_mlflow(hooks)
         hooks.register(self._capture)
         self._base_params: dict[str, Any] | None = None
+        self._credentials: dict[str, Any] | None = None
 
     def parameters(self) -> dict[str, Any]:
         """The project's parameters for this env, before any kmrun override."""
@@ -137,10 +138,12 @@ class KedroProject:
 
     def credentials(self) -> dict[str, Any]:
         """The project's credentials, only so that their values can be redacted."""
-        try:
-            return dict(self.session.load_context().config_loader["credentials"])
-        except Exception:  # no credentials file is fine
-            return {}
+        if self._credentials is None:
+            try:
+                self._credentials = dict(self.session.load_context().config_loader["credentials"])
+            except Exception:  # no credentials file is fine
+                self._credentials = {}
+        return self._credentials
 
     def pipeline(self, name: str, tags: list[str]) -> Pipeline:
         """The named pipeline, filtered by tags; a ``ProjectError`` names the known ones."""

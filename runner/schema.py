@@ -8,6 +8,7 @@ against Kedro by ``compose``; everything else must match these classes exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from collections.abc import Callable
 from difflib import get_close_matches
 from typing import Any, Dict, List, Optional
@@ -94,7 +95,7 @@ def parse(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> Kmr
             raise ConfigError(_unknown(str(key), SECTIONS, where="", source=origin(str(key)).strip()))
     params = plain.pop("params", None) or {}
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(KmrunConf), plain)
+        merged = OmegaConf.merge(_schema(), plain)
     except ConfigKeyError as err:
         raise ConfigError(unknown_key(err.full_key, origin(err.full_key).strip())) from None
     except OmegaConfBaseException as err:
@@ -106,6 +107,16 @@ def parse(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> Kmr
     conf.params = OmegaConf.to_container(params, resolve=True) if params else {}  # type: ignore[arg-type]
     _check_objective(conf.objective)
     return conf
+
+
+@cache
+def _structured() -> DictConfig:
+    return OmegaConf.structured(KmrunConf)
+
+
+def _schema() -> DictConfig:
+    """A fresh copy of the schema as an OmegaConf node (building it is the slow part)."""
+    return _structured().copy()
 
 
 def _check_objective(objective: ObjectiveConf) -> None:

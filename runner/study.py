@@ -24,7 +24,7 @@ from .compose import as_typed, hydra_args
 from .errors import ConfigError
 from .job import JobResult, JobSpec, open_tracker, prepare, redactor
 from .schema import KmrunConf, StudyConf
-from .sweep import Cell, Pool, SweepOutcome, _check_sweepable, _conf_dir, _parse, _without_hydra
+from .sweep import Cell, Composer, Pool, SweepOutcome, _check_sweepable, _conf_dir, _parse, _without_hydra
 from .tracking import _alive, process_tags
 from .trial import Heartbeat, TrialRef, _build, hide_password, make_pruner, open_storage
 
@@ -153,10 +153,11 @@ class Study:
         self.base, self.distributions, self.name, self.command = base, distributions, name, command
         self.conf_dir = _conf_dir(config)
         self.cells: list[Cell] = []
+        self.composer = Composer(hydra_context, config, base)
 
     def compose(self, values: Mapping[str, Any], open_store: bool = True) -> JobSpec:
         lines = [f"{key}={_literal(value)}" for key, value in values.items()]
-        job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, self.base + hydra_args(lines))
+        job_cfg = self.composer(hydra_args(lines))
         return prepare(_without_hydra(job_cfg), as_typed(self.base) + lines, job_cfg.hydra.runtime.choices,
                        self.conf_dir, open_store=open_store)
 
@@ -246,7 +247,7 @@ class Study:
         stale_runs = set(self.tracker.fail_stale_runs())
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             run_id = trial.user_attrs.get("mlflow_run_id")
-            host, pid = trial.user_attrs.get("kmrun.host"), trial.user_attrs.get("kmrun.pid")
+            host, _, pid = str(trial.user_attrs.get("kmrun.owner", "")).rpartition(":")
             if host == process_tags()["kmrun.host"] and pid and not _alive(int(pid)):
                 self.storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
                 if run_id and run_id not in stale_runs:
@@ -273,8 +274,8 @@ class Study:
                             study.tell(trial, state=_state("FAIL"))
                             stop = True
                             break
-                        for key, value in process_tags().items():
-                            trial.set_user_attr(key, value)
+                        owner = process_tags()
+                        trial.set_user_attr("kmrun.owner", f"{owner['kmrun.host']}:{owner['kmrun.pid']}")
                         heartbeat.add(trial._trial_id)
                         cell = Cell(trial.number, [f"{k}={_literal(v)}" for k, v in trial.params.items()])
                         self.cells.append(cell)

@@ -134,14 +134,42 @@ def expand(
     return base, [Cell(i, as_typed(list(values))) for i, values in enumerate(grid)]
 
 
+class Composer:
+    """Job configs, cheaply: Hydra composes the overrides every job shares once; a job
+    that only sets config values (``params.model.C=0.1``) is that config with its values
+    set. A job that picks config groups (``model=random_forest``) goes through Hydra."""
+
+    def __init__(self, hydra_context: HydraContext, config: DictConfig, base: list[str]) -> None:
+        from .schema import SECTIONS
+
+        self.hydra_context, self.config, self.base, self.sections = hydra_context, config, base, SECTIONS
+        self.template = hydra_context.config_loader.load_sweep_config(config, list(base))
+
+    def __call__(self, lines: list[str]) -> DictConfig:
+        from omegaconf import OmegaConf
+
+        overrides = _parse(self.hydra_context, lines)
+        if not all(self._is_value(o) for o in overrides):
+            return self.hydra_context.config_loader.load_sweep_config(self.config, self.base + lines)
+        job = self.template.copy()
+        for override in overrides:
+            OmegaConf.update(job, override.key_or_group, override.value(), merge=True, force_add=True)
+        return job
+
+    def _is_value(self, override: Override) -> bool:
+        key = override.key_or_group
+        return "." in key and key.split(".", 1)[0] in self.sections and not override.is_delete()
+
+
 def _compose_all(
     hydra_context: HydraContext, config: DictConfig, base: list[str], cells: list[Cell], open_store: bool
 ) -> None:
     """Compose and check every job before any runs; report every distinct problem at once."""
     problems: dict[str, str] = {}
     conf_dir = _conf_dir(config)
+    compose = Composer(hydra_context, config, base)
     for cell in cells:
-        job_cfg = hydra_context.config_loader.load_sweep_config(config, base + hydra_args(cell.swept))
+        job_cfg = compose(hydra_args(cell.swept))
         try:
             cell.spec = prepare(
                 _without_hydra(job_cfg),

@@ -70,6 +70,13 @@ class Workspace:
         ids = [e.experiment_id for e in client.search_experiments()]
         return client.search_runs(ids, max_results=1000) if ids else []
 
+    def family(self, kind: str = "child") -> tuple[list, list]:
+        """The parent runs, and the runs tagged kmrun.role=child (or kmrun.kind=trial)."""
+        runs = self.runs()
+        parents = [r for r in runs if r.data.tags.get("kmrun.role") == "parent"]
+        key = "kmrun.kind" if kind == "trial" else "kmrun.role"
+        return parents, [r for r in runs if r.data.tags.get(key) == kind]
+
     def running(self, uri: str | None = None) -> int:
         db = Path((uri or self.uri).removeprefix("sqlite:///"))
         if not db.exists():

@@ -18,17 +18,10 @@ def study_of(ws, name):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{ws.path / 'optuna.db'}")
 
 
-def family(ws):
-    runs = ws.runs()
-    parents = [r for r in runs if r.data.tags.get("kmrun.role") == "parent"]
-    children = [r for r in runs if r.data.tags.get("kmrun.kind") == "trial"]
-    return parents, children
-
-
 def test_a_seeded_tpe_study_records_parent_children_plots_and_a_rerunnable_best(ws):
     done = ws.kmrun("-m", "+experiment=baseline", "+study=tune", "study.export_best=best_of_tune")
     assert done.code == 0, done.text
-    parents, children = family(ws)
+    parents, children = ws.family("trial")
     assert len(parents) == 1 and len(children) == 10
     assert {c.info.status for c in children} == {"FINISHED"}
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
@@ -100,7 +93,7 @@ def test_kill_9_mid_trial_then_rerun_completes_without_duplicates(ws):
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6
     assert optuna.trial.TrialState.RUNNING not in states
     assert len({t.number for t in study.trials}) == len(study.trials)
-    finished = [c for c in family(ws)[1] if c.info.status == "FINISHED"]
+    finished = [c for c in ws.family("trial")[1] if c.info.status == "FINISHED"]
     complete_runs = {t.user_attrs["mlflow_run_id"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
     assert {c.info.run_id for c in finished} == complete_runs and len(finished) == 6
     assert ws.running() == 0  # ... and the rerun cleaned it up
@@ -120,7 +113,7 @@ def test_two_processes_share_one_study(ws):
     study = study_of(ws, "tune")
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 8 and len({t.number for t in study.trials}) == len(study.trials)
-    children = [c for c in family(ws)[1] if c.info.status == "FINISHED"]
+    children = [c for c in ws.family("trial")[1] if c.info.status == "FINISHED"]
     assert len(children) == 8 and ws.running() == 0
 
 
@@ -129,7 +122,7 @@ def test_multi_objective_gives_a_pareto_set(ws):
                     "objective.metric=[accuracy,f1_macro]", "objective.direction=[maximize,maximize]")
     assert done.code == 0, done.text
     assert "Pareto set of study 'mo'" in done.out
-    parents, _ = family(ws)
+    parents, _ = ws.family("trial")
     tags = parents[0].data.tags
     study = study_of(ws, "mo")
     assert tags["optuna.pareto_trials"] == ",".join(str(t.number) for t in study.best_trials)

@@ -11,17 +11,10 @@ pytestmark = pytest.mark.slow
 GRID = ["+experiment=baseline", "params.model.C=0.01,0.1,1", "params.split.seed=range(0,3)"]
 
 
-def tree(ws):
-    runs = ws.runs()
-    parents = [r for r in runs if r.data.tags.get("kmrun.role") == "parent"]
-    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
-    return parents, children
-
-
 def test_a_3x3_grid_is_one_parent_and_nine_finished_children(ws):
     done = ws.kmrun("-m", *GRID)
     assert done.code == 0, done.text
-    parents, children = tree(ws)
+    parents, children = ws.family()
     assert len(parents) == 1 and len(children) == 9
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -57,7 +50,7 @@ def test_a_failing_cell_fails_alone_and_a_rerun_runs_only_it(ws):
     done = ws.kmrun(*args)
     assert done.code == 1, done.text
     assert "boom at C=0.1" in done.err and "kmrun -m +experiment=baseline params.model.C=0.01,0.1,1" in done.err
-    parents, children = tree(ws)
+    parents, children = ws.family()
     by_status = sorted((c.data.params["model.C"], c.info.status) for c in children)
     assert by_status == [("0.01", "FINISHED"), ("0.1", "FAILED"), ("1.0", "FINISHED")]
     failed = next(c for c in children if c.info.status == "FAILED")
@@ -69,7 +62,7 @@ def test_a_failing_cell_fails_alone_and_a_rerun_runs_only_it(ws):
     done = ws.kmrun(*args)
     assert done.code == 0, done.text
     assert "2 skipped (already FINISHED), 1 to run." in done.out
-    parents, children = tree(ws)
+    parents, children = ws.family()
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same sweep, resumed
     finished = [c.data.params["model.C"] for c in children if c.info.status == "FINISHED"]
     assert sorted(finished) == ["0.01", "0.1", "1.0"]  # no duplicates
@@ -77,14 +70,14 @@ def test_a_failing_cell_fails_alone_and_a_rerun_runs_only_it(ws):
 
     done = ws.kmrun(*args, "sweep.rerun=true")
     assert done.code == 0, done.text
-    parents, children = tree(ws)
+    parents, children = ws.family()
     assert len(parents) == 2 and len([c for c in children if c.info.status == "FINISHED"]) == 6
 
 
 def test_two_parallel_workers_keep_outputs_and_runs_apart(ws):
     done = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.01,0.1,1,10", "sweep.n_jobs=2")
     assert done.code == 0, done.text
-    _, children = tree(ws)
+    _, children = ws.family()
     assert len(children) == 4
     paths = set()
     for child in children:
@@ -111,7 +104,7 @@ def test_dry_run_creates_nothing(ws):
 def test_the_yaml_sweep_file_runs_its_grid(ws):
     done = ws.kmrun("-m", "+experiment=baseline", "+sweep=c_grid", "params.split.seed=0")
     assert done.code == 0, done.text
-    _, children = tree(ws)
+    _, children = ws.family()
     assert sorted(c.data.params["model.C"] for c in children) == ["0.01", "0.1", "1.0"]
     assert {c.data.params["split.seed"] for c in children} == {"0"}  # the CLI wins over the file
 
@@ -126,7 +119,7 @@ def test_max_failures_stops_launching_and_reports_the_jobs_never_started(ws):
         "-m", "+experiment=baseline", "params.model.type=svm,knn,logistic_regression", "sweep.max_failures=1"
     )
     assert done.code == 1, done.text
-    parents, children = tree(ws)
+    parents, children = ws.family()
     assert [c.info.status for c in children] == ["FAILED"]  # the first cell failed; nothing else started
     assert parents[0].data.metrics["jobs_not_started"] == 2 and parents[0].info.status == "FAILED"
     assert "2 not started" in done.out
