@@ -135,7 +135,9 @@ def counts(cells: list[Cell]) -> dict[str, int]:
     }
 
 
-def log_parent(tracker: Tracker, parent: str, conf: KmrunConf, cells: list[Cell], redact: Redactor) -> None:
+def log_parent(
+    tracker: Tracker, parent: str, conf: KmrunConf, cells: list[Cell], redact: Redactor, with_plot: bool = True
+) -> None:
     """Counts, the best cell, the results table and the plot, on the parent run."""
     metric, _ = primary(conf)
     metrics: dict[str, float] = {k: float(v) for k, v in counts(cells).items()}
@@ -151,6 +153,8 @@ def log_parent(tracker: Tracker, parent: str, conf: KmrunConf, cells: list[Cell]
     rows = table(conf, cells)
     tracker.log_text(parent, redact.text(to_csv(rows)), "results.csv")
     tracker.log_text(parent, redact.text(to_markdown(rows)), "results.md")
+    if not with_plot:
+        return
     figure = plot(conf, cells)
     tracker.client.log_figure(parent, figure, "objective_by_param.png")
     import matplotlib.pyplot as plt
@@ -166,7 +170,7 @@ def _log_once(tracker: Tracker, run_id: str, params: dict[str, str]) -> None:
     tracker.log(run_id, params=fresh, tags=changed)
 
 
-def log_study(study: Study, parent: str) -> None:
+def log_study(study: Study, parent: str, with_plots: bool = True) -> None:
     """The best trial (or Pareto set), the trials table, Optuna's plots and a ready
     experiment file of the best params, on the study's parent run."""
     from optuna.trial import TrialState
@@ -204,7 +208,7 @@ def log_study(study: Study, parent: str) -> None:
     tracker.log(parent, metrics=metrics, tags=tags)
     frame = optuna_study.trials_dataframe()
     tracker.log_text(parent, study.redact.text(frame.to_csv(index=False)), "trials.csv")
-    if TrialState.COMPLETE in states:
+    if with_plots and TrialState.COMPLETE in states:
         log_study_plots(tracker, parent, optuna_study, names)
 
 

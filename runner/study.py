@@ -220,7 +220,7 @@ class Study:
             try:
                 from . import results
 
-                results.log_study(self, parent)
+                results.log_study(self, parent, with_plots=status != "KILLED")  # an interrupted study ends fast
             finally:
                 self.tracker.finish(parent, status)
         elsewhere = self._count("RUNNING")  # this process's trials are all told by now

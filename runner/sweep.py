@@ -221,7 +221,7 @@ class Sweep:
                 if cell.status == "PENDING":
                     cell.status = "NOT_STARTED"
             try:
-                self._summarise(parent)
+                self._summarise(parent, plot=status != "KILLED")  # an interrupted sweep ends fast
             finally:
                 self.tracker.finish(parent, status)
         outcome = SweepOutcome(self.cells, parent, self.command)
@@ -290,10 +290,10 @@ class Sweep:
                     failures += cell.status == "FAILED"
                     progress.update(cell)
 
-    def _summarise(self, parent: str) -> None:
+    def _summarise(self, parent: str, plot: bool) -> None:
         from . import results
 
-        results.log_parent(self.tracker, parent, self.conf, self.cells, self.redact)
+        results.log_parent(self.tracker, parent, self.conf, self.cells, self.redact, plot)
 
 
 def _record(cell: Cell, result: JobResult) -> None:
