@@ -199,7 +199,7 @@ def best(args: argparse.Namespace) -> int:
         raise KmrunError("kmrun best needs a metric: set objective.metric in conf/kmrun.yaml or pass --metric NAME.")
     direction = args.direction or store.direction
     client = store.client()
-    filters = [f"attributes.status = 'FINISHED'", f"metrics.`{metric}` > -1e300"]
+    filters = ["attributes.status = 'FINISHED'", f"metrics.`{metric}` > -1e300"]
     if args.sweep:
         parent = resolve_run(client, store, args.sweep)
         filters.append(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")

@@ -76,7 +76,7 @@ def init(root: Path) -> list[Path]:
     params = project.parameters()
     metrics = _metric_datasets(project)
     metric = "null"  # kmrun cannot know which of the project's metrics matters
-    note = (f"; set it to a metric your `metrics` datasets hold" if metrics
+    note = ("; set it to a metric your `metrics` datasets hold" if metrics
             else "; add the dataset holding it to `metrics` and name it here")
     key, expression = _example_space(params)
     texts = [

@@ -24,7 +24,8 @@ from .compose import as_typed, hydra_args
 from .errors import ConfigError
 from .job import JobResult, JobSpec, open_tracker, prepare, redactor
 from .schema import KmrunConf, StudyConf
-from .sweep import Cell, Composer, Pool, SweepOutcome, _check_sweepable, _conf_dir, _parse, _without_hydra
+from .pool import Pool
+from .sweep import Cell, Composer, SweepOutcome, _check_sweepable, _conf_dir, _parse, _without_hydra
 from .tracking import _alive, process_tags
 from .trial import Heartbeat, TrialRef, _build, hide_password, make_pruner, open_storage
 
@@ -176,7 +177,6 @@ class Study:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        metric = self.conf.objective.metric
         directions = self.conf.objective.direction
         directions = directions if isinstance(directions, list) else [directions]
         try:

@@ -12,11 +12,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import logging
-import os
 import shlex
 import sys
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from . import terminal
 from .compose import as_typed, hydra_args
 from .errors import ConfigError, KmrunError
-from .job import JobResult, JobSpec, execute, open_tracker, prepare, redactor
+from .job import JobResult, JobSpec, open_tracker, prepare, redactor
+from .pool import Pool
 from .schema import KmrunConf, parse
 
 if TYPE_CHECKING:
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
     from hydra.types import HydraContext
     from omegaconf import DictConfig
 
-log = logging.getLogger(__name__)
 
 NOT_SWEEPABLE = ("mlflow", "sweep", "study", "objective", "metrics", "verbose",
                  "kedro.project_path", "kedro.env", "hydra")
@@ -312,77 +310,6 @@ def _objective(conf: KmrunConf, metrics: dict[str, float]) -> Any:
     if isinstance(metric, list):
         return [metrics.get(m) for m in metric]
     return metrics.get(metric) if metric else None
-
-
-class Pool:
-    """Where jobs run: inline for one at a time, else in worker processes.
-
-    Workers are forked where the OS allows it: they start at once and inherit the
-    bootstrapped Kedro project, so each job costs what it costs in-process. A worker
-    drops the database connections it inherited before its first job (SQLAlchemy's
-    rule for forked processes); MLflow's run state is never shared, since kmrun uses
-    no fluent "active run". Elsewhere, workers are spawned and bootstrap once each.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = max(1, size)
-        self._executor: ProcessPoolExecutor | None = None
-        if self.size > 1:
-            import multiprocessing
-
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self._executor = ProcessPoolExecutor(
-                self.size,
-                mp_context=multiprocessing.get_context(method),
-                initializer=_worker_init,
-                initargs=(terminal.VERBOSE,),
-            )
-
-    def submit(self, spec: JobSpec) -> Future[JobResult]:
-        if self._executor is not None:
-            return self._executor.submit(execute, spec)
-        future: Future[JobResult] = Future()
-        future.set_result(execute(spec))
-        return future
-
-    def __enter__(self) -> Pool:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
-        if self._executor is None:
-            return
-        if kind is not None and issubclass(kind, KeyboardInterrupt):
-            # Workers get SIGINT too on Ctrl-C, but not on SIGTERM sent to this process:
-            # tell them, so each ends its run KILLED instead of finishing the job first.
-            import multiprocessing
-            import signal
-
-            for child in multiprocessing.active_children():
-                if child.pid is not None:
-                    os.kill(child.pid, signal.SIGINT)
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _worker_init(verbose: bool) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, _worker_interrupt)
-    signal.signal(signal.SIGTERM, _worker_interrupt)
-    if not verbose:
-        logging.disable(logging.INFO)
-    store = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
-    engines = getattr(getattr(store, "SqlAlchemyStore", None), "_engine_map", {})
-    for engine in engines.values():
-        engine.dispose(close=False)
-
-
-def _worker_interrupt(signum: int, frame: object) -> None:
-    """Once: the running job ends its run KILLED; further signals must not cut that short."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
 
 
 def _parse(hydra_context: HydraContext, lines: list[str]) -> list[Override]:

@@ -128,3 +128,18 @@ def test_multi_objective_gives_a_pareto_set(ws):
     assert tags["optuna.pareto_trials"] == ",".join(str(t.number) for t in study.best_trials)
     plots = {a.path for a in ws.client().list_artifacts(parents[0].info.run_id, "plots")}
     assert "plots/pareto_front.png" in plots and "plots/study.html" in plots
+
+
+def test_pruning_works_in_parallel_workers(ws):
+    done = ws.kmrun("-m", "+study=prune", "study.n_jobs=2", "study.name=prune2")
+    assert done.code == 0, done.text
+    study = study_of(ws, "prune2")
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.PRUNED in states
+    assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) == 12
+    for trial in study.trials:
+        run = ws.client().get_run(trial.user_attrs["mlflow_run_id"])
+        expected = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[trial.state.name]
+        assert run.info.status == expected
+        assert len(ws.client().get_metric_history(run.info.run_id, "intermediate")) == len(trial.intermediate_values)
+    assert ws.running() == 0
