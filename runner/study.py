@@ -44,6 +44,7 @@ SAMPLERS = {
     "qmc": "QMCSampler",
     "grid": "GridSampler",
 }
+NEEDS = {"cmaes": "cmaes", "gp": "torch"}  # samplers whose package Optuna imports only when sampling
 TELL = {"FINISHED": "COMPLETE", "PRUNED": "PRUNED", "FAILED": "FAIL", "KILLED": "FAIL"}
 
 
@@ -125,7 +126,12 @@ def make_sampler(config: dict[str, Any], distributions: Mapping[str, Any], n_exi
     import optuna
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
+    import importlib.util
+
     options = dict(config)
+    package = NEEDS.get(str(options.get("name", "")).lower())
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"study.sampler {options['name']} needs the package {package}: pip install {package}")
     if options.get("seed") is not None:
         options["seed"] = int(options["seed"]) + n_existing
     if str(options.get("name", "")).lower() == "grid":

@@ -77,6 +77,7 @@ CATALOGUE = [
     ("inverted-interval", S + ["params.model.C=interval(5,1)"], None, 2, ["the interval is empty or inverted"]),
     ("log-low-zero", S + ["params.model.C=tag(log, interval(0, 1))"], None, 2, ["a log scale needs LOW > 0"]),
     ("unknown-sampler", S + ["study.sampler.name=annealing"], None, 2, ["study.sampler.name is 'annealing'", "tpe, random"]),
+    ("sampler-package-missing", S + ["study.sampler.name=cmaes"], None, 2, ["needs the package cmaes: pip install cmaes"]),
     ("unknown-pruner", S + ["study.pruner.name=early"], None, 2, ["study.pruner.name is 'early'", "median"]),
     ("bad-pruner-option", S + ["study.pruner.name=median", "study.pruner.n_warmup=3"], None, 2, ["MedianPruner accepts: n_startup_trials"]),
     ("directions-mismatch", S + ["objective.metric=[accuracy,f1_macro]", "objective.direction=[maximize,minimize,maximize]"],
