@@ -181,6 +181,7 @@ def run_once(args: list[str], verbose: bool = False) -> JobResult:
 
         hydra = HydraConfig.get()
         loud = verbose or bool(cfg.get("verbose", False))
+        terminal.setup_logging(loud)
         with terminal.quiet_unless(loud):  # Kedro logs its set-up at INFO while it bootstraps
             spec = job.prepare(cfg, compose.as_typed(list(hydra.overrides.task)), hydra.runtime.choices, compose.config_dir(args))
         terminal.setup_logging(loud)

@@ -33,6 +33,7 @@ def setup_logging(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     for name in _QUIET:
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("runner").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

@@ -68,6 +68,18 @@ def test_second_experiment_swaps_the_model_by_yaml(ws):
     assert run.data.metrics["accuracy"] > 0.9
 
 
+def test_kedro_mlflow_installed_opens_no_second_run(ws):
+    import importlib.util
+
+    assert importlib.util.find_spec("kedro_mlflow") is not None  # the dev extra installs it
+    done = ws.kmrun("+experiment=baseline", "-v")
+    assert done.code == 0, done.text
+    assert "kedro-mlflow's hook is off for kmrun runs" in done.text
+    assert [r.info.status for r in ws.runs()] == ["FINISHED"]
+    assert not list(ws.path.rglob("mlruns"))  # kedro-mlflow's own default store was never created
+    assert ws.running() == 0
+
+
 def test_help_is_kmruns_and_hydras_and_imports_no_mlflow_or_optuna(ws):
     code = (
         "import sys; from runner.cli import main; main(['--help']);"
