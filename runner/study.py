@@ -44,6 +44,7 @@ SAMPLERS = {
     "qmc": "QMCSampler",
     "grid": "GridSampler",
 }
+UNCLAIMED_SECONDS = 10
 NEEDS = {"cmaes": "cmaes", "gp": "torch"}  # samplers whose package Optuna imports only when sampling
 TELL = {"FINISHED": "COMPLETE", "PRUNED": "PRUNED", "FAILED": "FAIL", "KILLED": "FAIL"}
 
@@ -240,11 +241,18 @@ class Study:
     def _count(self, *states: str) -> int:
         return len(self.study.get_trials(deepcopy=False, states=tuple(_state(s) for s in states)))
 
-    def _fail_stale(self) -> None:
-        """Trials (and MLflow runs) of dead processes: failed, never left RUNNING."""
-        import optuna
+    def _fail_stale(self) -> int:
+        """Trials (and MLflow runs) of dead processes: failed, never left RUNNING.
 
+        A trial's owner is recorded right after it is asked for. A trial still without
+        one after ``UNCLAIMED_SECONDS`` was asked for by a process that died at once."""
+        import datetime
+
+        import optuna
         from optuna.trial import TrialState
+
+        failed = 0
+        now = datetime.datetime.now()
 
         if hasattr(self.storage, "record_heartbeat"):
             with warnings.catch_warnings():
@@ -253,11 +261,17 @@ class Study:
         stale_runs = set(self.tracker.fail_stale_runs())
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             run_id = trial.user_attrs.get("mlflow_run_id")
-            host, _, pid = str(trial.user_attrs.get("kmrun.owner", "")).rpartition(":")
-            if host == process_tags()["kmrun.host"] and pid and not _alive(int(pid)):
-                self.storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            owner = trial.user_attrs.get("kmrun.owner")
+            host, _, pid = str(owner or "").rpartition(":")
+            dead = host == process_tags()["kmrun.host"] and pid and not _alive(int(pid))
+            unclaimed = owner is None and trial.datetime_start is not None and (
+                now - trial.datetime_start).total_seconds() > UNCLAIMED_SECONDS
+            if dead or unclaimed:
+                self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                failed += 1
                 if run_id and run_id not in stale_runs:
                     self.tracker.finish(run_id, "FAILED")
+        return failed
 
     def _optimize(self, study: optuna.Study, parent: str, target: int) -> None:
         limit = self.settings.max_failures if self.settings.max_failures is not None else max(target, 1)
@@ -288,7 +302,15 @@ class Study:
                         spec = self._spec(trial, parent)
                         running[pool.submit(spec)] = (trial, cell)
                     if not running:
-                        break
+                        if stop or time.monotonic() >= deadline or self._finished() >= target:
+                            break
+                        if not self._count("RUNNING"):
+                            continue  # another process's trial failed: ask for a new one
+                        # Only other processes' trials are left: wait for them (or for them
+                        # to turn out stale), so that this process ends with the study complete.
+                        time.sleep(1.0)
+                        self._fail_stale()
+                        continue
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
                     for future in done:
                         trial, cell = running.pop(future)
