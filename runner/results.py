@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
 from .tracking import REDACTED
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .schema import KmrunConf
@@ -289,8 +292,8 @@ def log_study_plots(tracker: Tracker, parent: str, optuna_study: Any, names: lis
                 fig = axes.ravel()[0].figure if hasattr(axes, "ravel") else axes.figure
                 tracker.client.log_figure(parent, fig, f"plots/{name}.png")
                 plt.close(fig)
-            except Exception:
-                pass  # the HTML page has it
+            except Exception as err:  # matplotlib's variant lags plotly's; the HTML page has the plot
+                log.warning("No PNG of the %s plot (%s); it is in plots/study.html.", name, err)
     if sections:
         page = "<html><head><meta charset='utf-8'><title>study</title></head><body>" + "".join(sections) + "</body></html>"
         tracker.log_text(parent, page, "plots/study.html")
