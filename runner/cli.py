@@ -1,7 +1,7 @@
 """The ``kmrun`` command: subcommand words, or Hydra overrides for a run or a sweep.
 
-The command parses, calls into the package, and turns ``KmrunError`` into one clear
-message and exit code 2. No logic lives here.
+The command parses, calls ``runner.run`` / ``runner.sweep`` or a subcommand, and turns
+``KmrunError`` into one clear message and its exit code. No logic lives here.
 """
 
 from __future__ import annotations
@@ -10,17 +10,11 @@ import os
 import signal
 import sys
 import traceback
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from .errors import JobFailed, KmrunError
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from omegaconf import DictConfig
-
-    from .job import JobResult
-    from .sweep import SweepOutcome
+from .errors import KmrunError
 
 USAGE = """\
 usage: kmrun [-v] [OVERRIDE ...]            run one experiment
@@ -49,13 +43,83 @@ documented in docs/config.md.
 
 Options:
   -v, --verbose     show Kedro's node-by-node log and full tracebacks
-  -h, --help        this help, then the config groups of conf/ (Hydra's --help)
-  --hydra-help      Hydra's own flags (-cp, -cn, --cfg job, --info, ...)
+  -h, --help        this help, then the config groups of conf/
+  --hydra-help      the Hydra flags kmrun takes (-cp, -cn, -cd, --cfg, --info, ...)
 
-Exit codes: 0 success · 1 the pipeline failed · 2 bad input · 130 interrupted
+Exit codes: 0 success · 1 the pipeline failed · 2 bad input · 3 a bug in kmrun · 130 interrupted
 """
 
-VERBOSE_FLAGS = ("-v", "--verbose")
+HYDRA_HELP = """\
+Hydra flags kmrun takes:
+  -cp, --config-path DIR     the config directory (default: ./conf)
+  -cn, --config-name NAME    the primary config (default: kmrun, i.e. DIR/kmrun.yaml)
+  -cd, --config-dir DIR      an extra config directory, searched too (for config groups)
+  -c, --cfg job|hydra|all    print the composed config and exit; -p PACKAGE for one part,
+                             --resolve to resolve interpolations
+  -i, --info [all|config|defaults|defaults-tree|plugins|searchpath]
+                             print Hydra's information about the composition and exit
+  -m, --multirun             run a sweep (a grid, or an Optuna study)
+Overrides: KEY=VALUE, +KEY=VALUE (add), ++KEY=VALUE (add or override), ~KEY (delete),
+GROUP=OPTION; sweeps: a,b,c · range() · choice() · interval() · tag(log, ...).
+"""
+
+VALUE_FLAGS = {"-cp": "config_path", "--config-path": "config_path", "-cn": "config_name",
+               "--config-name": "config_name", "-cd": "config_dir", "--config-dir": "config_dir",
+               "-c": "cfg", "--cfg": "cfg", "-p": "package", "--package": "package"}
+SWITCHES = {"-v": "verbose", "--verbose": "verbose", "-m": "multirun", "--multirun": "multirun",
+            "-h": "help", "--help": "help", "--hydra-help": "hydra_help", "--resolve": "resolve"}
+INFO = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+@dataclass
+class Args:
+    """A run or sweep command line: Hydra's flags, and the overrides."""
+
+    overrides: list[str] = field(default_factory=list)
+    verbose: bool = False
+    multirun: bool = False
+    help: bool = False
+    hydra_help: bool = False
+    resolve: bool = False
+    config_path: str | None = None
+    config_name: str = "kmrun"
+    config_dir: str | None = None
+    cfg: str | None = None
+    package: str | None = None
+    info: str | None = None
+
+
+def parse_args(argv: list[str]) -> Args:
+    """Flags anywhere, overrides in order; a flag kmrun does not know is bad input."""
+    args = Args()
+    items = iter(range(len(argv)))
+    for i in items:
+        arg = argv[i]
+        flag, _, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if flag in VALUE_FLAGS:
+            value = inline or (argv[i + 1] if i + 1 < len(argv) else None)
+            if value is None:
+                raise KmrunError(f"{flag} needs a value. See kmrun --hydra-help.")
+            if not inline:
+                next(items)
+            setattr(args, VALUE_FLAGS[flag], value)
+        elif arg in SWITCHES:
+            setattr(args, SWITCHES[arg], True)
+        elif flag in ("-i", "--info"):
+            args.info = inline or "all"
+            if not inline and i + 1 < len(argv) and argv[i + 1] in INFO:
+                args.info = argv[i + 1]
+                next(items)
+        elif arg.startswith("-"):
+            raise KmrunError(
+                f"Unknown option '{arg}'. kmrun takes overrides (params.model.C=0.5), -m, -v and "
+                "Hydra's -cp/-cn/-cd/--cfg/--info (kmrun --help)."
+            )
+        else:
+            args.overrides.append(arg)
+    if args.cfg is not None and args.cfg not in ("job", "hydra", "all"):
+        raise KmrunError(f"--cfg {args.cfg}: use job, hydra or all.")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,31 +132,130 @@ def main(argv: list[str] | None = None) -> int:
         terminal.error(f"Unknown subcommand '{args[0]}'. Subcommands: {', '.join(SUBCOMMANDS)}; "
                        "overrides hold '=' (params.model.C=0.5) or start with + or ~.")
         return 2
-    verbose = any(a in VERBOSE_FLAGS for a in args)
-    args = [a for a in args if a not in VERBOSE_FLAGS]
-    if any(a in ("-h", "--help") for a in args):
+    verbose = any(a in ("-v", "--verbose") for a in args) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    with _signals():
+        return _guarded(lambda: _command(parse_args(args)), verbose)
+
+
+def _command(args: Args) -> int:
+    from . import api, terminal
+
+    if args.help:
         print(USAGE)
-        return _hydra_help(args)
+        return _groups(args)
+    if args.hydra_help:
+        print(HYDRA_HELP)
+        return 0
+    if args.cfg or args.info:
+        return _show(args)
+    terminal.setup_logging(args.verbose)
+    where = {"config_dir": _config_dir(args), "config_name": args.config_name, "search_dir": args.config_dir}
+    if args.multirun:
+        return api.sweep(args.overrides, echo=True, verbose=args.verbose, **where).exit_code
+    try:
+        api.run(args.overrides, echo=True, verbose=args.verbose, **where)
+    except KeyboardInterrupt:
+        terminal.error("Interrupted: the run is marked KILLED.")
+        raise
+    return 0
+
+
+def _guarded(command: Any, verbose: bool) -> int:
+    """Run ``command``; its ``KmrunError`` becomes a message and an exit code, anything
+    else a kmrun bug with its traceback."""
     from . import terminal
 
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    signal.signal(signal.SIGTERM, _interrupt)  # end runs KILLED, as on Ctrl-C
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupt)
     try:
-        if multirun:
-            return run_many(args, verbose).exit_code
-        result = run_once(args, verbose)
+        return int(command())
     except KeyboardInterrupt:
-        if not multirun:
-            terminal.error("Interrupted: the run is marked KILLED.")
         return 130
-    except (KmrunError, JobFailed) as err:
-        if verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except KmrunError as err:
+        if verbose or err.exit_code == 3:
             traceback.print_exc()
         terminal.error(str(err))
         return err.exit_code
-    return 0 if result.status == "FINISHED" else 1
+    except Exception as err:
+        traceback.print_exc()
+        terminal.error(f"kmrun bug: {type(err).__name__}: {err}\nThis is an error in kmrun, not in your "
+                       "pipeline or config. Please report it with the traceback above.")
+        return 3
+
+
+def _config_dir(args: Args) -> Path | None:
+    return _path(args.config_path)
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _groups(args: Args) -> int:
+    """Hydra's --help part: the config groups kmrun can compose from."""
+    from .compose import Composer
+
+    try:
+        with Composer(_config_dir(args), args.config_name) as composer:
+            groups = composer.groups()
+    except KmrunError:
+        return 0  # no config here: the usage is all there is to show
+    if groups:
+        print("Config groups of " + str(composer.config_dir) + " (select with GROUP=OPTION, or +GROUP=OPTION):")
+        for group, options in groups.items():
+            print(f"  {group}: {', '.join(options)}")
+    return 0
+
+
+def _show(args: Args) -> int:
+    """--cfg and --info: what Hydra composes, printed; nothing runs."""
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    from .compose import Composer
+
+    with Composer(_config_dir(args), args.config_name, _path(args.config_dir)) as composer:
+        cfg = composer.compose(args.overrides)
+        if args.info:
+            GlobalHydra.instance().hydra.show_info(args.info, args.config_name, args.overrides)  # type: ignore[union-attr]
+            return 0
+    if args.cfg == "hydra":
+        cfg = cfg.hydra
+    elif args.cfg == "job":
+        with open_dict(cfg):
+            del cfg["hydra"]
+    if args.package:
+        cfg = OmegaConf.select(cfg, args.package)
+        if cfg is None:
+            raise KmrunError(f"-p {args.package}: no such package in the composed config.")
+    print(OmegaConf.to_yaml(cfg, resolve=args.resolve) if OmegaConf.is_config(cfg) else cfg)
+    return 0
+
+
+class _signals:
+    """For the command's lifetime: SIGTERM ends runs KILLED like Ctrl-C; a second signal
+    leaves at once. The handlers found are put back afterwards."""
+
+    def __enter__(self) -> None:
+        self.saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        signal.signal(signal.SIGTERM, _interrupt)
+        if self.saved[signal.SIGINT] is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupt)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """First Ctrl-C (or SIGTERM): unwind, marking runs KILLED. A second one: leave now;
+    the next kmrun marks anything left RUNNING as FAILED."""
+    signal.signal(signal.SIGINT, _leave_now)
+    signal.signal(signal.SIGTERM, _leave_now)
+    raise KeyboardInterrupt
+
+
+def _leave_now(signum: int, frame: object) -> None:
+    os.write(2, b"\nInterrupted again: exiting now. The next kmrun marks runs left RUNNING as FAILED.\n")
+    os._exit(130)
 
 
 SUBCOMMANDS = ("runs", "best", "show", "reproduce", "promote", "ui", "dashboard", "init")
@@ -101,8 +264,6 @@ SUBCOMMANDS = ("runs", "best", "show", "reproduce", "promote", "ui", "dashboard"
 def subcommand(args: list[str]) -> int:
     """Parse a subcommand's options, run it, and turn ``KmrunError`` into exit 2."""
     import argparse
-
-    from . import terminal
 
     parser = argparse.ArgumentParser(prog="kmrun", description="kmrun subcommands; see kmrun --help.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,113 +310,25 @@ def subcommand(args: list[str]) -> int:
         options = parser.parse_args(args)
     except SystemExit as done:
         return 0 if done.code in (0, None) else 2
-    try:
-        if options.command == "init":
-            from pathlib import Path
-
-            from .scaffold import init
-
-            with terminal.quiet_unless(options.verbose):
-                written = init(Path.cwd())
-            terminal.say(
-                "wrote " + ", ".join(str(p.relative_to(Path.cwd())) for p in written) + "\nnext:\n"
-                "  kmrun +experiment=baseline\n  kmrun -m +experiment=baseline params.KEY=a,b\n  kmrun runs"
-            )
-            return 0
-        from . import commands
-
-        return int(getattr(commands, options.command)(options))
-    except KmrunError as err:
-        if options.verbose:
-            traceback.print_exc()
-        terminal.error(str(err))
-        return err.exit_code
+    return _guarded(lambda: _subcommand(options), options.verbose)
 
 
-def run_once(args: list[str], verbose: bool = False) -> JobResult:
-    """Compose, check and run one job; print its summary. The API behind ``runner.run``."""
-    from . import compose, job, terminal
+def _subcommand(options: Any) -> int:
+    from . import terminal
 
-    def task(cfg: DictConfig) -> JobResult:
-        from hydra.core.hydra_config import HydraConfig
+    if options.command == "init":
+        from .scaffold import init
 
-        hydra = HydraConfig.get()
-        loud = verbose or bool(cfg.get("verbose", False))
-        terminal.setup_logging(loud)
-        with terminal.quiet_unless(loud):  # Kedro logs its set-up at INFO while it bootstraps
-            spec = job.prepare(cfg, compose.as_typed(list(hydra.overrides.task)), hydra.runtime.choices, compose.config_dir(args))
-        terminal.setup_logging(loud)
-        terminal.header(spec, job.open_project(spec.conf.kedro.project_path, spec.conf.kedro.env).env_name)
-        result = job.execute(spec)
-        terminal.run_summary(spec, result)
-        if result.status != "FINISHED":
-            raise (KmrunError if result.exit_code == 2 else JobFailed)(
-                f"{result.error}\nThe run {result.run_id} is {result.status}; "
-                "its traceback is the artifact traceback.txt."
-            )
-        return result
-
-    return _launch(args, task)  # type: ignore[no-any-return]
-
-
-def run_many(args: list[str], verbose: bool = False) -> SweepOutcome:
-    """Run a sweep through Hydra's multirun and kmrun's sweeper; return its outcome."""
-    from . import sweep, terminal
-
-    terminal.VERBOSE = verbose
-    terminal.setup_logging(verbose)
-    with terminal.quiet_unless(verbose):
-        _launch(args, lambda cfg: None)
-    if not sweep.outcomes:
-        raise KmrunError("-m ran no sweep: is `override hydra/sweeper: kmrun` in conf/kmrun.yaml's defaults?")
-    return sweep.outcomes[-1]
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    """First Ctrl-C (or SIGTERM): unwind, marking runs KILLED. A second one: leave now;
-    the next kmrun marks anything left RUNNING as FAILED."""
-    signal.signal(signal.SIGINT, _leave_now)
-    signal.signal(signal.SIGTERM, _leave_now)
-    raise KeyboardInterrupt
-
-
-def _leave_now(signum: int, frame: object) -> None:
-    os.write(2, b"\nInterrupted again: exiting now. The next kmrun marks runs left RUNNING as FAILED.\n")
-    os._exit(130)
-
-
-def _launch(args: list[str], task: Callable[[DictConfig], Any]) -> Any:
-    """Hydra with ``task``; its config errors become one ``ConfigError``."""
-    from . import compose
-
-    try:
-        return compose.launch(args, task)
-    except (KmrunError, JobFailed, KeyboardInterrupt):
-        raise
-    except Exception as err:
-        if _is_config_error(err):
-            raise compose.hydra_error(err) from err
-        raise
-
-
-def _is_config_error(err: BaseException) -> bool:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-    from yaml import YAMLError
-
-    return isinstance(err, (HydraException, OmegaConfBaseException, YAMLError))
-
-
-def _hydra_help(args: list[str]) -> int:
-    from . import compose
-
-    if not (compose.config_dir(args) / f"{compose.CONFIG_NAME}.yaml").is_file():
+        with terminal.quiet_unless(options.verbose):
+            written = init(Path.cwd())
+        terminal.say(
+            "wrote " + ", ".join(str(p.relative_to(Path.cwd())) for p in written) + "\nnext:\n"
+            "  kmrun +experiment=baseline\n  kmrun -m +experiment=baseline params.KEY=a,b\n  kmrun runs"
+        )
         return 0
-    try:
-        compose.launch(args, lambda cfg: None)
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
+    from . import commands
+
+    return int(getattr(commands, options.command)(options))
 
 
 if __name__ == "__main__":

@@ -56,10 +56,10 @@ def open_store(args: argparse.Namespace) -> Store:
         )
     experiment = OmegaConf.select(raw, "mlflow.experiment_name")
     if experiment is None and OmegaConf.select(raw, "kedro.project_path") is not None:
-        from .kedro_bridge import _read_metadata
+        from .kedro_bridge import read_package_name
 
         try:
-            experiment = _read_metadata(Path(str(OmegaConf.select(raw, "kedro.project_path"))).resolve())
+            experiment = read_package_name(Path(str(OmegaConf.select(raw, "kedro.project_path"))).resolve())
         except KmrunError:
             experiment = None
     metric = OmegaConf.select(raw, "objective.metric")
@@ -261,8 +261,7 @@ def _config_text(client: MlflowClient, run: Run) -> str:
 def reproduce(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from . import terminal
-    from .cli import run_once
+    from . import api, terminal
 
     _, original, config = recorded_config(args, args.run_id)
     _check_git(original, args.strict)
@@ -270,11 +269,8 @@ def reproduce(args: argparse.Namespace) -> int:
     config["study"] = None
     config.setdefault("mlflow", {}).setdefault("tags", {})["kmrun.reproduced_from"] = original.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
-        text = "defaults:\n  - _self_\n  - override hydra/job_logging: none\n  - override hydra/hydra_logging: none\n"
-        text += OmegaConf.to_yaml(OmegaConf.create(config))
-        text += "hydra:\n  run:\n    dir: outputs/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}\n"
-        (Path(tmp) / "kmrun.yaml").write_text(text, encoding="utf-8")
-        result = run_once(["-cp", tmp])
+        (Path(tmp) / "kmrun.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)), encoding="utf-8")
+        result = api.run([], config_dir=tmp, echo=True, verbose=args.verbose)
     terminal.metric_diff(original.data.metrics, result.metrics)
     return 0
 

@@ -1,15 +1,16 @@
 """Hydra composition, and every check of the composed config against the Kedro project.
 
-``launch`` hands the command line to Hydra (run or multirun); ``check_params`` makes sure
-each override under ``params`` addresses a real Kedro parameter with a fitting type.
+``Composer`` runs Hydra's compose API on kmrun's config directory: config groups, the
+override and sweep grammar and defaults lists work as in any Hydra app, but Hydra writes
+nothing to disk, configures no logging, and needs no Hydra section in the user's config.
+``check_params`` makes sure each override under ``params`` addresses a real Kedro
+parameter with a fitting type.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 from collections.abc import Callable, Mapping
 from difflib import get_close_matches
 from pathlib import Path
@@ -18,19 +19,10 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError, ParamError
 
 if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
     from omegaconf import DictConfig
 
 CONFIG_NAME = "kmrun"
-
-
-def config_dir(argv: list[str]) -> Path:
-    """``conf/`` of the working directory, or what ``-cp``/``--config-path`` says."""
-    for i, arg in enumerate(argv):
-        if arg in ("-cp", "--config-path") and i + 1 < len(argv):
-            return Path(argv[i + 1]).resolve()
-        if arg.startswith("--config-path="):
-            return Path(arg.split("=", 1)[1]).resolve()
-    return Path.cwd() / "conf"
 
 
 def hydra_args(argv: list[str]) -> list[str]:
@@ -40,44 +32,17 @@ def hydra_args(argv: list[str]) -> list[str]:
     (``params.x`` names a Kedro parameter; ``sweep.n_jobs`` has a schema default), so
     they become ``++key=value``: kmrun checks them itself, against Kedro and against its
     schema, with better messages than Hydra's struct mode. ``+params.x`` keeps its
-    meaning: a parameter added on purpose, not checked. A relative ``-cp`` is made
-    absolute, as users expect of a path.
+    meaning: a parameter added on purpose, not checked.
     """
     from .schema import SECTIONS
 
     out = []
-    for i, arg in enumerate(argv):
+    for arg in argv:
         key = arg.split("=", 1)[0]
         if "=" in arg and key.split(".", 1)[0] in SECTIONS and key[0] not in "+~":
             arg = "++" + arg
-        elif i > 0 and argv[i - 1] in ("-cp", "--config-path"):
-            arg = str(Path(arg).resolve())
         out.append(arg)
     return out
-
-
-FLAGS_WITH_VALUE = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-                    "-c", "--cfg", "-p", "--package", "-i", "--info", "--experimental-rerun")
-
-
-def check_syntax(argv: list[str]) -> None:
-    """Parse each override with Hydra's parser first, so that an error names it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parser = OverridesParser.create()
-    for i, arg in enumerate(argv):
-        if arg.startswith("-") or (i > 0 and argv[i - 1] in FLAGS_WITH_VALUE):
-            continue
-        try:
-            parser.parse_override(arg)
-        except HydraException as err:
-            raise ConfigError(
-                f"Bad override or sweep expression '{arg}': {str(err).strip().splitlines()[0]}\n"
-                "Write KEY=VALUE; sweep values as a,b,c · range(START,STOP[,STEP]) · choice(a,b) · "
-                "interval(LOW,HIGH) · int(interval(LOW,HIGH)) · tag(log, interval(LOW,HIGH)), "
-                "quoted for the shell."
-            ) from None
 
 
 def as_typed(overrides: list[str]) -> list[str]:
@@ -87,43 +52,149 @@ def as_typed(overrides: list[str]) -> list[str]:
     return [o[2:] if o.startswith("++") and o[2:].split(".", 1)[0].split("=", 1)[0] in SECTIONS else o for o in overrides]
 
 
-def launch(argv: list[str], task: Callable[[DictConfig], Any]) -> Any:
-    """Run Hydra on ``argv`` with ``task`` as the task function; return what it returned.
+SYNTAX_HELP = (
+    "Write KEY=VALUE; sweep values as a,b,c · range(START,STOP[,STEP]) · choice(a,b) · "
+    "interval(LOW,HIGH) · int(interval(LOW,HIGH)) · tag(log, interval(LOW,HIGH)), quoted for the shell."
+)
 
-    Hydra reads ``sys.argv`` and, unless HYDRA_FULL_ERROR is set, prints errors and exits
-    1 itself. kmrun sets it for the call so that errors come back as exceptions, and the
-    CLI reports them in one place with exit 2.
+
+class Composer:
+    """Hydra's compose API on one config directory, for one ``run`` or ``sweep`` call.
+
+    Hydra keeps its state in a process-wide singleton; a ``Composer`` holds it only inside
+    its ``with`` block and leaves it as it found it, so calls can repeat in one process.
     """
-    import hydra
 
-    check_syntax(argv)
-    result: dict[str, Any] = {}
+    def __init__(self, config_dir: Path | None = None, config_name: str = CONFIG_NAME,
+                 extra_dir: Path | None = None) -> None:
+        self.config_dir = (config_dir or Path.cwd() / "conf").resolve()
+        self.config_name = config_name
+        self.extra = [f"hydra.searchpath=[file://{extra_dir.resolve()}]"] if extra_dir else []
+        self._context: Any = None
 
-    def kmrun_job(cfg: DictConfig) -> Any:
-        # An exception escaping the task makes Hydra print its own banner; keep it for later.
+    def __enter__(self) -> Composer:
+        from hydra import initialize_config_dir
+
+        if not (self.config_dir / f"{self.config_name}.yaml").is_file():
+            raise ConfigError(
+                f"No {self.config_name}.yaml in {self.config_dir}: run kmrun from a Kedro project "
+                "that has conf/kmrun.yaml (kmrun init writes one), or point -cp at its config dir."
+            )
+        _restore_env_resolver()
+        self._context = initialize_config_dir(config_dir=str(self.config_dir), version_base="1.3", job_name="kmrun")
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._context.__exit__(*exc)
+
+    def compose(self, overrides: list[str]) -> DictConfig:
+        """The config for ``overrides`` (as typed), with Hydra's section (its group choices)."""
+        from hydra import compose
+
+        self.parse(overrides)  # an error names the override
         try:
-            result["value"] = task(cfg)
+            return compose(self.config_name, hydra_args(overrides) + self.extra, return_hydra_config=True)
         except Exception as err:
-            result["error"] = err
-        return result.get("value")
+            if is_config_error(err):
+                raise hydra_error(err) from err
+            raise
 
-    main = hydra.main(
-        config_path=str(config_dir(argv)), config_name=CONFIG_NAME, version_base="1.3"
-    )(kmrun_job)
-    saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = ["kmrun", *hydra_args(argv)]
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        main()
-    finally:
-        sys.argv = saved_argv
-        if saved_env is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = saved_env
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
+    def parse(self, lines: list[str]) -> list[Override]:
+        """Hydra's own override parser, one line at a time, so that an error names its line."""
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import HydraException
+
+        loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+        parser = OverridesParser.create(config_loader=loader)
+        parsed = []
+        for line in hydra_args(lines):
+            try:
+                parsed.append(parser.parse_override(line))
+            except HydraException as err:
+                raise ConfigError(
+                    f"Bad override or sweep expression '{as_typed([line])[0]}': "
+                    f"{str(err).strip().splitlines()[0]}\n{SYNTAX_HELP}"
+                ) from None
+        return parsed
+
+    def groups(self) -> dict[str, list[str]]:
+        """The config groups of the config directory and their options (``experiment: [a, b]``)."""
+        from hydra.core.global_hydra import GlobalHydra
+
+        loader = GlobalHydra.instance().config_loader()
+        found: dict[str, list[str]] = {}
+
+        def walk(parent: str) -> None:
+            for group in sorted(loader.list_groups(parent)):
+                name = f"{parent}/{group}" if parent else group
+                if name.split("/")[0] == "hydra":
+                    continue
+                options = loader.get_group_options(name)
+                if options:
+                    found[name] = list(options)
+                walk(name)
+
+        walk("")
+        return found
+
+
+class JobComposer:
+    """Many job configs, cheaply. Hydra composes the overrides every job shares once; a
+    job that only sets config values (``params.model.C=0.1``) is a copy of that config with
+    its values set. A job that picks config groups (``model=random_forest``) goes through
+    Hydra."""
+
+    def __init__(self, composer: Composer, base: list[str]) -> None:
+        from .schema import SECTIONS
+
+        self.composer, self.base, self.sections = composer, list(base), SECTIONS
+        self.template = composer.compose(self.base)
+
+    def __call__(self, lines: list[str]) -> DictConfig:
+        from omegaconf import OmegaConf, open_dict
+
+        overrides = self.composer.parse(lines)
+        if not all(self._is_value(o) for o in overrides):
+            return self.composer.compose(self.base + lines)
+        job = self.template.copy()
+        with open_dict(job):
+            for override in overrides:
+                OmegaConf.update(job, override.key_or_group, override.value(), merge=True, force_add=True)
+        return job
+
+    def _is_value(self, override: Override) -> bool:
+        key = override.key_or_group
+        return "." in key and key.split(".", 1)[0] in self.sections and not override.is_delete()
+
+
+def choices_of(cfg: DictConfig) -> dict[str, Any]:
+    """The config group choices Hydra made (``{"model": "logistic_regression"}``)."""
+    from omegaconf import OmegaConf
+
+    hydra = cfg.get("hydra")
+    if hydra is None:
+        return {}
+    return dict(OmegaConf.to_container(hydra.runtime.choices))  # type: ignore[arg-type]
+
+
+def is_config_error(err: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    return isinstance(err, (HydraException, OmegaConfBaseException, YAMLError))
+
+
+def _restore_env_resolver() -> None:
+    """Kedro's config loader unregisters OmegaConf's ``oc.env`` for the whole process; a
+    config composed after a Kedro run in the same process still needs it."""
+    from omegaconf import OmegaConf
+    from omegaconf.resolvers import oc
+
+    if not OmegaConf.has_resolver("oc.env"):
+        OmegaConf.register_new_resolver("oc.env", oc.env)
 
 
 def added_on_purpose(overrides: list[str]) -> set[str]:

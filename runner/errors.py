@@ -1,4 +1,8 @@
-"""One error base. The CLI catches ``KmrunError`` once, prints it and exits 2."""
+"""One error base. The CLI catches ``KmrunError`` once, prints it and exits with its code.
+
+Bad input (2) is the user's to fix; a failed pipeline (1) is the project's; a bug in
+kmrun (3) is ours, and is always shown with its traceback.
+"""
 
 from __future__ import annotations
 
@@ -18,18 +22,24 @@ class ParamError(KmrunError):
 
 
 class ProjectError(KmrunError):
-    """The Kedro project: not found, unknown pipeline, unknown environment."""
+    """The Kedro project: not found, unknown pipeline, unknown environment, unreadable credentials."""
 
 
 class TrackingError(KmrunError):
-    """The MLflow store: bad URI, unreachable or unwritable."""
+    """The MLflow store or the Optuna storage: bad URI, unreachable or unwritable."""
 
 
 class MetricError(KmrunError):
     """The objective metric is missing or not a finite number."""
 
 
-class JobFailed(Exception):
-    """A job's pipeline raised. The cause is chained; the CLI exits 1."""
+class JobFailed(KmrunError):
+    """A job's pipeline raised. Its run is FAILED, with the traceback as an artifact."""
 
     exit_code = 1
+
+
+class KmrunBug(KmrunError):
+    """An error in kmrun's own code, not in the pipeline or the input. Please report it."""
+
+    exit_code = 3

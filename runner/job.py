@@ -2,9 +2,9 @@
 
 ``prepare`` turns a composed config into a ``JobSpec`` and checks everything that can
 be checked before a run exists. ``execute`` is the seam where a job runs: it takes
-plain data and returns plain data, so the same call runs in this process, in a
-worker process, or (later) on another machine. It closes its MLflow run on every
-path: FINISHED, FAILED, or KILLED on Ctrl-C.
+plain data and returns plain data, so the same call runs in this process, in a worker
+process, or (later) on another machine. It closes its MLflow run on every path:
+FINISHED, FAILED, KILLED on Ctrl-C (and KILLED for a pruned trial).
 """
 
 from __future__ import annotations
@@ -15,20 +15,23 @@ import math
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, runtime
 from .compose import added_on_purpose, check_params, config_hash, origin_finder
-from .errors import KmrunError, MetricError
-from .kedro_bridge import open_project
+from .errors import JobFailed, KmrunBug, KmrunError, MetricError, TrackingError
+from .kedro_bridge import KedroRun
+from .records import JobResult, Status
 from .schema import KmrunConf, parse
-from .tracking import Redactor, Tracker, flatten, git_tags, resolve_uri
+from .tracking import Redactor, flatten, resolve_uri
 from .trial import TrialRef, attach, report
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+
+    from .kedro_bridge import KedroProject
+    from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +47,12 @@ class JobSpec:
     config_hash: str
     uri: str
     experiment_name: str
+    redact: Redactor  # what must never reach MLflow for this job
     run_name: str | None = None
     parent_run_id: str | None = None
     output_dir: str | None = None  # where written datasets go; None: the project's own paths
     tags: dict[str, str] = field(default_factory=dict)
     trial: TrialRef | None = None  # the Optuna trial this job is, in a study
-
-
-@dataclass
-class JobResult:
-    run_id: str
-    status: str  # FINISHED | FAILED | KILLED | PRUNED (an Optuna trial; its MLflow run is KILLED)
-    metrics: dict[str, float]
-    objective: float | list[float] | None
-    error: str | None = None  # one paragraph for the user; the traceback is an artifact
-    exit_code: int = 0  # 0; 1 for a pipeline error; 2 for bad input found while running
-    written: dict[str, str] = field(default_factory=dict)
 
 
 def prepare(
@@ -76,16 +69,17 @@ def prepare(
     """
     from omegaconf import OmegaConf
 
+    rt = runtime.current()
     origin = origin_finder(conf_dir or Path.cwd() / "conf", overrides, choices or {})
     conf = parse(cfg, origin)
-    project = open_project(conf.kedro.project_path, conf.kedro.env)
+    project = rt.project(conf.kedro.project_path, conf.kedro.env)
     params = check_params(conf.params, project.parameters(), added_on_purpose(overrides), origin)
     project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
     uri = resolve_uri(conf.mlflow.tracking_uri)
     experiment = conf.mlflow.experiment_name or project.package_name
     if open_store:
-        open_tracker(uri, experiment)
-    config = OmegaConf.to_container(cfg, resolve=True)
+        rt.tracker(uri, experiment)
+    config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     assert isinstance(config, dict)
     return JobSpec(
         conf=conf,
@@ -95,91 +89,136 @@ def prepare(
         config_hash=config_hash(config),
         uri=uri,
         experiment_name=experiment,
+        redact=Redactor.for_project(project.credentials(), deep_merge(project.parameters(), params)),
         run_name=conf.mlflow.run_name,
     )
-
-
-def redactor(spec: JobSpec) -> Redactor:
-    """What must never reach MLflow for this job: credentials, secret-named params, secret env vars."""
-    project = open_project(spec.conf.kedro.project_path, spec.conf.kedro.env)
-    return Redactor.for_project(project.credentials(), deep_merge(project.parameters(), spec.params))
-
-
-@cache
-def open_tracker(uri: str, experiment_name: str) -> Tracker:
-    """One ``Tracker`` per store and experiment in this process."""
-    return Tracker(uri, experiment_name)
 
 
 def execute(spec: JobSpec) -> JobResult:
     """Run one job in its own MLflow run and return how it ended.
 
-    Never raises for a failing pipeline: the run ends FAILED with its traceback as an
-    artifact, and the result says why. Ctrl-C ends the run KILLED and propagates.
+    Never raises for a failing job: the run ends FAILED with its traceback as an
+    artifact, and the result carries the error (``JobFailed`` for the pipeline,
+    ``MetricError`` for the objective, ``KmrunBug`` for kmrun itself). Ctrl-C ends the
+    run KILLED and propagates.
     """
-    from omegaconf import OmegaConf
-
+    rt = runtime.current()
     conf = spec.conf
-    project = open_project(conf.kedro.project_path, conf.kedro.env)
-    tracker = open_tracker(spec.uri, spec.experiment_name)
-    redact = redactor(spec)
-    params = deep_merge(project.parameters(), spec.params)
-    kedro_run_id = _kedro_run_id()
+    project = rt.project(conf.kedro.project_path, conf.kedro.env)
+    tracker = rt.tracker(spec.uri, spec.experiment_name)
+    record = KedroRun(
+        _kedro_run_id(), capture=set(conf.metrics), output_dir=Path(spec.output_dir) if spec.output_dir else None
+    )
     tags = {
         **{k: str(v) for k, v in conf.mlflow.tags.items()},
         **spec.tags,
-        **git_tags(project.root),
+        **rt.git_tags(project.root),
         "kmrun.version": __version__,
         "kmrun.overrides": " ".join(spec.overrides)[:5000],
         "kmrun.config_hash": spec.config_hash,
         "kedro.project": project.package_name,
         "kedro.pipeline": conf.kedro.pipeline,
         "kedro.env": project.env_name,
-        "kedro.run_id": kedro_run_id,
+        "kedro.run_id": record.run_id,
         "mlflow.user": _user(),
         "mlflow.source.name": "kmrun",
     }
     if conf.kedro.tags:
         tags["kedro.tags"] = ",".join(conf.kedro.tags)
-    run_id = tracker.start(spec.run_name, {k: redact.text(v) for k, v in tags.items()}, spec.parent_run_id)
-    tracker.log(run_id, params=redact.params(flatten(params)))
-    config_text = OmegaConf.to_yaml(OmegaConf.create(redact.tree(spec.config)))
-    tracker.log_text(run_id, config_text, "config.yaml")
-    tracker.log_text(run_id, redact.text("\n".join(spec.overrides) + "\n"), "overrides.txt")
-
-    status, metrics, series, objective = "FAILED", {}, {}, None
-    _current.update(tracker=tracker, run_id=run_id, trial=spec.trial)
+    run_id = tracker.start(spec.run_name, {k: spec.redact.text(v) for k, v in tags.items()}, spec.parent_run_id)
+    job = _Job(spec, project, tracker, run_id, record)
     try:
-        if spec.trial is not None:
-            attach(spec.trial, run_id)
-        kedro_run = project.run(
-            spec.params,
-            conf.kedro.pipeline,
-            conf.kedro.tags,
-            capture=set(conf.metrics),
-            output_dir=Path(spec.output_dir) if spec.output_dir else None,
-            run_id=kedro_run_id,
-        )
-        metrics, series = read_metrics(kedro_run.datasets, conf.metrics)
-        objective = objective_of(conf, metrics, series, kedro_run.datasets, kedro_run.saved)
-        status = "FINISHED"
-        return JobResult(run_id, status, _latest(metrics, series), objective, written=kedro_run.written)
+        job.work()
     except KeyboardInterrupt:
-        status = "KILLED"
+        job.status = Status.KILLED
+        job.close()
         raise
-    except Exception as err:
-        if spec.trial is not None and type(err).__name__ == "TrialPruned":
-            status = "KILLED"
-            return JobResult(run_id, "PRUNED", _latest(metrics, series), None, str(err))
-        tracker.log_text(run_id, redact.text(traceback.format_exc()), "traceback.txt")
-        code = err.exit_code if isinstance(err, KmrunError) else 1
-        return JobResult(run_id, status, _latest(metrics, series), objective, redact.text(_describe(err)), code)
-    finally:
-        _current.clear()
+    return job.close()
+
+
+class _Job:
+    """One job's run, from its first artifact to its final status."""
+
+    def __init__(self, spec: JobSpec, project: KedroProject, tracker: Tracker, run_id: str, record: KedroRun) -> None:
+        self.spec, self.project, self.tracker, self.run_id, self.record = spec, project, tracker, run_id, record
+        self.status = Status.FAILED
+        self.metrics: dict[str, float] = {}
+        self.series: dict[str, list[float]] = {}
+        self.objective: float | list[float] | None = None
+        self.error: KmrunError | None = None
+
+    def work(self) -> None:
+        """Run the job; catch every failure except Ctrl-C, recording its traceback."""
+        from omegaconf import OmegaConf
+
+        spec, redact = self.spec, self.spec.redact
+        _current.update(tracker=self.tracker, run_id=self.run_id, trial=spec.trial)
         try:
-            tracker.log(run_id, metrics=metrics, series=series)
+            config_text = OmegaConf.to_yaml(OmegaConf.create(redact.tree(spec.config)))
+            self.tracker.log_text(self.run_id, config_text, "config.yaml")
+            self.tracker.log_text(self.run_id, redact.text("\n".join(spec.overrides) + "\n"), "overrides.txt")
+            if spec.trial is not None:
+                attach(spec.trial, self.run_id)
+            self._pipeline()
+            self.metrics, self.series = read_metrics(self.record.datasets, spec.conf.metrics)
+            self.objective = objective_of(spec.conf, self.metrics, self.series, self.record.datasets, self.record.saved)
+            self.status = Status.FINISHED
+        except _Pruned as pruned:
+            self.status, self.error = Status.PRUNED, None
+            log.debug("%s", pruned)
+        except KmrunError as err:
+            self._failed(err)
+        except Exception as err:
+            self._failed(KmrunBug(f"kmrun bug while running the job: {type(err).__name__}: {err}"))
         finally:
-            tracker.finish(run_id, status)
+            _current.clear()
+
+    def _pipeline(self) -> None:
+        spec = self.spec
+        try:
+            self.project.run(self.record, spec.params, spec.conf.kedro.pipeline, spec.conf.kedro.tags)
+        except Exception as err:
+            if spec.trial is not None and _is_pruned(err):
+                raise _Pruned(str(err)) from err
+            if isinstance(err, KmrunError):
+                raise
+            raise JobFailed(_describe(err)) from err
+
+    def _failed(self, err: KmrunError) -> None:
+        self.status = Status.FAILED
+        self.error = type(err)(self.spec.redact.text(str(err)))
+        try:
+            self.tracker.log_text(self.run_id, self.spec.redact.text(traceback.format_exc()), "traceback.txt")
+        except Exception as log_error:  # the run still ends FAILED, with the reason in the result
+            log.warning("Could not store traceback.txt for run %s: %s", self.run_id, log_error)
+
+    def close(self) -> JobResult:
+        """Log the resolved params and the metrics, then end the run. A run whose records
+        could not be written ends FAILED, never FINISHED without its metrics."""
+        spec = self.spec
+        params = self.record.params if self.record.params is not None else deep_merge(
+            self.project.parameters(), spec.params)
+        try:
+            self.tracker.log(self.run_id, params=spec.redact.params(flatten(params)), metrics=self.metrics,
+                             series=self.series)
+        except Exception as err:
+            if self.status is Status.FINISHED:
+                self.status = Status.FAILED
+                self.error = TrackingError(f"The job ran, but its params and metrics could not be stored: {err}")
+            log.warning("Could not store the params and metrics of run %s: %s", self.run_id, err)
+        self.tracker.finish(self.run_id, self.status.run_status)
+        return JobResult(self.run_id, self.status, _latest(self.metrics, self.series), self.objective,
+                         self.error, dict(self.record.written))
+
+
+class _Pruned(Exception):
+    """The pipeline stopped because the trial's pruner said so."""
+
+
+def _is_pruned(err: BaseException) -> bool:
+    import optuna
+
+    return isinstance(err, optuna.TrialPruned)
 
 
 def read_metrics(
@@ -277,8 +316,6 @@ def _number(value: Any) -> bool:
 
 
 def _describe(err: BaseException) -> str:
-    if isinstance(err, KmrunError):
-        return str(err)
     node = getattr(err, "__notes__", None)
     where = f" ({'; '.join(node)})" if node else ""
     return f"The pipeline raised {type(err).__name__}: {err}{where}"
@@ -290,15 +327,14 @@ def _kedro_run_id() -> str:
     return generate_timestamp()
 
 
-@cache
 def _user() -> str:
     try:
         return getpass.getuser()
-    except Exception:
+    except (KeyError, OSError):  # no passwd entry for this uid (containers)
         return "unknown"
 
 
-_current: dict[str, Any] = {}  # the run ``report`` writes to: this process runs one job at a time
+_current: dict[str, Any] = {}  # the run ``report`` writes to: a process runs one job at a time
 
 
 def report_step(value: float, step: int, name: str = "intermediate") -> None:

@@ -1,16 +1,17 @@
 """Kedro: bootstrap a project once per process, then run it once per job.
 
 A job gets a fresh run on one long-lived ``KedroServiceSession`` with the job's
-parameters as runtime params. A hook captures the datasets kmrun needs (metrics),
-the resolved parameters and the credentials (so they can be redacted), and moves
-every file the pipeline writes into the job's own directory, so that parallel jobs
-never overwrite each other. Inputs that the pipeline only reads stay shared.
+parameters as runtime params. kmrun's hook (added through Kedro's ``HOOKS`` setting)
+records the parameters Kedro resolved, captures the datasets kmrun reads metrics from,
+and moves every file the pipeline writes into the job's own directory, so that
+parallel jobs never overwrite each other. Inputs the pipeline only reads stay shared.
 """
 
 from __future__ import annotations
 
 import logging
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
@@ -26,94 +27,84 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PROJECTS: dict[tuple[Path, str | None], KedroProject] = {}
-
-
-def open_project(path: str | Path, env: str | None) -> KedroProject:
-    """The bootstrapped project at ``path`` for ``env``; made once per process."""
-    root = Path(path).expanduser().resolve()
-    key = (root, env)
-    if key not in _PROJECTS:
-        _PROJECTS[key] = KedroProject(root, env)
-    return _PROJECTS[key]
+KEDRO_MLFLOW = ("kedro-mlflow", "kedro_mlflow")  # Kedro compares either spelling of the distribution
 
 
 @dataclass
 class KedroRun:
-    """What one pipeline run left behind that kmrun needs."""
+    """What one pipeline run left behind that kmrun needs. Filled in as the run goes, so
+    that a failed run still tells which parameters it resolved."""
 
     run_id: str
-    params: dict[str, Any]  # every resolved Kedro parameter of the run
-    datasets: dict[str, Any]  # captured outputs, by dataset name
-    saved: list[str]  # every dataset the run saved, in order
+    capture: set[str] = field(default_factory=set)  # datasets to keep, by name
+    output_dir: Path | None = None  # where written files go; None: the project's own paths
+    params: dict[str, Any] | None = None  # every parameter Kedro resolved, once the catalog exists
+    datasets: dict[str, Any] = field(default_factory=dict)  # captured outputs, by dataset name
+    saved: list[str] = field(default_factory=list)  # every dataset the run saved, in order
     written: dict[str, str] = field(default_factory=dict)  # dataset -> file it was written to
 
 
-class _Capture:
-    """Kedro hooks for one run at a time (a process runs one job at a time)."""
+class _Hooks:
+    """kmrun's Kedro hooks, for the one run this process is doing."""
 
-    def __init__(self) -> None:
-        self.reset(set(), None, set())
-
-    def reset(self, names: set[str], output_dir: Path | None, outputs: set[str]) -> None:
-        self.names, self.output_dir, self.outputs = names, output_dir, outputs
-        self.datasets: dict[str, Any] = {}
-        self.saved: list[str] = []
-        self.params: dict[str, Any] = {}
-        self.credentials: dict[str, Any] = {}
-        self.written: dict[str, str] = {}
-        self.project_path: Path | None = None
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.record: KedroRun | None = None
+        self.outputs: set[str] = set()
 
     @hook_impl
     def after_catalog_created(self, catalog, conf_catalog, conf_creds, parameters, save_version):  # type: ignore[no-untyped-def]
-        self.params = parameters.get("parameters", {})
-        self.credentials = conf_creds or {}
-        if self.output_dir is not None:
-            self._redirect(catalog, conf_catalog, save_version)
+        if self.record is None:
+            return
+        self.record.params = dict(parameters.get("parameters", {}))
+        if self.record.output_dir is not None:
+            catalog_log = logging.getLogger("kedro.io.data_catalog")
+            level = catalog_log.level
+            catalog_log.setLevel(logging.ERROR)  # "Replacing dataset" is what we mean to do
+            try:
+                self._redirect(catalog, conf_catalog, save_version, self.record)
+            finally:
+                catalog_log.setLevel(level)
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
-        self.saved.append(dataset_name)
-        if dataset_name in self.names:
-            self.datasets[dataset_name] = data
+        if self.record is None:
+            return
+        self.record.saved.append(dataset_name)
+        if dataset_name in self.record.capture:
+            self.record.datasets[dataset_name] = data
 
-    def _redirect(self, catalog: Any, conf_catalog: dict[str, Any], save_version: str) -> None:
-        assert self.output_dir is not None and self.project_path is not None
-        catalog_log = logging.getLogger("kedro.io.data_catalog")
-        level = catalog_log.level
-        catalog_log.setLevel(logging.ERROR)  # "Replacing dataset" is what we mean to do
-        try:
-            self._replace(catalog, conf_catalog, save_version)
-        finally:
-            catalog_log.setLevel(level)
-
-    def _replace(self, catalog: Any, conf_catalog: dict[str, Any], save_version: str) -> None:
+    def _redirect(self, catalog: Any, conf_catalog: dict[str, Any], save_version: str, record: KedroRun) -> None:
         from kedro.io import AbstractDataset
 
-        assert self.output_dir is not None and self.project_path is not None
+        assert record.output_dir is not None
         for name in sorted(self.outputs):
             conf = conf_catalog.get(name)
             if not isinstance(conf, dict) or "filepath" not in conf:
                 continue
             original = Path(str(conf["filepath"]))
             try:
-                relative = original.relative_to(self.project_path)
+                relative = original.relative_to(self.root)
             except ValueError:  # an absolute path outside the project: still keep jobs apart
                 relative = Path(original.name)
-            target = self.output_dir / relative
+            target = record.output_dir / relative
             catalog[name] = AbstractDataset.from_config(
                 name, {**conf, "filepath": target.as_posix()}, save_version=save_version
             )
-            self.written[name] = target.as_posix()
+            record.written[name] = target.as_posix()
 
 
 class KedroProject:
-    """A Kedro project bootstrapped in this process, and one session to run it."""
+    """A Kedro project bootstrapped in this process, and one session to run it.
+
+    The session and the pipelines are kept for the life of the process; the parameters
+    are read again after ``refresh()`` (kmrun calls it at the start of every run or sweep).
+    """
 
     def __init__(self, root: Path, env: str | None) -> None:
         self.root = root
         self.env = env
-        self.package_name = _read_metadata(root)
+        self.package_name = read_package_name(root)
         self._check_env(env)
         from kedro.framework.session import KedroServiceSession
         from kedro.framework.startup import bootstrap_project
@@ -122,34 +113,56 @@ class KedroProject:
         from kedro.framework.project import settings
 
         self.env_name: str = env or settings.CONFIG_LOADER_ARGS.get("default_run_env") or "local"
-        self.session: KedroServiceSession = KedroServiceSession.create(project_path=root, env=env)
-        self._capture = _Capture()
-        hooks = self.session._hook_manager  # no public way to add a hook to a session
-        _drop_kedro_mlflow(hooks)
-        hooks.register(self._capture)
-        self._base_params: dict[str, Any] | None = None
-        self._credentials: dict[str, Any] | None = None
+        self._hooks = _Hooks(root)
+        saved = {key: getattr(settings, key) for key in ("HOOKS", "DISABLE_HOOKS_FOR_PLUGINS")}
+        # kmrun owns the MLflow run: kedro-mlflow's hook would open a second one.
+        settings.set("HOOKS", (*saved["HOOKS"], self._hooks))
+        settings.set("DISABLE_HOOKS_FOR_PLUGINS", (*saved["DISABLE_HOOKS_FOR_PLUGINS"], *KEDRO_MLFLOW))
+        try:
+            with warnings.catch_warnings():  # raised by MLflow while kedro-mlflow's module loads
+                warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+                self.session: KedroServiceSession = KedroServiceSession.create(project_path=root, env=env)
+        finally:  # only kmrun's session is changed, not the project's settings
+            for key, value in saved.items():
+                settings.set(key, value)
+        if _installed("kedro_mlflow"):
+            log.info("kedro-mlflow's hook is off for kmrun runs: kmrun records the MLflow run.")
+        self._params: dict[str, Any] | None = None
+
+    def refresh(self) -> None:
+        """Forget what was read from the project's config files."""
+        self._params = None
 
     def parameters(self) -> dict[str, Any]:
         """The project's parameters for this env, before any kmrun override."""
-        if self._base_params is None:
-            self._base_params = dict(self.session.load_context().params)
-        return self._base_params
+        if self._params is None:
+            self._params = dict(self.session.load_context().params)
+        return self._params
 
     def credentials(self) -> dict[str, Any]:
-        """The project's credentials, only so that their values can be redacted."""
-        if self._credentials is None:
-            try:
-                self._credentials = dict(self.session.load_context().config_loader["credentials"])
-            except Exception:  # no credentials file is fine
-                self._credentials = {}
-        return self._credentials
+        """The project's credentials, only so that their values can be redacted.
+
+        No credentials file is fine; one that cannot be read stops kmrun, since it could
+        not keep those secrets out of MLflow."""
+        from kedro.config import MissingConfigException
+
+        try:
+            return dict(self.session.load_context().config_loader["credentials"])
+        except MissingConfigException:
+            return {}
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ProjectError(
+                f"Cannot read the Kedro credentials of {self.root} (env {self.env_name}): {first}\n"
+                "kmrun reads them to keep their values out of MLflow. Fix the credentials file "
+                "(or set the environment variables it reads)."
+            ) from None
 
     def pipeline(self, name: str, tags: list[str]) -> Pipeline:
         """The named pipeline, filtered by tags; a ``ProjectError`` names the known ones."""
         from kedro.framework.project import pipelines
 
-        pipelines.set_requested(None)
+        pipelines.set_requested(None)  # a run may have narrowed the loaded pipelines
         if name not in pipelines:
             names = sorted(pipelines.keys())
             close = get_close_matches(name, names, n=3)
@@ -162,40 +175,21 @@ class KedroProject:
         if tags:
             pipeline = pipeline.only_nodes_with_tags(*tags)
             if not pipeline.nodes:
-                raise ProjectError(
-                    f"kedro.tags {list(tags)} select no node of pipeline '{name}'."
-                )
+                raise ProjectError(f"kedro.tags {list(tags)} select no node of pipeline '{name}'.")
         return pipeline
 
-    def run(
-        self,
-        params: dict[str, Any],
-        pipeline: str = "__default__",
-        tags: list[str] | None = None,
-        capture: set[str] | None = None,
-        output_dir: Path | None = None,
-        run_id: str | None = None,
-    ) -> KedroRun:
-        """Run ``pipeline`` with ``params`` deep-merged into the project's parameters.
-
-        Datasets named in ``capture`` are returned as saved. With ``output_dir``, every
-        file dataset the pipeline writes goes below it instead of the project.
-        """
-        from kedro.io.core import generate_timestamp
-
+    def run(self, record: KedroRun, params: dict[str, Any], pipeline: str = "__default__",
+            tags: list[str] | None = None) -> KedroRun:
+        """Run ``pipeline`` with ``params`` deep-merged into the project's parameters,
+        filling in ``record`` as it goes. Raises what the pipeline raised."""
         selected = self.pipeline(pipeline, list(tags or []))
-        capture_set = set(capture or ())
-        self._capture.reset(capture_set, output_dir, set(selected.all_outputs()))
-        self._capture.project_path = self.root
-        run_id = run_id or generate_timestamp()
-        self.session.run(
-            run_id=run_id,
-            pipeline_names=[pipeline],
-            tags=tags or None,
-            runtime_params=params or None,
-        )
-        c = self._capture
-        return KedroRun(run_id, c.params, dict(c.datasets), list(c.saved), dict(c.written))
+        self._hooks.record, self._hooks.outputs = record, set(selected.all_outputs())
+        try:
+            self.session.run(run_id=record.run_id, pipeline_names=[pipeline], tags=tags or None,
+                             runtime_params=params or None)
+        finally:
+            self._hooks.record = None
+        return record
 
     def _check_env(self, env: str | None) -> None:
         if env is None:
@@ -204,12 +198,12 @@ class KedroProject:
         if not (conf / env).is_dir():
             envs = sorted(p.name for p in conf.iterdir() if p.is_dir()) if conf.is_dir() else []
             raise ProjectError(
-                f"kedro.env: no environment '{env}' in {conf}. "
-                f"Available: {', '.join(envs) or 'none'}."
+                f"kedro.env: no environment '{env}' in {conf}. Available: {', '.join(envs) or 'none'}."
             )
 
 
-def _read_metadata(root: Path) -> str:
+def read_package_name(root: Path) -> str:
+    """``[tool.kedro] package_name`` of the project at ``root``."""
     pyproject = root / "pyproject.toml"
     fix = (
         "Set kedro.project_path in conf/kmrun.yaml (or on the command line, "
@@ -227,9 +221,7 @@ def _read_metadata(root: Path) -> str:
         ) from None
 
 
-def _drop_kedro_mlflow(hooks: Any) -> None:
-    """kmrun owns the MLflow run; kedro-mlflow's hook would open a second one."""
-    for plugin in list(hooks.get_plugins()):
-        if type(plugin).__module__.split(".")[0] == "kedro_mlflow":
-            hooks.unregister(plugin=plugin)
-            log.info("kedro-mlflow's hook is off for kmrun runs: kmrun records the MLflow run.")
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

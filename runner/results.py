@@ -1,69 +1,33 @@
-"""A sweep's results: the table (CSV and Markdown), the best cell, a plot, and what the
-parent MLflow run keeps of them."""
+"""A sweep's results, from its records: the table (CSV and Markdown), the best job, the
+plots, and what the parent MLflow run keeps of them. Reads ``records`` only."""
 
 from __future__ import annotations
 
 import csv
 import io
 import logging
-import math
 from typing import TYPE_CHECKING, Any
 
+from .records import counts
 from .tracking import REDACTED
+
+if TYPE_CHECKING:
+    from .records import StudySummary, SweepOutcome
+    from .tracking import Redactor, Tracker
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    from .schema import KmrunConf
-    from .tracking import Redactor
-    from .study import Study
-    from .sweep import Cell
-    from .tracking import Tracker
 
-DONE = ("FINISHED", "SKIPPED")
-
-
-def swept(cell: Cell) -> dict[str, str]:
-    """``{"params.model.C": "0.1", ...}`` for one cell."""
-    return dict(o.lstrip("+").split("=", 1) for o in cell.swept)  # type: ignore[misc]
-
-
-def primary(conf: KmrunConf) -> tuple[str | None, str]:
-    """The metric and direction a grid sorts by (the first, for several)."""
-    metric, direction = conf.objective.metric, conf.objective.direction
-    if isinstance(metric, list):
-        return metric[0], direction[0]
-    return metric, direction
-
-
-def score(cell: Cell) -> float | None:
-    value = cell.objective[0] if isinstance(cell.objective, list) else cell.objective
-    if cell.status in DONE and isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def ranked(conf: KmrunConf, cells: list[Cell]) -> list[Cell]:
-    """Cells by objective, best first; cells without one last, in grid order."""
-    _, direction = primary(conf)
-    sign = -1.0 if direction == "maximize" else 1.0
-    return sorted(cells, key=lambda c: (score(c) is None, sign * (score(c) or 0.0), c.index))
-
-
-def best(conf: KmrunConf, cells: list[Cell]) -> Cell | None:
-    top = ranked(conf, cells)
-    return top[0] if top and score(top[0]) is not None else None
-
-
-def table(conf: KmrunConf, cells: list[Cell]) -> list[dict[str, Any]]:
-    metric, _ = primary(conf)
-    metric_names = sorted({m for c in cells for m in c.metrics})
+def table(outcome: SweepOutcome) -> list[dict[str, Any]]:
+    """One row per job, best first."""
+    metric, _ = outcome.objective.primary
+    metric_names = sorted({m for o in outcome.outcomes for m in o.metrics})
     rows = []
-    for cell in ranked(conf, cells):
-        row: dict[str, Any] = {"cell": cell.index, **swept(cell), "status": cell.status}
-        row[f"objective ({metric})"] = score(cell)
-        row.update({m: cell.metrics.get(m) for m in metric_names})
-        row["run_id"] = cell.run_id or ""
+    for job in outcome.ranked():
+        row: dict[str, Any] = {"cell": job.index, **job.values, "status": str(job.status)}
+        row[f"objective ({metric})"] = job.score()
+        row.update({m: job.metrics.get(m) for m in metric_names})
+        row["run_id"] = job.run_id or ""
         rows.append(row)
     return rows
 
@@ -92,28 +56,29 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def plot(conf: KmrunConf, cells: list[Cell]) -> Any:
+def plot(outcome: SweepOutcome) -> Any:
     """A matplotlib figure: the objective against each swept key, one panel each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, _ = primary(conf)
-    keys = list(swept(cells[0])) if cells else []
-    scored = [c for c in cells if score(c) is not None]
+    metric, _ = outcome.objective.primary
+    jobs = outcome.outcomes
+    keys = list(jobs[0].values) if jobs else []
+    scored = [o for o in jobs if o.score() is not None]
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.5 * max(1, len(keys)), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        values = [swept(c)[key] for c in scored]
+    for ax, key in zip(axes[0], keys, strict=False):
+        values = [o.values[key] for o in scored]
         numeric = all(_is_number(v) for v in values)
         xs: list[Any] = [float(v) for v in values] if numeric else values
-        ax.scatter(xs, [score(c) for c in scored], alpha=0.8)
+        ax.scatter(xs, [o.score() for o in scored], alpha=0.8)
         if numeric and xs and min(xs) > 0 and max(xs) / min(xs) >= 100:
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(str(metric))
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{metric} by swept value ({len(scored)} of {len(cells)} cells scored)")
+    fig.suptitle(f"{metric} by swept value ({len(scored)} of {len(jobs)} cells scored)")
     fig.tight_layout()
     return fig
 
@@ -126,43 +91,46 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def counts(cells: list[Cell]) -> dict[str, int]:
-    status = [c.status for c in cells]
-    return {
-        "jobs_total": len(cells),
-        "jobs_finished": status.count("FINISHED") + status.count("SKIPPED"),
-        "jobs_failed": status.count("FAILED"),
-        "jobs_skipped": status.count("SKIPPED"),
-        "jobs_killed": status.count("KILLED"),
-        "jobs_not_started": status.count("NOT_STARTED"),
-    }
-
-
-def log_parent(
-    tracker: Tracker, parent: str, conf: KmrunConf, cells: list[Cell], redact: Redactor, with_plot: bool = True
-) -> None:
-    """Counts, the best cell, the results table and the plot, on the parent run."""
-    metric, _ = primary(conf)
-    metrics: dict[str, float] = {k: float(v) for k, v in counts(cells).items()}
+def log_parent(tracker: Tracker, parent: str, outcome: SweepOutcome, redact: Redactor, with_plots: bool) -> None:
+    """Counts, the best job, the results table and the plots, on the parent run."""
+    metric, _ = outcome.objective.primary
+    metrics: dict[str, float] = {k: float(v) for k, v in counts(outcome.outcomes).items()}
     params: dict[str, str] = {}
     tags: dict[str, str] = {}
-    top = best(conf, cells)
-    if top is not None and metric:
-        metrics[f"best_{metric}"] = score(top)  # type: ignore[assignment]
-        params = redact.params({f"best.{k}": v for k, v in swept(top).items()})
+    study = outcome.study
+    top = outcome.best()
+    if study is not None:
+        names = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+        metrics.update({f"trials_{names.get(state, state.lower())}": float(n) for state, n in study.states.items()})
+        metrics["trials_this_run"] = float(len(outcome.outcomes))
+        if len(study.best) == 1 and metric:
+            best = study.best[0]
+            metrics[f"best_{metric}"] = float(best.values[0])
+            params = redact.params({f"best.{k}": v for k, v in best.params.items()})
+            tags = {"kmrun.best_run_id": best.run_id, "optuna.best_trial": str(best.number)}
+        elif study.best:
+            tags = {"optuna.pareto_trials": ",".join(str(t.number) for t in study.best)}
+    elif top is not None and metric:
+        metrics[f"best_{metric}"] = top.score()  # type: ignore[assignment]
+        params = redact.params({f"best.{k}": v for k, v in top.values.items()})
         tags = {"kmrun.best_run_id": top.run_id or "", "kmrun.best_cell": redact.text(top.label)}
     _log_once(tracker, parent, params)
     tracker.log(parent, metrics=metrics, tags=tags)
-    rows = table(conf, cells)
+    rows = table(outcome)
     tracker.log_text(parent, redact.text(to_csv(rows)), "results.csv")
     tracker.log_text(parent, redact.text(to_markdown(rows)), "results.md")
-    if not with_plot:
-        return
-    figure = plot(conf, cells)
-    tracker.client.log_figure(parent, figure, "objective_by_param.png")
-    import matplotlib.pyplot as plt
+    if study is not None:
+        tracker.log_text(parent, redact.text(study.trials_csv), "trials.csv")
+        if study.best_experiment is not None:
+            tracker.log_text(parent, study.best_experiment, "best_experiment.yaml")
+        if with_plots and study.states.get("COMPLETE"):
+            log_study_plots(tracker, parent, study, outcome.objective.metrics)
+    elif with_plots:
+        import matplotlib.pyplot as plt
 
-    plt.close(figure)
+        figure = plot(outcome)
+        tracker.client.log_figure(parent, figure, "objective_by_param.png")
+        plt.close(figure)
 
 
 def _log_once(tracker: Tracker, run_id: str, params: dict[str, str]) -> None:
@@ -171,60 +139,6 @@ def _log_once(tracker: Tracker, run_id: str, params: dict[str, str]) -> None:
     fresh = {k: v for k, v in params.items() if k not in existing}
     changed = {f"kmrun.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
     tracker.log(run_id, params=fresh, tags=changed)
-
-
-def log_study(study: Study, parent: str, with_plots: bool = True) -> None:
-    """The best trial (or Pareto set), the trials table, Optuna's plots and a ready
-    experiment file of the best params, on the study's parent run."""
-    from optuna.trial import TrialState
-
-    tracker, optuna_study = study.tracker, study.study
-    metric = study.conf.objective.metric
-    names = metric if isinstance(metric, list) else [metric]
-    trials = optuna_study.get_trials(deepcopy=False)
-    states = [t.state for t in trials]
-    metrics = {
-        "trials_complete": float(states.count(TrialState.COMPLETE)),
-        "trials_pruned": float(states.count(TrialState.PRUNED)),
-        "trials_failed": float(states.count(TrialState.FAIL)),
-        "trials_this_run": float(len(study.cells)),
-    }
-    params: dict[str, str] = {}
-    tags: dict[str, str] = {}
-    if TrialState.COMPLETE in states:
-        if len(names) == 1:
-            best_trial = optuna_study.best_trial
-            metrics[f"best_{names[0]}"] = float(best_trial.value)  # type: ignore[arg-type]
-            params = study.redact.params({f"best.{k}": v for k, v in best_trial.params.items()})
-            tags = {"kmrun.best_run_id": str(best_trial.user_attrs.get("mlflow_run_id", "")),
-                    "optuna.best_trial": str(best_trial.number)}
-            experiment = best_experiment(study, best_trial)
-            tracker.log_text(parent, experiment, "best_experiment.yaml")
-            if study.settings.export_best:
-                target = study.conf_dir / "experiment" / f"{study.settings.export_best}.yaml"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(experiment, encoding="utf-8")
-        else:
-            pareto = optuna_study.best_trials
-            tags = {"optuna.pareto_trials": ",".join(str(t.number) for t in pareto)}
-    _log_once(tracker, parent, params)
-    tracker.log(parent, metrics=metrics, tags=tags)
-    frame = optuna_study.trials_dataframe()
-    tracker.log_text(parent, study.redact.text(frame.to_csv(index=False)), "trials.csv")
-    if with_plots and TrialState.COMPLETE in states:
-        log_study_plots(tracker, parent, optuna_study, names)
-
-
-def best_experiment(study: Study, trial: Any) -> str:
-    """A ``conf/experiment`` file that reruns the trial: ``+experiment=<its name>``."""
-    spec = study.compose(trial.params, open_store=False)
-    return experiment_file(
-        study.redact,
-        spec.config,
-        f"Best trial {trial.number} of Optuna study '{study.name}': "
-        f"{study.conf.objective.metric} = {trial.value:.6g}.",
-        f"best of {study.name} (trial {trial.number})",
-    )
 
 
 def experiment_file(redact: Redactor, config: dict[str, Any], about: str, run_name: str) -> str:
@@ -258,8 +172,9 @@ def without_redacted(tree: dict[str, Any]) -> dict[str, Any]:
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "intermediate_values")
 
 
-def log_study_plots(tracker: Tracker, parent: str, optuna_study: Any, names: list[str]) -> None:
-    """Optuna's plots: one self-contained HTML page (plotly), and a PNG each (matplotlib)."""
+def log_study_plots(tracker: Tracker, parent: str, study: StudySummary, names: list[str]) -> None:
+    """Optuna's plots of the study (opened again from its storage): one self-contained
+    HTML page (plotly), and a PNG each (matplotlib)."""
     import warnings
 
     import matplotlib
@@ -271,6 +186,7 @@ def log_study_plots(tracker: Tracker, parent: str, optuna_study: Any, names: lis
     import optuna.visualization.matplotlib as vis_png
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "set up pruning to plot ..." is not news
+    optuna_study = optuna.load_study(study_name=study.name, storage=study.storage_url)
     multi = len(names) > 1
     wanted = ("pareto_front",) + PLOTS[2:4] if multi else PLOTS
     target = {"target": lambda t: t.values[0], "target_name": names[0]} if multi else {}
@@ -297,3 +213,5 @@ def log_study_plots(tracker: Tracker, parent: str, optuna_study: Any, names: lis
     if sections:
         page = "<html><head><meta charset='utf-8'><title>study</title></head><body>" + "".join(sections) + "</body></html>"
         tracker.log_text(parent, page, "plots/study.html")
+
+

@@ -6,16 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import KmrunError
-from .kedro_bridge import _read_metadata, open_project
+from . import runtime
+from .kedro_bridge import read_package_name
 
 KMRUN_YAML = """\
 # kmrun's config for this Kedro project. Every key: kmrun's docs/config.md.
-defaults:
-  - _self_
-  - override hydra/job_logging: none
-  - override hydra/hydra_logging: none
-  - override hydra/sweeper: kmrun
-
 kedro:
   project_path: .                 # this project
   env: null                       # null: the project's default run env
@@ -37,12 +32,6 @@ objective:
 metrics: {metrics}                # Kedro datasets that hold metrics (a number, a dict, or lists)
 
 verbose: false
-
-hydra:
-  run:
-    dir: outputs/${{now:%Y-%m-%d}}/${{now:%H-%M-%S-%f}}
-  sweep:
-    dir: multirun/${{now:%Y-%m-%d}}/${{now:%H-%M-%S-%f}}
 """
 
 STUDY_YAML = """\
@@ -66,13 +55,13 @@ def init(root: Path) -> list[Path]:
     """Write conf/kmrun.yaml, conf/experiment/baseline.yaml and conf/study/example.yaml."""
     from omegaconf import OmegaConf
 
-    package = _read_metadata(root)
+    package = read_package_name(root)
     conf = root / "conf"
     targets = [conf / "kmrun.yaml", conf / "experiment" / "baseline.yaml", conf / "study" / "example.yaml"]
     existing = [str(t.relative_to(root)) for t in targets if t.exists()]
     if existing:
         raise KmrunError(f"kmrun init would overwrite {', '.join(existing)}. Move them away first; kmrun init never overwrites.")
-    project = open_project(root, None)
+    project = runtime.current().project(root, None)
     params = project.parameters()
     metrics = _metric_datasets(project)
     metric = "null"  # kmrun cannot know which of the project's metrics matters

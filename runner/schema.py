@@ -47,9 +47,10 @@ class ObjectiveConf:
 class SweepConf:
     params: Dict[str, Any] = field(default_factory=dict)  # grid from YAML: key -> sweep expression
     n_jobs: int = 1  # jobs at a time, each in its own worker process when > 1
-    max_failures: Optional[float] = None  # stop launching after this many failures (<1: a rate)
+    max_failures: Optional[float] = None  # stop launching after this many failures (<1: a fraction); None: no limit
     rerun: bool = False  # run every cell again, even those already FINISHED
     dry_run: bool = False  # print the jobs and exit; nothing runs, no MLflow run is created
+    dir: Optional[str] = None  # where each job writes its datasets; None: multirun/DATE/TIME/<job>
 
 
 @dataclass
@@ -62,7 +63,7 @@ class StudyConf:
     storage: Optional[str] = None  # None: sqlite optuna.db beside the MLflow store; a URL; *.journal
     name: Optional[str] = None  # None: the study file's name
     n_jobs: int = 1  # trials at a time, each in its own worker process when > 1
-    max_failures: Optional[float] = None  # stop after this many failed trials (<1: a rate); None: n_trials
+    max_failures: Optional[float] = None  # stop after this many failed trials (<1: a fraction); None: as many as trials to run
     search_space: Dict[str, Any] = field(default_factory=dict)  # key -> interval/int/range/choice/tag(log)
     export_best: Optional[str] = None  # also write the best params to conf/experiment/<this>.yaml
 

@@ -1,39 +1,42 @@
-"""kmrun's Optuna sweeper: a study from YAML, run with ask and tell.
+"""An Optuna study as a job source for the engine: ask a trial, run it, tell its result.
 
-The search space is written in Hydra's sweep grammar and read by Hydra's parser. The
-orchestrator asks for a trial, composes its job, hands it to the same ``Pool`` grids
-use, and tells the result as soon as it is back: no batch barrier. Several kmrun
-processes on one storage and study name share the work, as with Optuna's own
-``optimize``. Each invocation has one parent MLflow run; each trial is a child.
+The search space is written in Hydra's sweep grammar and read by Hydra's parser. Each
+trial is told as soon as it is back: no batch barrier. Several kmrun processes on one
+storage and study name share the work, as with Optuna's own ``optimize``; only the
+first ``n_trials`` non-failed trials by number run, and trials of dead processes are
+failed.
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib.util
 import json
 import math
 import time
 import warnings
 from collections.abc import Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import terminal
-from .compose import as_typed, hydra_args
+from . import runtime
+from .compose import JobComposer, as_typed, choices_of
+from .engine import Job
 from .errors import ConfigError
-from .job import JobResult, JobSpec, open_tracker, prepare, redactor
-from .schema import KmrunConf, StudyConf
-from .pool import Pool
-from .sweep import Cell, Composer, SweepOutcome, _check_sweepable, _conf_dir, _parse, _without_hydra
-from .tracking import _alive, process_tags
-from .trial import Heartbeat, TrialRef, _build, hide_password, make_pruner, open_storage
+from .grid import split
+from .job import JobSpec, prepare
+from .records import BestTrial, JobResult, Outcome, Status, StudySummary
+from .tracking import alive, hide_password, process_tags
+from .trial import Heartbeat, TrialRef, build_from_config, make_pruner
 
 if TYPE_CHECKING:
     import optuna
     from hydra.core.override_parser.types import Override
-    from hydra.types import HydraContext
-    from omegaconf import DictConfig
+
+    from .compose import Composer
+    from .schema import KmrunConf, StudyConf
+    from .tracking import Tracker
 
 SAMPLERS = {
     "tpe": "TPESampler",
@@ -46,37 +49,15 @@ SAMPLERS = {
 }
 UNCLAIMED_SECONDS = 10
 NEEDS = {"cmaes": "cmaes", "gp": "torch"}  # samplers whose package Optuna imports only when sampling
-TELL = {"FINISHED": "COMPLETE", "PRUNED": "PRUNED", "FAILED": "FAIL", "KILLED": "FAIL"}
-
-
-def run_study(hydra_context: HydraContext, config: DictConfig, arguments: list[str], conf: KmrunConf, command: str) -> SweepOutcome:
-    assert conf.study is not None
-    base, space = search_space(hydra_context, conf.study.search_space, arguments)
-    distributions = {key: distribution(key, override) for key, override in space.items()}
-    if conf.objective.metric is None:
-        raise ConfigError("A study needs objective.metric (and objective.direction) to optimise.")
-    name = conf.study.name or str(config.hydra.runtime.choices.get("study") or "study")
-    runner = Study(hydra_context, config, conf, base, distributions, name, command)
-    runner.check()
-    return runner.run()
+TELL = {Status.FINISHED: "COMPLETE", Status.PRUNED: "PRUNED", Status.FAILED: "FAIL", Status.KILLED: "FAIL"}
 
 
 def search_space(
-    hydra_context: HydraContext, yaml_space: Mapping[str, Any], arguments: list[str]
+    composer: Composer, yaml_space: Mapping[str, Any], arguments: list[str]
 ) -> tuple[list[str], dict[str, Override]]:
     """Shared overrides, and the search space: ``study.search_space`` plus the command
     line's sweep expressions, which add keys or replace them."""
-    lines = hydra_args([f"{key}={value}" for key, value in yaml_space.items()]) + list(arguments)
-    base: list[str] = []
-    space: dict[str, Override] = {}
-    for override in _parse(hydra_context, lines):
-        key = override.get_key_element().lstrip("+~")
-        if override.is_sweep_override():
-            _check_sweepable(key)
-            space[key] = override
-        else:
-            base.append(override.input_line)
-            space.pop(key, None)
+    base, space = split(composer, [f"{key}={value}" for key, value in yaml_space.items()] + list(arguments))
     if not space:
         raise ConfigError(
             "Empty search space: set study.search_space in the study file, or give sweep "
@@ -127,8 +108,6 @@ def make_sampler(config: dict[str, Any], distributions: Mapping[str, Any], n_exi
     import optuna
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
-    import importlib.util
-
     options = dict(config)
     package = NEEDS.get(str(options.get("name", "")).lower())
     if package and importlib.util.find_spec(package) is None:
@@ -148,95 +127,181 @@ def make_sampler(config: dict[str, Any], distributions: Mapping[str, Any], n_exi
                     "Use choice() or range() for it, or another sampler."
                 )
         options.setdefault("search_space", grid)
-    return _build(optuna.samplers, SAMPLERS, options, "study.sampler")
+    return build_from_config(optuna.samplers, SAMPLERS, options, "study.sampler")
 
 
 class Study:
-    """One invocation of a study: its parent run, its trials, its results."""
+    """One invocation of a study, as the engine's job source."""
 
-    def __init__(self, hydra_context: HydraContext, config: DictConfig, conf: KmrunConf,
-                 base: list[str], distributions: dict[str, Any], name: str, command: str) -> None:
-        self.hydra_context, self.config, self.conf = hydra_context, config, conf
+    def __init__(self, composer: Composer, conf: KmrunConf, base: list[str], space: dict[str, Override],
+                 name: str) -> None:
+        if conf.objective.metric is None:
+            raise ConfigError("A study needs objective.metric (and objective.direction) to optimise.")
+        self.conf = conf
         self.settings: StudyConf = conf.study  # type: ignore[assignment]
-        self.base, self.distributions, self.name, self.command = base, distributions, name, command
-        self.conf_dir = _conf_dir(config)
-        self.cells: list[Cell] = []
-        self.composer = Composer(hydra_context, config, base)
+        self.base, self.name = base, name
+        self.distributions = {key: distribution(key, override) for key, override in space.items()}
+        self.outcomes: list[Outcome] = []
+        self._compose = JobComposer(composer, base)
+        self._conf_dir = composer.config_dir
+        self._heartbeat: Heartbeat | None = None
+        self._stopped = False
+        self._deadline = math.inf
 
-    def compose(self, values: Mapping[str, Any], open_store: bool = True) -> JobSpec:
+    def job_spec(self, values: Mapping[str, Any], open_store: bool = True) -> JobSpec:
         lines = [f"{key}={_literal(value)}" for key, value in values.items()]
-        job_cfg = self.composer(hydra_args(lines))
-        return prepare(_without_hydra(job_cfg), as_typed(self.base) + lines, job_cfg.hydra.runtime.choices,
-                       self.conf_dir, open_store=open_store)
+        cfg = self._compose(lines)
+        return prepare(cfg, self.base + lines, choices_of(cfg), self._conf_dir, open_store=open_store)
 
     def check(self) -> None:
         """Compose a job at each end of every distribution: bad keys and types fail now."""
         make_pruner(self.settings.pruner)
         make_sampler(self.settings.sampler, self.distributions, 0)
-        first, *_ = [self.compose(corner) for corner in _corners(self.distributions)]
-        self.tracker = open_tracker(first.uri, first.experiment_name)
-        self.spec = first
-        self.redact = redactor(first)
-        self.storage_url = self.settings.storage or _beside(first.uri)
-        self.storage = open_storage(self.storage_url)
+        self.first, *_ = [self.job_spec(corner) for corner in _corners(self.distributions)]
+        self.storage_url = self.settings.storage or _beside(self.first.uri)
+        self.storage = runtime.current().storage(self.storage_url)
 
-    def run(self) -> SweepOutcome:
+    def begin(self, tracker: Tracker) -> list[str]:
+        """Create or load the study, fail what dead processes left, set the target."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.tracker = tracker
         directions = self.conf.objective.direction
         directions = directions if isinstance(directions, list) else [directions]
         try:
-            existing = optuna.load_study(study_name=self.name, storage=self.storage)
-            n_existing = len(existing.trials)
+            n_existing = len(optuna.load_study(study_name=self.name, storage=self.storage).trials)
         except KeyError:
             n_existing = 0
-        study = optuna.create_study(
+        self.study = optuna.create_study(
             study_name=self.name, storage=self.storage, load_if_exists=True, directions=directions,
             sampler=make_sampler(self.settings.sampler, self.distributions, n_existing),
             pruner=make_pruner(self.settings.pruner),
         )
-        if [d.name.lower() for d in study.directions] != directions:
+        if [d.name.lower() for d in self.study.directions] != directions:
             raise ConfigError(
                 f"Study '{self.name}' in {hide_password(self.storage_url)} was created with directions "
-                f"{[d.name.lower() for d in study.directions]}, not {directions}. Use another study.name."
+                f"{[d.name.lower() for d in self.study.directions]}, not {directions}. Use another study.name."
             )
-        self.study = study
         self._fail_stale()
-        finished = self._finished()
-        target = finished + self.settings.more if self.settings.more is not None else self.settings.n_trials
-        grid_size = _grid_size(study.sampler)
-        if grid_size is not None and target > grid_size:
-            terminal.say(f"The grid sampler has {grid_size} points; the study stops there (not at {target}).")
-            target = grid_size
+        finished = self._count("COMPLETE", "PRUNED")
+        more = self.settings.more
+        self.target = finished + more if more is not None else self.settings.n_trials
+        notes = []
+        grid_size = _grid_size(self.study.sampler)
+        if grid_size is not None and self.target > grid_size:
+            notes.append(f"The grid sampler has {grid_size} points; the study stops there (not at {self.target}).")
+            self.target = grid_size
         if finished:
-            terminal.say(f"Study '{self.name}': {finished} trials already finished; running until it holds {target}.")
-        parent = self.tracker.start(f"study {self.name}", {
-            "kmrun.role": "parent", "kmrun.kind": "study", "kmrun.sweep": self.redact.text(self.command)[:5000],
+            notes.append(f"Study '{self.name}': {finished} trials already finished; running until it holds {self.target}.")
+        self.planned = max(self.target - finished, 0)
+        return notes
+
+    def parent_tags(self, command: str) -> dict[str, str]:
+        return {
+            "kmrun.role": "parent", "kmrun.kind": "study", "kmrun.sweep": command[:5000],
             "optuna.study_name": self.name, "optuna.storage": hide_password(self.storage_url),
-            "optuna.sampler": type(study.sampler).__name__, "optuna.pruner": type(study.pruner).__name__,
-        })
-        status = "KILLED"
+            "optuna.sampler": type(self.study.sampler).__name__, "optuna.pruner": type(self.study.pruner).__name__,
+        }
+
+    def start(self, parent: str, sweep_dir: Path) -> None:
+        self.parent, self.sweep_dir = parent, sweep_dir
+        if self.settings.timeout:
+            self._deadline = time.monotonic() + self.settings.timeout
+
+    # the engine's Source protocol
+    def next(self) -> Job | None:
+        if self._stopped or time.monotonic() >= self._deadline:
+            return None
+        if self._count("COMPLETE", "PRUNED", "RUNNING") >= self.target:
+            return None  # reached, or being reached by running trials (ours or another process's)
+        if self._heartbeat is None:  # started here: after the scheduler forked its workers
+            self._heartbeat = Heartbeat(self.storage)
+        with warnings.catch_warnings():
+            # kmrun records heartbeats itself; Optuna assumes only optimize() does
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = self.study.ask(self.distributions)
+        if self._surplus(trial):
+            self.study.tell(trial, state=_state("FAIL"))
+            self._stopped = True
+            return None
+        owner = process_tags()
+        trial.set_user_attr("kmrun.owner", f"{owner['kmrun.host']}:{owner['kmrun.pid']}")
+        self._heartbeat.add(trial._trial_id)
+        outcome = Outcome(trial.number, [f"{k}={_literal(v)}" for k, v in trial.params.items()])
+        self.outcomes.append(outcome)
+        return Job(self._spec(trial), outcome, trial)
+
+    def exhausted(self) -> bool:
+        if self._stopped or time.monotonic() >= self._deadline:
+            return True
+        return self._count("COMPLETE", "PRUNED") >= self.target
+
+    def wait_outside(self) -> None:
+        """Only other processes' trials are running: wait for them (or for them to turn
+        out stale), so that this process ends with the study complete."""
+        if self._count("RUNNING"):
+            time.sleep(1.0)
+            self._fail_stale()
+
+    def record(self, job: Job, result: JobResult) -> None:
+        job.outcome.take(result)
         try:
-            self._optimize(study, parent, target)
-            status = "FAILED" if any(c.status == "FAILED" for c in self.cells) else "FINISHED"
-        except KeyboardInterrupt:
-            terminal.error(f"Interrupted: the study and its running trials are KILLED/FAILED. To resume:\n  {self.command}")
-            raise
+            if result.status is Status.FINISHED:
+                self.study.tell(job.token, result.objective)
+            else:
+                self.study.tell(job.token, state=_state(TELL[result.status]))
+        except RuntimeError as err:
+            # GridSampler calls study.stop() when its grid is done, which only optimize()
+            # allows; the trial's state is stored before that, so nothing is lost.
+            if "Study.stop" not in str(err):
+                raise
         finally:
-            try:
-                from . import results
+            if self._heartbeat is not None:
+                self._heartbeat.remove(job.token._trial_id)
 
-                results.log_study(self, parent, with_plots=status != "KILLED")  # an interrupted study ends fast
-            finally:
-                self.tracker.finish(parent, status)
-        elsewhere = self._count("RUNNING")  # this process's trials are all told by now
-        outcome = SweepOutcome(self.cells, parent, self.command, target_met=self._finished() + elsewhere >= target)
-        terminal.study_summary(self, outcome, target)
-        return outcome
+    def abandon(self, job: Job) -> None:
+        self.study.tell(job.token, state=_state("FAIL"))
+        job.outcome.status = Status.KILLED
 
-    def _finished(self) -> int:
-        return self._count("COMPLETE", "PRUNED")
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+
+    def summary(self, export_to: Path | None) -> StudySummary:
+        """What the study holds now, as plain data; writes ``study.export_best`` if asked."""
+        trials = self.study.get_trials(deepcopy=False)
+        states: dict[str, int] = {}
+        for trial in trials:
+            states[trial.state.name] = states.get(trial.state.name, 0) + 1
+        best, experiment = [], None
+        if states.get("COMPLETE"):
+            chosen = self.study.best_trials if len(self.study.directions) > 1 else [self.study.best_trial]
+            best = [BestTrial(t.number, list(t.values), dict(t.params), str(t.user_attrs.get("mlflow_run_id", "")))
+                    for t in chosen]
+            if len(self.study.directions) == 1:
+                experiment = self._best_experiment(chosen[0])
+        if experiment is not None and export_to is not None:
+            export_to.parent.mkdir(parents=True, exist_ok=True)
+            export_to.write_text(experiment, encoding="utf-8")
+        frame = self.study.trials_dataframe()
+        return StudySummary(
+            name=self.name, storage=hide_password(self.storage_url), storage_url=self.storage_url,
+            target=self.target, states=states, best=best, trials_csv=frame.to_csv(index=False),
+            sampler=type(self.study.sampler).__name__, best_experiment=experiment,
+            exported_to=str(export_to) if experiment is not None and export_to is not None else None,
+        )
+
+    def _best_experiment(self, trial: Any) -> str:
+        from .results import experiment_file
+
+        spec = self.job_spec(trial.params, open_store=False)
+        return experiment_file(
+            spec.redact, spec.config,
+            f"Best trial {trial.number} of Optuna study '{self.name}': "
+            f"{self.conf.objective.metric} = {trial.value:.6g}.",
+            f"best of {self.name} (trial {trial.number})",
+        )
 
     def _count(self, *states: str) -> int:
         return len(self.study.get_trials(deepcopy=False, states=tuple(_state(s) for s in states)))
@@ -246,24 +311,22 @@ class Study:
 
         A trial's owner is recorded right after it is asked for. A trial still without
         one after ``UNCLAIMED_SECONDS`` was asked for by a process that died at once."""
-        import datetime
-
         import optuna
         from optuna.trial import TrialState
 
         failed = 0
         now = datetime.datetime.now()
-
         if hasattr(self.storage, "record_heartbeat"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
         stale_runs = set(self.tracker.fail_stale_runs())
+        host = process_tags()["kmrun.host"]
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             run_id = trial.user_attrs.get("mlflow_run_id")
             owner = trial.user_attrs.get("kmrun.owner")
-            host, _, pid = str(owner or "").rpartition(":")
-            dead = host == process_tags()["kmrun.host"] and pid and not _alive(int(pid))
+            owner_host, _, pid = str(owner or "").rpartition(":")
+            dead = owner_host == host and pid and not alive(int(pid))
             unclaimed = owner is None and trial.datetime_start is not None and (
                 now - trial.datetime_start).total_seconds() > UNCLAIMED_SECONDS
             if dead or unclaimed:
@@ -273,94 +336,26 @@ class Study:
                     self.tracker.finish(run_id, "FAILED")
         return failed
 
-    def _optimize(self, study: optuna.Study, parent: str, target: int) -> None:
-        limit = self.settings.max_failures if self.settings.max_failures is not None else max(target, 1)
-        deadline = time.monotonic() + self.settings.timeout if self.settings.timeout else math.inf
-        failures, stop = 0, False
-        heartbeat = Heartbeat(self.storage)
-        running: dict[Future[JobResult], tuple[Any, Cell]] = {}
-        total = max(target - self._finished(), 0)
-        try:
-            with terminal.SweepProgress(total, self.conf, label="study") as progress, Pool(self.settings.n_jobs) as pool:
-                while True:
-                    while not stop and len(running) < pool.size and time.monotonic() < deadline:
-                        if self._count("COMPLETE", "PRUNED", "RUNNING") >= target:
-                            break  # reached, or being reached by running trials (ours or another process's)
-                        with warnings.catch_warnings():
-                            # kmrun records heartbeats itself; Optuna assumes only optimize() does
-                            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                            trial = study.ask(self.distributions)
-                        if self._surplus(trial, target):
-                            study.tell(trial, state=_state("FAIL"))
-                            stop = True
-                            break
-                        owner = process_tags()
-                        trial.set_user_attr("kmrun.owner", f"{owner['kmrun.host']}:{owner['kmrun.pid']}")
-                        heartbeat.add(trial._trial_id)
-                        cell = Cell(trial.number, [f"{k}={_literal(v)}" for k, v in trial.params.items()])
-                        self.cells.append(cell)
-                        spec = self._spec(trial, parent)
-                        running[pool.submit(spec)] = (trial, cell)
-                    if not running:
-                        if stop or time.monotonic() >= deadline or self._finished() >= target:
-                            break
-                        if not self._count("RUNNING"):
-                            continue  # another process's trial failed: ask for a new one
-                        # Only other processes' trials are left: wait for them (or for them
-                        # to turn out stale), so that this process ends with the study complete.
-                        time.sleep(1.0)
-                        self._fail_stale()
-                        continue
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        trial, cell = running.pop(future)
-                        result = future.result()
-                        self._tell(study, trial, cell, result)
-                        heartbeat.remove(trial._trial_id)
-                        failures += cell.status == "FAILED"
-                        progress.update(cell)
-                    if failures >= (limit if limit >= 1 else max(1.0, limit * target)):
-                        stop = True
-        except KeyboardInterrupt:
-            for trial, cell in running.values():
-                study.tell(trial, state=_state("FAIL"))
-                cell.status = "KILLED"
-            raise
-        finally:
-            heartbeat.stop()
-
-    def _surplus(self, trial: optuna.Trial, target: int) -> bool:
+    def _surplus(self, trial: optuna.Trial) -> bool:
         """Another process may have asked at the same time: only the first ``target``
         non-failed trials by number run, so the study never overshoots."""
-        from optuna.trial import TrialState
+        live = self.study.get_trials(deepcopy=False, states=(_state("COMPLETE"), _state("PRUNED"), _state("RUNNING")))
+        return sum(t.number <= trial.number for t in live) > self.target
 
-        live = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-        return sum(t.number <= trial.number for t in live) > target
-
-    def _spec(self, trial: optuna.Trial, parent: str) -> JobSpec:
-        spec = self.compose(trial.params)
+    def _spec(self, trial: optuna.Trial) -> JobSpec:
+        spec = self.job_spec(trial.params)
         ref = TrialRef(self.storage_url, self.name, trial._trial_id, trial.number,
                        tuple(sorted(self.settings.pruner.items())))
         dists = {k: repr(d) for k, d in self.distributions.items()}
-        return replace(spec, parent_run_id=parent, run_name=f"trial {trial.number}", trial=ref, tags={
-            "kmrun.role": "child", "kmrun.kind": "trial", "optuna.study_name": self.name,
-            "optuna.trial_number": str(trial.number), "optuna.sampler": type(self.study.sampler).__name__,
-            "optuna.distributions": json.dumps(dists)[:5000],
-        })
-
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, cell: Cell, result: JobResult) -> None:
-        cell.run_id, cell.metrics, cell.objective, cell.error = result.run_id, result.metrics, result.objective, result.error
-        cell.status = result.status
-        try:
-            if result.status == "FINISHED":
-                study.tell(trial, result.objective)
-            else:
-                study.tell(trial, state=_state(TELL[result.status]))
-        except RuntimeError as err:
-            # GridSampler calls study.stop() when its grid is done, which only optimize()
-            # allows; the trial's state is stored before that, so nothing is lost.
-            if "Study.stop" not in str(err):
-                raise
+        return replace(
+            spec, parent_run_id=self.parent, run_name=f"trial {trial.number}", trial=ref,
+            output_dir=str(self.sweep_dir / f"trial-{trial.number}"),
+            tags={
+                "kmrun.role": "child", "kmrun.kind": "trial", "optuna.study_name": self.name,
+                "optuna.trial_number": str(trial.number), "optuna.sampler": type(self.study.sampler).__name__,
+                "optuna.distributions": json.dumps(dists)[:5000],
+            },
+        )
 
 
 def _grid_size(sampler: Any) -> int | None:

@@ -16,15 +16,12 @@ from . import __version__
 from .tracking import ui_command
 
 if TYPE_CHECKING:
-    from .job import JobResult, JobSpec
-    from .schema import KmrunConf
-    from .study import Study
-    from .sweep import Cell, SweepOutcome
+    from .job import JobSpec
+    from .records import JobResult, Objective, Outcome, SweepOutcome
 
 console = Console(stderr=False, highlight=False)
 errors = Console(stderr=True, highlight=False)
 
-VERBOSE = False  # -v: set once by the CLI, read by worker processes' set-up
 _QUIET = ("kedro", "py.warnings", "mlflow", "alembic", "optuna")
 
 
@@ -85,25 +82,23 @@ def say(message: str) -> None:
     console.print(message)
 
 
-def dry_run(cells: list[Cell]) -> None:
-    console.print(f"Dry run: {len(cells)} job(s). Nothing was run or recorded.")
+def dry_run(outcome: SweepOutcome) -> None:
+    console.print(f"Dry run: {len(outcome.outcomes)} job(s). Nothing was run or recorded.")
     table = Table(box=None)
     table.add_column("#", justify="right")
     table.add_column("overrides")
-    for cell in cells:
-        table.add_row(str(cell.index), " ".join(cell.swept))
+    for job in outcome.outcomes:
+        table.add_row(str(job.index), " ".join(job.swept))
     console.print(table)
 
 
 class SweepProgress:
     """A progress bar: done/total, failed, best so far, ETA."""
 
-    def __init__(self, total: int, conf: KmrunConf, label: str) -> None:
+    def __init__(self, total: int, objective: Objective, label: str) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from .results import primary
-
-        self.metric, self.direction = primary(conf)
+        self.metric, self.direction = objective.primary
         self.failed = self.pruned = 0
         self.best: float | None = None
         self.progress = Progress(
@@ -119,18 +114,16 @@ class SweepProgress:
         )
         self.task = self.progress.add_task(label, total=total, failed=0, pruned=0, best="-")
 
-    def update(self, cell: Cell) -> None:
-        from .results import score
-
+    def update(self, cell: Outcome, advance: int = 1) -> None:
         self.failed += cell.status == "FAILED"
         self.pruned += cell.status == "PRUNED"
-        value = score(cell)
+        value = cell.score()
         if value is not None and (
             self.best is None or (value > self.best if self.direction == "maximize" else value < self.best)
         ):
             self.best = value
         best = f"{self.metric}={self.best:.4g}" if self.best is not None else "-"
-        self.progress.update(self.task, advance=1, failed=self.failed, pruned=self.pruned, best=best)
+        self.progress.update(self.task, advance=advance, failed=self.failed, pruned=self.pruned, best=best)
         if not console.is_terminal:
             console.print(f"  [{cell.status}] {cell.label}  {self.metric}={_short(value)}")
 
@@ -147,27 +140,30 @@ def _short(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def sweep_summary(conf: KmrunConf, outcome: SweepOutcome, uri: str) -> None:
-    from .results import counts, ranked, score
-
-    metric = conf.objective.metric
+def sweep_summary(outcome: SweepOutcome) -> None:
+    """The grid's table, best first, the counts, and what to do about failures."""
+    if outcome.study is not None:
+        study_summary(outcome)
+        return
+    metric, _ = outcome.objective.primary
     table = Table(title="Sweep results, best first")
     table.add_column("#", justify="right")
     table.add_column("cell")
     table.add_column("status")
     table.add_column(str(metric), justify="right")
     table.add_column("run")
-    for cell in ranked(conf, outcome.cells):
+    for cell in outcome.ranked():
         style = {"FINISHED": "green", "SKIPPED": "green", "FAILED": "red"}.get(cell.status, "yellow")
-        table.add_row(str(cell.index), cell.label, f"[{style}]{cell.status}[/]", _short(score(cell)), (cell.run_id or "")[:12])
+        table.add_row(str(cell.index), cell.label, f"[{style}]{cell.status}[/]", _short(cell.score()), (cell.run_id or "")[:12])
     console.print(table)
-    n = counts(outcome.cells)
+    n = outcome.counts
     console.print(
         f"{n['jobs_total']} jobs: {n['jobs_finished'] - n['jobs_skipped']} ran and finished, "
-        f"{n['jobs_skipped']} skipped, {n['jobs_failed']} failed, {n['jobs_not_started']} not started."
-        f"\nparent run {outcome.parent_run_id} · store {uri}\nui: {ui_command(uri)}"
+        f"{n['jobs_skipped']} skipped, {n['jobs_failed']} failed, {n['jobs_killed']} killed, "
+        f"{n['jobs_not_started']} not started."
+        f"\nparent run {outcome.parent_run_id} · store {outcome.uri}\nui: {ui_command(outcome.uri)}"
     )
-    failed = [c for c in outcome.cells if c.status in ("FAILED", "KILLED", "NOT_STARTED")]
+    failed = [c for c in outcome.outcomes if c.status in ("FAILED", "KILLED", "NOT_STARTED")]
     if failed:
         for cell in failed:
             if cell.error:
@@ -178,15 +174,11 @@ def sweep_summary(conf: KmrunConf, outcome: SweepOutcome, uri: str) -> None:
         )
 
 
-def study_summary(study: Study, outcome: SweepOutcome, target: int) -> None:
+def study_summary(outcome: SweepOutcome) -> None:
     """The best trial (or the Pareto set), the counts, and what to do next."""
-    from optuna.trial import TrialState
-
-    trials = study.study.get_trials(deepcopy=False)
-    states = [t.state for t in trials]
-    metrics = study.conf.objective.metric
-    names = metrics if isinstance(metrics, list) else [metrics]
-    best = study.study.best_trials if len(names) > 1 else ([study.study.best_trial] if TrialState.COMPLETE in states else [])
+    study = outcome.study
+    assert study is not None
+    names = outcome.objective.metrics
     title = "Pareto set" if len(names) > 1 else "Best trial"
     table = Table(title=f"{title} of study '{study.name}'")
     table.add_column("trial", justify="right")
@@ -194,26 +186,26 @@ def study_summary(study: Study, outcome: SweepOutcome, target: int) -> None:
         table.add_column(str(name), justify="right")
     table.add_column("params")
     table.add_column("run")
-    for trial in best:
-        values = [f"{v:.6g}" for v in (trial.values or [])]
+    for trial in study.best:
+        values = [f"{v:.6g}" for v in trial.values]
         params = " ".join(f"{k.rsplit('.', 1)[-1]}={_short_value(v)}" for k, v in trial.params.items())
-        table.add_row(str(trial.number), *values, params, str(trial.user_attrs.get("mlflow_run_id", ""))[:12])
+        table.add_row(str(trial.number), *values, params, trial.run_id[:12])
     console.print(table)
-    complete, pruned = states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED)
-    failed = states.count(TrialState.FAIL)
+    states = study.states
+    complete, pruned, failed = states.get("COMPLETE", 0), states.get("PRUNED", 0), states.get("FAIL", 0)
     console.print(
-        f"study '{study.name}': {complete} complete + {pruned} pruned of {target} wanted; {failed} failed in all. "
-        f"This run: {len(outcome.cells)} trials.\nparent run {outcome.parent_run_id} · storage "
-        f"{study.storage_url} · store {study.tracker.uri}\nui: {ui_command(study.tracker.uri)}"
+        f"study '{study.name}': {complete} complete + {pruned} pruned of {study.target} wanted; {failed} failed in all. "
+        f"This run: {len(outcome.outcomes)} trials.\nparent run {outcome.parent_run_id} · storage "
+        f"{study.storage} · store {outcome.uri}\nui: {ui_command(outcome.uri)}"
     )
-    running = states.count(TrialState.RUNNING)
+    running = states.get("RUNNING", 0)
     if running:
         console.print(f"{running} trial(s) still running in other processes.")
-    if complete + pruned + running < target:
-        errors.print(f"The study holds fewer than {target} finished trials. To continue:\n  {outcome.command}")
-    if best and len(names) == 1:
+    if complete + pruned + running < study.target:
+        errors.print(f"The study holds fewer than {study.target} finished trials. To continue:\n  {outcome.command}")
+    if study.best and len(names) == 1:
         console.print("Rerun the best trial: kmrun +experiment=<the best_experiment.yaml artifact>"
-                      + (f" (written to conf/experiment/{study.settings.export_best}.yaml)" if study.settings.export_best else ""))
+                      + (f" (written to {study.exported_to})" if study.exported_to else ""))
 
 
 def _short_value(value: object) -> str:

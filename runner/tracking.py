@@ -15,7 +15,6 @@ import socket
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 from .errors import TrackingError
 
 if TYPE_CHECKING:
+    import optuna
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,6 @@ class Redactor:
         return out
 
 
-@cache
 def git_tags(path: Path) -> dict[str, str]:
     """``mlflow.source.git.commit`` and ``kmrun.git.dirty`` for the repo holding ``path``."""
 
@@ -229,7 +228,7 @@ class Tracker:
         host = socket.gethostname()
         for run in self.search(f"attributes.status = 'RUNNING' and tags.`kmrun.host` = '{host}'"):
             pid = int(run.data.tags.get("kmrun.pid", "0") or 0)
-            if pid and not _alive(pid):
+            if pid and not alive(pid):
                 self.client.set_tag(run.info.run_id, "kmrun.stale", "true")
                 self.finish(run.info.run_id, "FAILED")
                 stale.append(run.info.run_id)
@@ -279,7 +278,8 @@ def process_tags() -> dict[str, str]:
     return {"kmrun.host": socket.gethostname(), "kmrun.pid": str(os.getpid())}
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this host with that PID exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -301,3 +301,46 @@ def finite(value: Any) -> bool:
 def _quiet_store_logs() -> None:
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+HEARTBEAT_SECONDS = 5  # a RUNNING trial whose process died is failed after GRACE_SECONDS
+GRACE_SECONDS = 20
+SQLITE_LOCK_TIMEOUT = 60  # seconds a writer waits for SQLite's lock before failing
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage: a ``*.journal`` file, or any SQLAlchemy URL (with heartbeats,
+    so that trials of a killed process can be failed)."""
+    import optuna
+
+    try:
+        if url.endswith(".journal"):
+            path = url.removeprefix("journal:").removeprefix("file://")
+            backend = optuna.storages.journal.JournalFileBackend(path)
+            return optuna.storages.JournalStorage(backend)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if url.startswith("sqlite") else {}
+        with creation_lock(url):
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+            )
+    except Exception as err:
+        raise TrackingError(
+            f"study.storage: cannot open the Optuna storage '{hide_password(url)}': "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}\n"
+            "Use null (optuna.db beside the MLflow store), an SQLAlchemy URL such as "
+            "sqlite:///optuna.db or postgresql://HOST/DB, or a file ending in .journal."
+        ) from None
+
+
+def hide_password(url: str) -> str:
+    """``postgresql://u:secret@h/db`` → ``postgresql://u:***@h/db``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

@@ -8,20 +8,20 @@ worker on another machine, needs only this and ``job``.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, TrackingError
-from .tracking import creation_lock
+from . import runtime
+from .tracking import HEARTBEAT_SECONDS
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     import optuna
 
-HEARTBEAT_SECONDS = 5  # a RUNNING trial whose process died is failed after GRACE_SECONDS
-GRACE_SECONDS = 20
-SQLITE_LOCK_TIMEOUT = 60  # seconds a writer waits for SQLite's lock before failing
+log = logging.getLogger(__name__)
 
 PRUNERS = {
     "none": "NopPruner",
@@ -43,42 +43,14 @@ class TrialRef:
     pruner: tuple[tuple[str, Any], ...]  # the pruner's config, as sorted items
 
 
-@cache
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage: a ``*.journal`` file, or any SQLAlchemy URL (with heartbeats,
-    so that trials of a killed process can be failed)."""
-    import optuna
-
-    try:
-        if url.endswith(".journal"):
-            path = url.removeprefix("journal:").removeprefix("file://")
-            backend = optuna.storages.journal.JournalFileBackend(path)
-            return optuna.storages.JournalStorage(backend)
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if url.startswith("sqlite") else {}
-        with creation_lock(url):
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-            )
-    except Exception as err:
-        raise TrackingError(
-            f"study.storage: cannot open the Optuna storage '{hide_password(url)}': "
-            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}\n"
-            "Use null (optuna.db beside the MLflow store), an SQLAlchemy URL such as "
-            "sqlite:///optuna.db or postgresql://HOST/DB, or a file ending in .journal."
-        ) from None
-
-
 def make_pruner(config: dict[str, Any]) -> optuna.pruners.BasePruner:
     """``{name: median, n_warmup_steps: 2}`` → ``MedianPruner(n_warmup_steps=2)``."""
     import optuna
 
-    return _build(optuna.pruners, PRUNERS, config, "study.pruner")
+    return build_from_config(optuna.pruners, PRUNERS, config, "study.pruner")
 
 
-def _build(module: Any, names: dict[str, str], config: dict[str, Any], key: str) -> Any:
+def build_from_config(module: Any, names: dict[str, str], config: dict[str, Any], key: str) -> Any:
     options = dict(config)
     name = str(options.pop("name", "")).lower()
     if name not in names:
@@ -95,22 +67,11 @@ def _build(module: Any, names: dict[str, str], config: dict[str, Any], key: str)
         raise ConfigError(f"{key}: {name}: {err}") from None
 
 
-def hide_password(url: str) -> str:
-    """``postgresql://u:secret@h/db`` → ``postgresql://u:***@h/db``."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
 @cache
 def _study(storage: str, study_name: str, pruner: tuple[tuple[str, Any], ...]) -> optuna.Study:
     import optuna
 
-    return optuna.load_study(study_name=study_name, storage=open_storage(storage), pruner=make_pruner(dict(pruner)))
+    return optuna.load_study(study_name=study_name, storage=runtime.current().storage(storage), pruner=make_pruner(dict(pruner)))
 
 
 def handle(ref: TrialRef) -> optuna.Trial:
@@ -122,7 +83,7 @@ def handle(ref: TrialRef) -> optuna.Trial:
 
 def attach(ref: TrialRef, run_id: str) -> None:
     """Record the MLflow run of a trial in the study (a user attribute)."""
-    open_storage(ref.storage).set_trial_user_attr(ref.trial_id, "mlflow_run_id", run_id)
+    runtime.current().storage(ref.storage).set_trial_user_attr(ref.trial_id, "mlflow_run_id", run_id)
 
 
 def report(ref: TrialRef, value: float, step: int) -> None:
@@ -153,8 +114,8 @@ class Heartbeat:
             for trial_id in list(self.trials):
                 try:
                     self.storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
-                except Exception:  # a missed beat only makes the trial look stale sooner
-                    pass
+                except Exception as err:  # a missed beat only makes the trial look stale sooner
+                    log.warning("Missed the heartbeat of trial %s: %s", trial_id, err)
 
     def add(self, trial_id: int) -> None:
         self.trials.add(trial_id)

@@ -1,0 +1,249 @@
+"""kmrun's public entry points: ``run`` one job, ``sweep`` a grid or a study.
+
+Each call composes the config (``compose``), checks it, and hands its jobs to the
+engine; it returns plain records (``records``) and prints nothing unless ``echo`` is
+set. Calls can repeat in one process: Hydra's state is held only during a call, and the
+project's parameters and git state are read again at the start of each one
+(``runtime``). The CLI is a thin layer over these two functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import runtime
+from .errors import ConfigError, JobFailed, KmrunError
+
+if TYPE_CHECKING:
+    from .records import JobResult, SweepOutcome
+
+
+def run(
+    overrides: list[str] | None = None,
+    *,
+    config_dir: str | Path | None = None,
+    config_name: str = "kmrun",
+    search_dir: str | Path | None = None,
+    echo: bool = False,
+    verbose: bool = False,
+) -> JobResult:
+    """Run one experiment, as ``kmrun OVERRIDES...`` would, and return its result.
+
+    Raises ``KmrunError`` for bad input (nothing is run), and its subclass ``JobFailed``
+    when the pipeline fails (or ``MetricError`` when the objective is missing): the MLflow
+    run then exists and is FAILED. ``echo`` prints a header and a summary; ``verbose``
+    lets Kedro's INFO log through. ``config_dir``, ``config_name`` and ``search_dir`` are
+    Hydra's ``-cp``, ``-cn`` and ``-cd``.
+    """
+    from . import job, terminal
+    from .compose import Composer, choices_of
+
+    overrides = list(overrides or [])
+    runtime.current().refresh()
+    with _quiet(verbose), Composer(_path(config_dir), config_name, _path(search_dir)) as composer:
+        cfg = composer.compose(overrides)
+        if any(o.is_sweep_override() for o in composer.parse(overrides)):
+            raise ConfigError("A sweep expression needs -m (kmrun -m ...) or runner.sweep().")
+        spec = job.prepare(cfg, overrides, choices_of(cfg), composer.config_dir)
+        verbose = verbose or spec.conf.verbose
+    with _quiet(verbose):
+        if echo:
+            project = runtime.current().project(spec.conf.kedro.project_path, spec.conf.kedro.env)
+            terminal.header(spec, project.env_name)
+        result = job.execute(spec)
+    if echo:
+        terminal.run_summary(spec, result)
+    if result.error is not None:
+        error = result.error
+        raise type(error)(f"{error}\nThe run {result.run_id} is {result.status}; "
+                          "its traceback is the artifact traceback.txt.")
+    return result
+
+
+def sweep(
+    overrides: list[str] | None = None,
+    *,
+    config_dir: str | Path | None = None,
+    config_name: str = "kmrun",
+    search_dir: str | Path | None = None,
+    echo: bool = False,
+    verbose: bool = False,
+) -> SweepOutcome:
+    """Run a sweep, as ``kmrun -m OVERRIDES...`` would: a grid, or an Optuna study when
+    the config selects one (``+study=NAME``). Returns every job's outcome; a failed job
+    does not raise (see ``SweepOutcome.exit_code``). Raises ``KmrunError`` for bad input
+    (nothing is run) and ``KeyboardInterrupt`` when interrupted (runs end KILLED)."""
+    from .compose import Composer, choices_of
+    from .grid import split
+    from .schema import parse
+
+    overrides = list(overrides or [])
+    runtime.current().refresh()
+    command = resume_command(overrides, config_dir, config_name)
+    with _quiet(verbose), Composer(_path(config_dir), config_name, _path(search_dir)) as composer:
+        base, _ = split(composer, overrides)
+        cfg = composer.compose(base)
+        conf = parse(cfg)
+        verbose = verbose or conf.verbose
+        with _quiet(verbose):
+            if conf.study is not None:
+                name = conf.study.name or str(choices_of(cfg).get("study") or "study")
+                return _study(composer, conf, name, overrides, command, echo, verbose)
+            return _grid(composer, conf, overrides, command, echo, verbose)
+
+
+def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bool, verbose: bool) -> SweepOutcome:
+    from . import engine, results, terminal
+    from .grid import Grid, expand
+    from .records import SweepOutcome
+    from .scheduler import make_scheduler
+
+    base, cells = expand(composer, overrides, conf.sweep.params)
+    grid = Grid(composer, conf, base, cells)
+    grid.check(open_store=not conf.sweep.dry_run)
+    objective = _objective(conf)
+    outcome = SweepOutcome("grid", grid.outcomes, objective, None, command, grid.first.uri,
+                           dry_run=conf.sweep.dry_run)
+    if conf.sweep.dry_run:
+        if echo:
+            terminal.dry_run(outcome)
+        return outcome
+    tracker = runtime.current().tracker(grid.first.uri, grid.first.experiment_name)
+    tracker.fail_stale_runs()
+    skipped, previous = grid.resume(tracker, conf.sweep.rerun)
+    if skipped:
+        _note(outcome, f"{skipped} skipped (already FINISHED), {grid.planned} to run.", echo)
+    redact = grid.first.redact
+    if previous is not None:
+        tracker.reopen(previous)
+        parent_id = previous
+    else:
+        tags = {"kmrun.role": "parent", "kmrun.kind": "grid", "kmrun.sweep_key": grid.key,
+                "kmrun.sweep": redact.text(command)[:5000]}
+        parent_id = tracker.start(f"sweep {grid.first.run_name or ''}".strip(), tags)
+        definition = "\n".join(c.label for c in grid.outcomes)
+        tracker.log_text(parent_id, redact.text(command + "\n\n" + definition + "\n"), "sweep.txt")
+    outcome.parent_run_id = parent_id
+    grid.start(parent_id, sweep_dir(conf))
+    with engine.parent_run(tracker, parent_id) as parent:
+        _drive(grid, make_scheduler(conf.sweep.n_jobs, verbose), conf.sweep.max_failures, outcome, echo, "sweep")
+        results.log_parent(tracker, parent_id, outcome, redact, with_plots=True)
+        parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
+    if echo:
+        terminal.sweep_summary(outcome)
+    return outcome
+
+
+def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: str, echo: bool,
+           verbose: bool) -> SweepOutcome:
+    from . import engine, results, terminal
+    from .records import SweepOutcome
+    from .scheduler import make_scheduler
+    from .study import Study, search_space
+
+    settings = conf.study
+    base, space = search_space(composer, settings.search_space, overrides)
+    study = Study(composer, conf, base, space, name)
+    study.check()
+    tracker = runtime.current().tracker(study.first.uri, study.first.experiment_name)
+    outcome = SweepOutcome("study", study.outcomes, _objective(conf), None, command, study.first.uri)
+    try:
+        for note in study.begin(tracker):
+            _note(outcome, note, echo)
+        redact = study.first.redact
+        parent_id = tracker.start(f"study {study.name}", {k: redact.text(v) for k, v in
+                                                          study.parent_tags(command).items()})
+        outcome.parent_run_id = parent_id
+        study.start(parent_id, sweep_dir(conf))
+        with engine.parent_run(tracker, parent_id) as parent:
+            _drive(study, make_scheduler(settings.n_jobs, verbose), settings.max_failures, outcome, echo, "study")
+            export = composer.config_dir / "experiment" / f"{settings.export_best}.yaml" if settings.export_best else None
+            outcome.study = study.summary(export)
+            results.log_parent(tracker, parent_id, outcome, redact, with_plots=True)
+            parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
+    finally:
+        study.close()
+    if echo:
+        terminal.sweep_summary(outcome)
+    return outcome
+
+
+def _drive(source: Any, scheduler: Any, max_failures: float | None, outcome: SweepOutcome, echo: bool,
+           label: str) -> None:
+    """The engine's loop with a progress display; an interrupt names the resume command."""
+    from . import engine, terminal
+    from .records import Status
+
+    policy = engine.FailurePolicy(max_failures, source.planned)
+    progress = terminal.SweepProgress(len(outcome.outcomes) if label == "sweep" else source.planned,
+                                      outcome.objective, label) if echo else None
+    try:
+        with scheduler, (progress or nullcontext()):  # workers fork before the progress thread starts
+            if progress is not None:
+                for done in outcome.outcomes:
+                    if done.status is Status.SKIPPED:
+                        progress.update(done)
+            engine.drive(source, scheduler, policy, progress.update if progress else None)
+    except KeyboardInterrupt:
+        if echo:
+            terminal.error(f"Interrupted: the {label} and its running jobs are KILLED. To resume:\n  {outcome.command}")
+        raise
+
+
+def sweep_dir(conf: Any) -> Path:
+    """Where a sweep's jobs write their datasets: ``sweep.dir``, else multirun/DATE/TIME."""
+    if conf.sweep.dir:
+        return Path(conf.sweep.dir).resolve()
+    now = datetime.now()
+    return (Path.cwd() / "multirun" / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S-%f")).resolve()
+
+
+def resume_command(overrides: list[str], config_dir: str | Path | None, config_name: str) -> str:
+    """The command that runs this sweep again (a forced rerun left out)."""
+    flags = (["-cp", str(config_dir)] if config_dir else []) + (["-cn", config_name] if config_name != "kmrun" else [])
+    kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+") == "sweep.rerun"]
+    return " ".join(["kmrun", "-m", *(shlex.quote(a) for a in flags + kept)])
+
+
+def _objective(conf: Any) -> Any:
+    from .records import Objective
+
+    metric, direction = conf.objective.metric, conf.objective.direction
+    metrics = metric if isinstance(metric, list) else ([metric] if metric else [])
+    directions = direction if isinstance(direction, list) else [direction] * max(1, len(metrics))
+    return Objective([str(m) for m in metrics], [str(d) for d in directions])
+
+
+def _note(outcome: SweepOutcome, message: str, echo: bool) -> None:
+    outcome.notes.append(message)
+    if echo:
+        from . import terminal
+
+        terminal.say(message)
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return Path(value) if value is not None else None
+
+
+@contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """INFO records (Kedro's node-by-node log) are held back for the call, unless verbose."""
+    if verbose:
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.INFO))
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+__all__ = ["KmrunError", "JobFailed", "run", "sweep"]

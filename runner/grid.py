@@ -1,0 +1,183 @@
+"""A grid: the cells of a sweep, as a job source for the engine.
+
+The grid comes from the command line's sweep expressions and ``sweep.params``, in
+Hydra's sweep grammar. Every cell is composed and checked before anything runs. A cell
+that already has a FINISHED run of the same config hash in the experiment is skipped,
+so running the same command again resumes the sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .compose import JobComposer, as_typed, choices_of
+from .engine import Job
+from .errors import ConfigError, KmrunError
+from .job import JobSpec, prepare
+from .records import JobResult, Outcome, Status
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
+
+    from .compose import Composer
+    from .schema import KmrunConf
+    from .tracking import Tracker
+
+NOT_SWEEPABLE = ("mlflow", "sweep", "study", "objective", "metrics", "verbose",
+                 "kedro.project_path", "kedro.env", "hydra")
+
+
+def check_sweepable(key: str) -> None:
+    """Keys one sweep must share cannot be swept."""
+    for prefix in NOT_SWEEPABLE:
+        if key == prefix or key.startswith(prefix + "."):
+            raise ConfigError(
+                f"'{key}' cannot be swept: one sweep shares one {prefix} setting. "
+                "Sweep params.* keys or config groups (model=a,b), or run separate sweeps."
+            )
+
+
+def split(composer: Composer, lines: list[str]) -> tuple[list[str], dict[str, Override]]:
+    """The overrides every job shares, and the sweep expressions by key; a later line
+    for the same key wins (the command line comes after the YAML)."""
+    latest: dict[str, Override] = {}
+    for override in composer.parse(lines):
+        latest[override.get_key_element().lstrip("+~")] = override
+    base = [as_typed([o.input_line])[0] for o in latest.values() if not o.is_sweep_override()]
+    sweeps = {key: o for key, o in latest.items() if o.is_sweep_override()}
+    for key in sweeps:
+        check_sweepable(key)
+    return base, sweeps
+
+
+def expand(composer: Composer, arguments: list[str], yaml_grid: dict[str, Any]) -> tuple[list[str], list[Outcome]]:
+    """The shared overrides, and one outcome (NOT_STARTED) per cell of the grid."""
+    from_yaml = [f"{k}={_as_sweep(v)}" for k, v in yaml_grid.items()]
+    base, sweeps = split(composer, from_yaml + list(arguments))
+    axes: dict[str, list[str]] = {}
+    for override in sweeps.values():
+        typed_key = as_typed([override.input_line])[0].split("=", 1)[0]
+        if not override.is_discrete_sweep():
+            raise ConfigError(
+                f"{as_typed([override.input_line])[0]}: a grid needs discrete values; "
+                "interval() is for Optuna studies (+study=NAME). Use a,b,c, range() or choice()."
+            )
+        axes[typed_key] = [f"{typed_key}={value}" for value in override.sweep_string_iterator()]
+    if not axes:
+        raise ConfigError(
+            "Empty sweep: -m needs at least one sweep expression, such as params.model.C=0.1,1,10, "
+            "or a sweep file (+sweep=NAME) or a study (+study=NAME)."
+        )
+    empty = [k for k, v in axes.items() if not v]
+    if empty:
+        raise ConfigError(f"Empty sweep: {', '.join(empty)} expands to no value. Check its range().")
+    grid = itertools.product(*axes.values())
+    return base, [Outcome(i, list(values)) for i, values in enumerate(grid)]
+
+
+class Grid:
+    """A grid's cells as a job source: composed and checked up front, resumable."""
+
+    def __init__(self, composer: Composer, conf: KmrunConf, base: list[str], cells: list[Outcome]) -> None:
+        self.conf, self.base, self.outcomes = conf, base, cells
+        self.specs: dict[int, JobSpec] = {}
+        self._compose = JobComposer(composer, base)
+        self._conf_dir = composer.config_dir
+        self._todo: list[Outcome] = []
+
+    def check(self, open_store: bool) -> None:
+        """Compose and check every cell before any runs; report every distinct problem once."""
+        problems: dict[str, str] = {}
+        for cell in self.outcomes:
+            cfg = self._compose(cell.swept)
+            try:
+                self.specs[cell.index] = prepare(cfg, self.base + cell.swept, choices_of(cfg), self._conf_dir,
+                                                 open_store=open_store)
+            except KmrunError as err:
+                for line in str(err).splitlines():  # one line per bad key, not per value
+                    problems.setdefault(line.split(" (", 1)[0], line)
+        if problems:
+            raise ConfigError("\n".join(sorted(problems.values(), key=lambda line: line.startswith("Fix"))))
+
+    @property
+    def first(self) -> JobSpec:
+        return self.specs[self.outcomes[0].index]
+
+    @property
+    def key(self) -> str:
+        """The grid's identity: the config hashes of its cells."""
+        hashes = sorted(spec.config_hash for spec in self.specs.values())
+        return hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
+
+    def resume(self, tracker: Tracker, rerun: bool) -> tuple[int, str | None]:
+        """Mark the cells already FINISHED in the store SKIPPED. Returns how many, and the
+        parent run this same grid had before (None for a new one)."""
+        self._todo = list(self.outcomes)
+        if rerun:
+            return 0, None
+        done = {
+            run.data.tags.get("kmrun.config_hash"): run
+            for run in tracker.search("tags.`kmrun.role` = 'child' and attributes.status = 'FINISHED'")
+        }
+        self._todo = []
+        for cell in self.outcomes:
+            run = done.get(self.specs[cell.index].config_hash)
+            if run is None:
+                self._todo.append(cell)
+                continue
+            cell.status, cell.run_id, cell.metrics = Status.SKIPPED, run.info.run_id, dict(run.data.metrics)
+            cell.objective = objective_from(self.conf, cell.metrics)
+        previous = tracker.search(f"tags.`kmrun.role` = 'parent' and tags.`kmrun.sweep_key` = '{self.key}'",
+                                  max_results=1)
+        return len(self.outcomes) - len(self._todo), (previous[0].info.run_id if previous else None)
+
+    def start(self, parent: str, sweep_dir: Path) -> None:
+        """Give every cell to run its child-run settings and its own output directory."""
+        for cell in self._todo:
+            self.specs[cell.index] = replace(
+                self.specs[cell.index],
+                parent_run_id=parent,
+                run_name=cell.label,
+                output_dir=str(sweep_dir / str(cell.index)),
+                tags={"kmrun.role": "child", "kmrun.cell": str(cell.index), "kmrun.sweep_key": self.key},
+            )
+        self._queue = iter(self._todo)
+
+    # the engine's Source protocol
+    @property
+    def planned(self) -> int:
+        return len(self._todo)
+
+    def next(self) -> Job | None:
+        cell = next(self._queue, None)
+        return None if cell is None else Job(self.specs[cell.index], cell)
+
+    def exhausted(self) -> bool:
+        return True  # the cells are all known up front
+
+    def wait_outside(self) -> None:
+        return None
+
+    def record(self, job: Job, result: JobResult) -> None:
+        job.outcome.take(result)
+
+    def abandon(self, job: Job) -> None:
+        job.outcome.status = Status.KILLED
+
+
+def objective_from(conf: KmrunConf, metrics: dict[str, float]) -> Any:
+    metric = conf.objective.metric
+    if isinstance(metric, list):
+        return [metrics.get(m) for m in metric]
+    return metrics.get(metric) if metric else None
+
+
+def _as_sweep(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)

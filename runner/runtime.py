@@ -1,0 +1,95 @@
+"""What kmrun keeps in a process between jobs and calls, and what it reads again.
+
+Kept for the life of the process (costly to make, safe to reuse): the bootstrapped Kedro
+projects, the MLflow stores and the Optuna storages. Read again at the start of every
+``runner.run`` / ``runner.sweep`` call (``refresh``): the projects' parameters and the
+git state, which a user may change between two calls in one notebook.
+
+A forked worker inherits this object; ``after_fork`` drops the database connections it
+inherited, as SQLAlchemy requires, so the worker opens its own.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .kedro_bridge import KedroProject
+    from .tracking import Tracker
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self._projects: dict[tuple[Path, str | None], KedroProject] = {}
+        self._trackers: dict[tuple[str, str], Tracker] = {}
+        self._storages: dict[str, Any] = {}
+        self._git: dict[Path, dict[str, str]] = {}
+
+    def project(self, path: str | Path, env: str | None) -> KedroProject:
+        """The bootstrapped project at ``path`` for ``env``; made once per process."""
+        from .kedro_bridge import KedroProject
+
+        root = Path(path).expanduser().resolve()
+        if (root, env) not in self._projects:
+            self._projects[(root, env)] = KedroProject(root, env)
+        return self._projects[(root, env)]
+
+    def tracker(self, uri: str, experiment_name: str) -> Tracker:
+        """One ``Tracker`` per store and experiment; opening it checks the store."""
+        from .tracking import Tracker
+
+        if (uri, experiment_name) not in self._trackers:
+            self._trackers[(uri, experiment_name)] = Tracker(uri, experiment_name)
+        return self._trackers[(uri, experiment_name)]
+
+    def storage(self, url: str) -> Any:
+        """The Optuna storage at ``url``."""
+        from .tracking import open_storage
+
+        if url not in self._storages:
+            self._storages[url] = open_storage(url)
+        return self._storages[url]
+
+    def git_tags(self, path: Path) -> dict[str, str]:
+        """The git commit and dirty flag of the repository holding ``path``."""
+        from .tracking import git_tags
+
+        if path not in self._git:
+            self._git[path] = git_tags(path)
+        return self._git[path]
+
+    def refresh(self) -> None:
+        """Forget what the user may have changed since the last call."""
+        self._git.clear()
+        for project in self._projects.values():
+            project.refresh()
+
+    def after_fork(self) -> None:
+        """In a forked worker: drop every database connection inherited from the parent."""
+        for storage in self._storages.values():
+            engine = getattr(storage, "engine", None)  # RDBStorage's SQLAlchemy engine
+            if engine is not None:
+                engine.dispose(close=False)
+        for engine in mlflow_engines():
+            engine.dispose(close=False)
+
+
+def mlflow_engines() -> list[Any]:
+    """The SQLAlchemy engines MLflow's SQL store keeps, one per URI.
+
+    MLflow has no public way to reach them; ``SqlAlchemyStore._engine_map`` is checked by
+    ``tests/test_runtime.py``, which fails loudly if MLflow renames it."""
+    store = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
+    if store is None:
+        return []
+    return list(store.SqlAlchemyStore._engine_map.values())
+
+
+_CURRENT = Runtime()
+
+
+def current() -> Runtime:
+    """This process's runtime."""
+    return _CURRENT

@@ -1,0 +1,106 @@
+"""Where jobs run: the one seam between deciding what to run and running it.
+
+``submit(spec)`` takes a ``JobSpec`` (plain data) and returns a future of its
+``JobResult``. ``Inline`` runs one job at a time in this process; ``Workers`` runs them
+in worker processes. A scheduler of remote workers (many machines on one shared store)
+or one that consults a node cache first is another class with the same three methods;
+nothing else changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Protocol
+
+from .job import JobSpec, execute
+from .records import JobResult
+
+
+class Scheduler(Protocol):
+    size: int  # jobs at a time
+
+    def submit(self, spec: JobSpec) -> Future[JobResult]: ...
+
+    def __enter__(self) -> Scheduler: ...
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None: ...
+
+
+class Inline:
+    """One job at a time, in this process."""
+
+    size = 1
+
+    def submit(self, spec: JobSpec) -> Future[JobResult]:
+        future: Future[JobResult] = Future()
+        future.set_result(execute(spec))
+        return future
+
+    def __enter__(self) -> Inline:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        return None
+
+
+class Workers:
+    """Jobs in ``size`` worker processes; a free worker takes the next job at once.
+
+    Workers are forked where the OS allows it, on entering the ``with`` block and before
+    kmrun starts any thread (a progress bar, a heartbeat): they start at once and inherit
+    the bootstrapped Kedro project, so a job costs what it costs in-process. Each worker
+    drops the database connections it inherited before its first job. Elsewhere workers
+    are spawned and bootstrap once each.
+    """
+
+    def __init__(self, size: int, verbose: bool = False) -> None:
+        import multiprocessing
+
+        self.size = size
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        self._executor = ProcessPoolExecutor(
+            size, mp_context=multiprocessing.get_context(method), initializer=_worker_init, initargs=(verbose,)
+        )
+
+    def submit(self, spec: JobSpec) -> Future[JobResult]:
+        return self._executor.submit(execute, spec)
+
+    def __enter__(self) -> Workers:
+        self._executor.submit(os.getpid).result()  # forks every worker now, while no thread runs
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            # Workers get SIGINT too on Ctrl-C in a terminal, but not a SIGTERM sent to this
+            # process alone: tell them, so each ends its run KILLED instead of finishing.
+            import multiprocessing
+
+            for child in multiprocessing.active_children():
+                if child.pid is not None:
+                    os.kill(child.pid, signal.SIGINT)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def make_scheduler(n_jobs: int, verbose: bool = False) -> Scheduler:
+    """``Inline`` for one job at a time, else ``Workers``."""
+    return Workers(n_jobs, verbose) if n_jobs > 1 else Inline()
+
+
+def _worker_init(verbose: bool) -> None:
+    from . import runtime
+
+    signal.signal(signal.SIGINT, _worker_interrupt)
+    signal.signal(signal.SIGTERM, _worker_interrupt)
+    if not verbose:
+        logging.disable(logging.INFO)
+    runtime.current().after_fork()
+
+
+def _worker_interrupt(signum: int, frame: object) -> None:
+    """Once: the running job ends its run KILLED; further signals must not cut that short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
