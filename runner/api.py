@@ -47,18 +47,21 @@ def run(
     overrides = list(overrides or [])
     runtime.current().refresh()
     with _quiet(verbose), Composer(_path(config_dir), config_name, _path(search_dir)) as composer:
+        sweeps = [o.input_line for o in composer.parse(overrides) if o.is_sweep_override()]
+        if sweeps:
+            raise ConfigError(f"'{sweeps[0].lstrip('+')}' is a sweep: run it with kmrun -m (or runner.sweep), "
+                              "or quote the value to pass it as one string.")
         cfg = composer.compose(overrides)
-        if any(o.is_sweep_override() for o in composer.parse(overrides)):
-            raise ConfigError("A sweep expression needs -m (kmrun -m ...) or runner.sweep().")
         spec = job.prepare(cfg, overrides, choices_of(cfg), composer.config_dir)
         verbose = verbose or spec.conf.verbose
     with _quiet(verbose):
         if echo:
             project = runtime.current().project(spec.conf.kedro.project_path, spec.conf.kedro.env)
-            terminal.header(spec, project.env_name)
+            terminal.header(spec.experiment_name, spec.conf.kedro.pipeline, project.env_name, spec.conf.kedro.tags,
+                            spec.uri)
         result = job.execute(spec)
     if echo:
-        terminal.run_summary(spec, result)
+        terminal.run_summary(result, spec.run_name, _objective(spec.conf), spec.uri, spec.experiment_name)
     if result.error is not None:
         error = result.error
         raise type(error)(f"{error}\nThe run {result.run_id} is {result.status}; "

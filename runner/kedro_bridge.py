@@ -119,9 +119,12 @@ class KedroProject:
         settings.set("HOOKS", (*saved["HOOKS"], self._hooks))
         settings.set("DISABLE_HOOKS_FOR_PLUGINS", (*saved["DISABLE_HOOKS_FOR_PLUGINS"], *KEDRO_MLFLOW))
         try:
-            with warnings.catch_warnings():  # raised by MLflow while kedro-mlflow's module loads
-                warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+            # Kedro imports every installed plugin here (kedro-mlflow too, though kmrun turns it
+            # off); their import-time warnings are not the user's, so they are kept at DEBUG.
+            with warnings.catch_warnings(record=True) as caught:
                 self.session: KedroServiceSession = KedroServiceSession.create(project_path=root, env=env)
+            for warning in caught:
+                log.debug("While loading Kedro's plugins: %s", warning.message)
         finally:  # only kmrun's session is changed, not the project's settings
             for key, value in saved.items():
                 settings.set(key, value)

@@ -16,7 +16,6 @@ from . import __version__
 from .tracking import ui_command
 
 if TYPE_CHECKING:
-    from .job import JobSpec
     from .records import JobResult, Objective, Outcome, SweepOutcome
 
 console = Console(stderr=False, highlight=False)
@@ -48,27 +47,24 @@ def quiet_unless(verbose: bool) -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-def header(spec: JobSpec, env: str) -> None:
-    kedro = spec.conf.kedro
-    tags = f" · tags {','.join(kedro.tags)}" if kedro.tags else ""
-    console.print(
-        f"[bold]kmrun {__version__}[/] · {spec.experiment_name} · pipeline {kedro.pipeline} · "
-        f"env {env}{tags}\n  store {spec.uri}"
-    )
+def header(experiment: str, pipeline: str, env: str, tags: list[str], uri: str) -> None:
+    tagged = f" · tags {','.join(tags)}" if tags else ""
+    console.print(f"[bold]kmrun {__version__}[/] · {experiment} · pipeline {pipeline} · env {env}{tagged}\n  store {uri}")
 
 
-def run_summary(spec: JobSpec, result: JobResult) -> None:
+def run_summary(result: JobResult, run_name: str | None, objective: Objective, uri: str, experiment: str) -> None:
     style = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow"}.get(result.status, "")
     table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_row("run", f"{spec.run_name or ''} {result.run_id}".strip())
+    table.add_row("run", f"{run_name or ''} {result.run_id}".strip())
     table.add_row("status", f"[{style}]{result.status}[/]")
     if result.objective is not None:
-        metric = spec.conf.objective.metric
-        table.add_row("objective", f"{metric} = {result.objective}  ({spec.conf.objective.direction})")
+        metric = objective.metrics[0] if len(objective.metrics) == 1 else objective.metrics
+        direction = objective.directions[0] if len(objective.directions) == 1 else objective.directions
+        table.add_row("objective", f"{metric} = {result.objective}  ({direction})")
     for name, value in sorted(result.metrics.items()):
         table.add_row(f"  {name}", f"{value:.6g}")
-    table.add_row("store", f"{spec.uri}  (experiment '{spec.experiment_name}')")
-    table.add_row("ui", ui_command(spec.uri))
+    table.add_row("store", f"{uri}  (experiment '{experiment}')")
+    table.add_row("ui", ui_command(uri))
     console.print(table)
 
 

@@ -1,0 +1,45 @@
+"""Outcomes, counts, ranking and exit codes: the plain records every layer reads."""
+
+from __future__ import annotations
+
+from runner.errors import MetricError
+from runner.records import BestTrial, JobResult, Objective, Outcome, Status, StudySummary, SweepOutcome, counts
+
+
+def outcome(index, status, objective=None):
+    return Outcome(index, [f"params.model.C={index}"], status, f"r{index}", {"acc": objective or 0}, objective)
+
+
+def sweep(*outcomes, direction="maximize"):
+    return SweepOutcome("grid", list(outcomes), Objective(["acc"], [direction]), "p", "kmrun -m x", "sqlite:///x")
+
+
+def test_ranked_best_first_by_direction_and_unscored_last():
+    jobs = [outcome(0, Status.FINISHED, 0.5), outcome(1, Status.FAILED), outcome(2, Status.SKIPPED, 0.9),
+            outcome(3, Status.FINISHED, 0.7)]
+    assert [o.index for o in sweep(*jobs).ranked()] == [2, 3, 0, 1]
+    assert [o.index for o in sweep(*jobs, direction="minimize").ranked()] == [0, 3, 2, 1]
+    assert sweep(*jobs).best().index == 2
+    assert sweep(outcome(0, Status.FAILED)).best() is None
+
+
+def test_counts_and_exit_codes():
+    jobs = [outcome(0, Status.FINISHED, 1), outcome(1, Status.SKIPPED, 1), outcome(2, Status.KILLED),
+            outcome(3, Status.NOT_STARTED), outcome(4, Status.FAILED), outcome(5, Status.PRUNED)]
+    assert counts(jobs) == {"jobs_total": 6, "jobs_finished": 2, "jobs_failed": 1, "jobs_killed": 1,
+                            "jobs_pruned": 1, "jobs_skipped": 1, "jobs_not_started": 1}
+    assert sweep(*jobs).exit_code == 1
+    assert sweep(*jobs[:2]).exit_code == 0
+    done = sweep(outcome(0, Status.FAILED))
+    done.study = StudySummary("s", "x", "x", 2, {"COMPLETE": 2, "FAIL": 1}, [BestTrial(0, [1.0], {}, "r")], "", "TPE")
+    assert done.exit_code == 0  # a study is judged by whether it holds its target
+    done.study.states = {"COMPLETE": 1}
+    assert done.exit_code == 1
+
+
+def test_outcome_label_values_and_take():
+    job = Outcome(0, ["params.model.C=0.1", "+params.seed=2"])
+    assert job.label == "C=0.1 seed=2" and job.values == {"params.model.C": "0.1", "params.seed": "2"}
+    job.take(JobResult("r", Status.FAILED, {"acc": 0.1}, None, MetricError("no acc")))
+    assert (job.status, job.run_id, job.error, job.score()) == (Status.FAILED, "r", "no acc", None)
+    assert Status.PRUNED.run_status == "KILLED" and Status.FINISHED.run_status == "FINISHED"

@@ -1,0 +1,122 @@
+"""The grid and study sources in this process, on a copy of the example project: real
+Hydra composition, real Kedro parameters, a real Optuna storage; no runs, no processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from runner.compose import Composer
+from runner.errors import ConfigError
+from runner.grid import Grid, expand
+from runner.records import JobResult, Status
+from runner.schema import parse
+
+
+class StoreStub:
+    """What a source asks of the MLflow store, answered from a list of finished runs."""
+
+    def __init__(self, finished: dict[str, str] | None = None) -> None:
+        self.finished = finished or {}  # config hash -> run id
+        self.ended: list[tuple[str, str]] = []
+
+    def search(self, filter_string: str, max_results: int = 0) -> list:
+        if "'child'" not in filter_string:
+            return []
+        return [SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(
+            tags={"kmrun.config_hash": h}, metrics={"accuracy": 0.5})) for h, run_id in self.finished.items()]
+
+    def fail_stale_runs(self) -> list[str]:
+        return []
+
+    def finish(self, run_id: str, status: str) -> None:
+        self.ended.append((run_id, status))
+
+
+@pytest.fixture
+def composer(ws, monkeypatch):
+    monkeypatch.chdir(ws.path)
+    with Composer() as composer:
+        yield composer
+
+
+def grid_of(composer, args, yaml_grid=None):
+    base, cells = expand(composer, args, yaml_grid or {})
+    conf = parse(composer.compose(base))
+    return Grid(composer, conf, base, cells)
+
+
+def test_a_grid_expands_the_product_and_the_command_line_wins_over_yaml(composer):
+    grid = grid_of(composer, ["+experiment=baseline", "params.model.C=0.1,1", "params.split.seed=range(0,2)"],
+                   {"params.model.C": "5,6,7"})
+    assert [c.swept for c in grid.outcomes] == [
+        ["params.model.C=0.1", "params.split.seed=0"], ["params.model.C=0.1", "params.split.seed=1"],
+        ["params.model.C=1", "params.split.seed=0"], ["params.model.C=1", "params.split.seed=1"]]
+    grid.check(open_store=False)
+    assert [grid.specs[i].params["model"]["C"] for i in range(4)] == [0.1, 0.1, 1.0, 1.0]
+    assert isinstance(grid.specs[2].params["model"]["C"], float)  # coerced to the parameter's type
+    assert len({spec.config_hash for spec in grid.specs.values()}) == 4
+
+
+def test_a_grid_over_a_config_group_composes_each_option(composer):
+    grid = grid_of(composer, ["+experiment=baseline", "model=logistic_regression,random_forest"])
+    grid.check(open_store=False)
+    assert [grid.specs[i].params["model"]["type"] for i in range(2)] == ["logistic_regression", "random_forest"]
+
+
+def test_every_bad_key_of_a_grid_is_reported_once(composer):
+    grid = grid_of(composer, ["+experiment=baseline", "params.modle.C=1,2,3"])
+    with pytest.raises(ConfigError) as info:
+        grid.check(open_store=False)
+    assert str(info.value).count("params.modle (") == 1 and "Did you mean params.model" in str(info.value)
+
+
+def test_resume_skips_finished_cells_and_the_rest_get_parent_and_own_dirs(composer, tmp_path):
+    grid = grid_of(composer, ["+experiment=baseline", "params.model.C=0.1,1,10"])
+    grid.check(open_store=False)
+    store = StoreStub({grid.specs[1].config_hash: "done-run"})
+    skipped, previous = grid.resume(store, rerun=False)
+    assert (skipped, previous, grid.planned) == (1, None, 2)
+    assert grid.outcomes[1].status is Status.SKIPPED and grid.outcomes[1].run_id == "done-run"
+    grid.start("parent-1", tmp_path)
+    jobs = [grid.next(), grid.next(), grid.next()]
+    assert jobs[2] is None and grid.exhausted()
+    assert [j.outcome.index for j in jobs[:2]] == [0, 2]
+    assert {j.spec.parent_run_id for j in jobs[:2]} == {"parent-1"}
+    assert [Path(j.spec.output_dir) for j in jobs[:2]] == [tmp_path / "0", tmp_path / "2"]
+    grid.record(jobs[0], JobResult("r0", Status.FINISHED, {"accuracy": 0.9}, 0.9))
+    assert grid.outcomes[0].score() == 0.9
+    assert grid.resume(store, rerun=True) == (0, None) and grid.planned == 3
+
+
+def test_a_study_asks_until_its_target_and_records_trials(composer, tmp_path):
+    from runner.study import Study, search_space
+
+    args = ["+experiment=baseline", "+study=tune", f"study.storage=sqlite:///{tmp_path / 'optuna.db'}",
+            "study.n_trials=3"]
+    base, space = search_space(composer, parse(composer.compose(args)).study.search_space, args)
+    conf = parse(composer.compose(base))
+    study = Study(composer, conf, base, space, "unit")
+    study.check()
+    store = StoreStub()
+    assert study.begin(store) == [] and study.planned == 3
+    study.start("parent-s", tmp_path)
+    first, second = study.next(), study.next()
+    assert first.spec.trial.number == 0 and first.spec.parent_run_id == "parent-s"
+    assert first.spec.output_dir == str(tmp_path / "trial-0")
+    assert set(first.spec.params["model"]) >= {"C", "max_iter"}
+    study.record(first, JobResult("r0", Status.FINISHED, {"accuracy": 0.8}, 0.8))
+    study.record(second, JobResult("r1", Status.FAILED, {}, None))
+    third, fourth = study.next(), study.next()
+    assert third is not None and fourth is not None  # the failed trial does not count
+    study.record(third, JobResult("r2", Status.PRUNED, {}, None))
+    study.record(fourth, JobResult("r3", Status.FINISHED, {"accuracy": 0.9}, 0.9))
+    assert study.next() is None and study.exhausted()
+    summary = study.summary(export_to=tmp_path / "best.yaml")
+    study.close()
+    assert summary.states == {"COMPLETE": 2, "FAIL": 1, "PRUNED": 1} and summary.finished == 3
+    assert summary.best[0].number == 3 and summary.best[0].values == [0.9]
+    assert (tmp_path / "best.yaml").read_text() == summary.best_experiment
+    assert "params.model.C" in summary.trials_csv
