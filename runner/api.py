@@ -166,7 +166,8 @@ def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: s
         study.start(parent_id, sweep_dir(conf))
         with engine.parent_run(tracker, parent_id) as parent:
             _drive(study, make_scheduler(settings.n_jobs, verbose), settings.max_failures, outcome, echo, "study")
-            export = composer.config_dir / "experiment" / f"{settings.export_best}.yaml" if settings.export_best else None
+            best = settings.export_best
+            export = composer.config_dir / "experiment" / f"{best}.yaml" if best else None
             outcome.study = study.summary(export)
             results.log_parent(tracker, parent_id, outcome, redact, with_plots=True)
             parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
@@ -210,7 +211,7 @@ def sweep_dir(conf: Any) -> Path:
 def resume_command(overrides: list[str], config_dir: str | Path | None, config_name: str) -> str:
     """The command that runs this sweep again (a forced rerun left out)."""
     flags = (["-cp", str(config_dir)] if config_dir else []) + (["-cn", config_name] if config_name != "kmrun" else [])
-    kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+") == "sweep.rerun"]
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "sweep.rerun"]
     return " ".join(["kmrun", "-m", *(shlex.quote(a) for a in flags + kept)])
 
 
@@ -249,4 +250,4 @@ def _quiet(verbose: bool) -> Iterator[None]:
         logging.disable(previous)
 
 
-__all__ = ["KmrunError", "JobFailed", "run", "sweep"]
+__all__ = ["JobFailed", "KmrunError", "run", "sweep"]

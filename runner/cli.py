@@ -271,7 +271,8 @@ def subcommand(args: list[str]) -> int:
     def command(name: str, help: str, store: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if store:
-            p.add_argument("--tracking-uri", help="the MLflow store (default: conf/kmrun.yaml, $MLFLOW_TRACKING_URI, ./mlflow.db)")
+            p.add_argument("--tracking-uri",
+                           help="the MLflow store (default: conf/kmrun.yaml, $MLFLOW_TRACKING_URI, ./mlflow.db)")
             p.add_argument("-cp", "--config-dir", help="kmrun's config dir (default: ./conf)")
         p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
         return p
@@ -299,7 +300,8 @@ def subcommand(args: list[str]) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     for name, port in (("ui", 5000), ("dashboard", 8080)):
-        p = command(name, "Start MLflow's UI on the store." if name == "ui" else "Start optuna-dashboard on the study storage.")
+        about = "Start MLflow's UI on the store." if name == "ui" else "Start optuna-dashboard on the study storage."
+        p = command(name, about)
         p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
         p.add_argument("--port", type=int, default=port)
         if name == "dashboard":

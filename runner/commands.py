@@ -74,7 +74,8 @@ def experiment_ids(store: Store, client: MlflowClient, name: str | None) -> list
     known = {e.name: e.experiment_id for e in client.search_experiments()}
     if name is not None:
         if name not in known:
-            raise KmrunError(f"--experiment: no experiment '{name}' in {store.uri}. Experiments: {', '.join(sorted(known)) or 'none'}.")
+            raise KmrunError(f"--experiment: no experiment '{name}' in {store.uri}. "
+                             f"Experiments: {', '.join(sorted(known)) or 'none'}.")
         return [known[name]]
     if store.experiment in known:
         return [known[str(store.experiment)]]
@@ -206,7 +207,8 @@ def best(args: argparse.Namespace) -> int:
         ids = [parent.info.experiment_id]
     else:
         ids = experiment_ids(store, client, args.experiment)
-    found = search(client, ids, " and ".join(filters), [f"metrics.`{metric}` {'DESC' if direction == 'maximize' else 'ASC'}"], 1)
+    order = f"metrics.`{metric}` {'DESC' if direction == 'maximize' else 'ASC'}"
+    found = search(client, ids, " and ".join(filters), [order], 1)
     if not found:
         raise KmrunError(f"No FINISHED run with metric '{metric}' in {store.uri}.")
     top = found[0]
@@ -282,7 +284,8 @@ def _check_git(run: Run, strict: bool) -> None:
     now = git_tags(Path.cwd())
     problems = []
     if recorded and now.get("mlflow.source.git.commit") not in (None, recorded):
-        problems.append(f"the run was made at commit {recorded[:10]}, the work tree is at {now['mlflow.source.git.commit'][:10]}")
+        problems.append(f"the run was made at commit {recorded[:10]}, "
+                        f"the work tree is at {now['mlflow.source.git.commit'][:10]}")
     if now.get("kmrun.git.dirty") == "true":
         problems.append("the work tree has uncommitted changes")
     if not problems:
@@ -325,7 +328,8 @@ def dashboard(args: argparse.Namespace) -> int:
     import importlib.util
 
     if importlib.util.find_spec("optuna_dashboard") is None:
-        raise KmrunError("kmrun dashboard needs optuna-dashboard, which is not installed. Install it: pip install optuna-dashboard")
+        raise KmrunError("kmrun dashboard needs optuna-dashboard, which is not installed. "
+                         "Install it: pip install optuna-dashboard")
     store = open_store(args)
     storage = args.storage or (f"sqlite:///{Path(store.uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
                                if store.uri.startswith("sqlite:///") else f"sqlite:///{Path.cwd() / 'optuna.db'}")

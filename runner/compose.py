@@ -49,7 +49,10 @@ def as_typed(overrides: list[str]) -> list[str]:
     """Overrides as the user wrote them (undoes the ``++`` that ``hydra_args`` added)."""
     from .schema import SECTIONS
 
-    return [o[2:] if o.startswith("++") and o[2:].split(".", 1)[0].split("=", 1)[0] in SECTIONS else o for o in overrides]
+    def section(override: str) -> str:
+        return override[2:].split(".", 1)[0].split("=", 1)[0]
+
+    return [o[2:] if o.startswith("++") and section(o) in SECTIONS else o for o in overrides]
 
 
 SYNTAX_HELP = (

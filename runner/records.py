@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from .errors import KmrunError
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     """How a job ended. A PRUNED trial's MLflow run is KILLED; SKIPPED and NOT_STARTED
     jobs have no new run."""
 
@@ -24,9 +24,6 @@ class Status(str, Enum):
     PRUNED = "PRUNED"
     SKIPPED = "SKIPPED"  # already FINISHED in the store (a resumed grid)
     NOT_STARTED = "NOT_STARTED"  # the failure policy or an interrupt stopped the sweep first
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def run_status(self) -> str:

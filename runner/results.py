@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+STATE_NAMES = {"FAIL": "failed"}  # Optuna's trial states, as the parent's trials_* metrics name them
+
+
 def table(outcome: SweepOutcome) -> list[dict[str, Any]]:
     """One row per job, best first."""
     metric, _ = outcome.objective.primary
@@ -100,8 +103,8 @@ def log_parent(tracker: Tracker, parent: str, outcome: SweepOutcome, redact: Red
     study = outcome.study
     top = outcome.best()
     if study is not None:
-        names = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
-        metrics.update({f"trials_{names.get(state, state.lower())}": float(n) for state, n in study.states.items()})
+        for state, n in study.states.items():
+            metrics[f"trials_{STATE_NAMES.get(state, state.lower())}"] = float(n)
         metrics["trials_this_run"] = float(len(outcome.outcomes))
         if len(study.best) == 1 and metric:
             best = study.best[0]
@@ -211,7 +214,8 @@ def log_study_plots(tracker: Tracker, parent: str, study: StudySummary, names: l
             except Exception as err:  # matplotlib's variant lags plotly's; the HTML page has the plot
                 log.warning("No PNG of the %s plot (%s); it is in plots/study.html.", name, err)
     if sections:
-        page = "<html><head><meta charset='utf-8'><title>study</title></head><body>" + "".join(sections) + "</body></html>"
+        head = "<html><head><meta charset='utf-8'><title>study</title></head><body>"
+        page = head + "".join(sections) + "</body></html>"
         tracker.log_text(parent, page, "plots/study.html")
 
 

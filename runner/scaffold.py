@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import KmrunError
 from . import runtime
+from .errors import KmrunError
 from .kedro_bridge import read_package_name
 
 KMRUN_YAML = """\
@@ -60,7 +60,8 @@ def init(root: Path) -> list[Path]:
     targets = [conf / "kmrun.yaml", conf / "experiment" / "baseline.yaml", conf / "study" / "example.yaml"]
     existing = [str(t.relative_to(root)) for t in targets if t.exists()]
     if existing:
-        raise KmrunError(f"kmrun init would overwrite {', '.join(existing)}. Move them away first; kmrun init never overwrites.")
+        raise KmrunError(f"kmrun init would overwrite {', '.join(existing)}. "
+                         "Move them away first; kmrun init never overwrites.")
     project = runtime.current().project(root, None)
     params = project.parameters()
     metrics = _metric_datasets(project)
@@ -74,7 +75,7 @@ def init(root: Path) -> list[Path]:
         + OmegaConf.to_yaml(OmegaConf.create({"mlflow": {"run_name": "baseline"}, "params": params})),
         STUDY_YAML.format(key=key, expression=expression, metric="CHANGE_ME"),
     ]
-    for target, text in zip(targets, texts):
+    for target, text in zip(targets, texts, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
     return targets

@@ -7,10 +7,10 @@ against Kedro by ``compose``; everything else must match these classes exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cache
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from difflib import get_close_matches
+from functools import cache
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -63,7 +63,7 @@ class StudyConf:
     storage: Optional[str] = None  # None: sqlite optuna.db beside the MLflow store; a URL; *.journal
     name: Optional[str] = None  # None: the study file's name
     n_jobs: int = 1  # trials at a time, each in its own worker process when > 1
-    max_failures: Optional[float] = None  # stop after this many failed trials (<1: a fraction); None: as many as trials to run
+    max_failures: Optional[float] = None  # stop after this many failed trials (<1: a fraction); None: n_trials
     search_space: Dict[str, Any] = field(default_factory=dict)  # key -> interval/int/range/choice/tag(log)
     export_best: Optional[str] = None  # also write the best params to conf/experiment/<this>.yaml
 

@@ -102,7 +102,9 @@ def distribution(key: str, override: Override) -> optuna.distributions.BaseDistr
     raise ConfigError(f"{where}: use interval(), int(interval()), range(), choice() or tag(log, ...).")
 
 
-def make_sampler(config: dict[str, Any], distributions: Mapping[str, Any], n_existing: int) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    config: dict[str, Any], distributions: Mapping[str, Any], n_existing: int
+) -> optuna.samplers.BaseSampler:
     """``{name: tpe, seed: 42}`` → ``TPESampler(seed=42)``. A seeded sampler resumes with
     ``seed + trials already in the study``, so it does not replay its first draws."""
     import optuna
@@ -193,7 +195,8 @@ class Study:
             notes.append(f"The grid sampler has {grid_size} points; the study stops there (not at {self.target}).")
             self.target = grid_size
         if finished:
-            notes.append(f"Study '{self.name}': {finished} trials already finished; running until it holds {self.target}.")
+            notes.append(f"Study '{self.name}': {finished} trials already finished; "
+                         f"running until it holds {self.target}.")
         self.planned = max(self.target - finished, 0)
         return notes
 

@@ -49,7 +49,8 @@ def quiet_unless(verbose: bool) -> Iterator[None]:
 
 def header(experiment: str, pipeline: str, env: str, tags: list[str], uri: str) -> None:
     tagged = f" · tags {','.join(tags)}" if tags else ""
-    console.print(f"[bold]kmrun {__version__}[/] · {experiment} · pipeline {pipeline} · env {env}{tagged}\n  store {uri}")
+    console.print(f"[bold]kmrun {__version__}[/] · {experiment} · pipeline {pipeline} · env {env}{tagged}\n"
+                  f"  store {uri}")
 
 
 def run_summary(result: JobResult, run_name: str | None, objective: Objective, uri: str, experiment: str) -> None:
@@ -150,7 +151,8 @@ def sweep_summary(outcome: SweepOutcome) -> None:
     table.add_column("run")
     for cell in outcome.ranked():
         style = {"FINISHED": "green", "SKIPPED": "green", "FAILED": "red"}.get(cell.status, "yellow")
-        table.add_row(str(cell.index), cell.label, f"[{style}]{cell.status}[/]", _short(cell.score()), (cell.run_id or "")[:12])
+        table.add_row(str(cell.index), cell.label, f"[{style}]{cell.status}[/]", _short(cell.score()),
+                      (cell.run_id or "")[:12])
     console.print(table)
     n = outcome.counts
     console.print(
@@ -190,7 +192,8 @@ def study_summary(outcome: SweepOutcome) -> None:
     states = study.states
     complete, pruned, failed = states.get("COMPLETE", 0), states.get("PRUNED", 0), states.get("FAIL", 0)
     console.print(
-        f"study '{study.name}': {complete} complete + {pruned} pruned of {study.target} wanted; {failed} failed in all. "
+        f"study '{study.name}': {complete} complete + {pruned} pruned of {study.target} wanted; "
+        f"{failed} failed in all. "
         f"This run: {len(outcome.outcomes)} trials.\nparent run {outcome.parent_run_id} · storage "
         f"{study.storage} · store {outcome.uri}\nui: {ui_command(outcome.uri)}"
     )
@@ -229,7 +232,8 @@ def print_runs(rows: list[dict[str, Any]], fmt: str, metric: str | None) -> None
     for column in columns:
         table.add_column(column, no_wrap=True)
     for r in rows:
-        name = ("└ " if r["parent_run_id"] and any(o["run_id"] == r["parent_run_id"] for o in rows) else "") + str(r["name"])
+        nested = r["parent_run_id"] and any(o["run_id"] == r["parent_run_id"] for o in rows)
+        name = ("└ " if nested else "") + str(r["name"])
         cells = [name, r["status"], r["start"], f"{r['duration_s']}s" if r["duration_s"] is not None else "",
                  _short(r["objective"])]
         cells += [_short(r["metrics"].get(m)) for m in metric_names]

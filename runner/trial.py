@@ -15,8 +15,8 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from . import runtime
-from .tracking import HEARTBEAT_SECONDS
 from .errors import ConfigError
+from .tracking import HEARTBEAT_SECONDS
 
 if TYPE_CHECKING:
     import optuna
@@ -71,7 +71,8 @@ def build_from_config(module: Any, names: dict[str, str], config: dict[str, Any]
 def _study(storage: str, study_name: str, pruner: tuple[tuple[str, Any], ...]) -> optuna.Study:
     import optuna
 
-    return optuna.load_study(study_name=study_name, storage=runtime.current().storage(storage), pruner=make_pruner(dict(pruner)))
+    storage_ = runtime.current().storage(storage)
+    return optuna.load_study(study_name=study_name, storage=storage_, pruner=make_pruner(dict(pruner)))
 
 
 def handle(ref: TrialRef) -> optuna.Trial:

@@ -71,7 +71,8 @@ def test_kill_9_mid_trial_then_rerun_completes_without_duplicates(ws):
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**__import__("os").environ, **env})
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while True:
+        assert time.time() < deadline, "no trial was running after one completed within 120 s"
         time.sleep(0.3)
         try:
             with sqlite3.connect(ws.path / "optuna.db") as con:
@@ -115,6 +116,8 @@ def test_two_processes_share_one_study(ws):
     assert len(finished) == 8 and len({t.number for t in study.trials}) == len(study.trials)
     children = [c for c in ws.family("trial")[1] if c.info.status == "FINISHED"]
     assert len(children) == 8 and ws.running() == 0
+    owners = {t.user_attrs["kmrun.owner"] for t in finished}
+    assert len(owners) == 2, owners  # both processes ran trials
 
 
 def test_multi_objective_gives_a_pareto_set(ws):

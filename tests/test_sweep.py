@@ -84,7 +84,7 @@ def test_two_parallel_workers_keep_outputs_and_runs_apart(ws):
         files = list(ws.path.glob(f"multirun/*/*/{child.data.tags['kmrun.cell']}/data/06_models/model.pkl"))
         assert len(files) == 1
         model = pickle.loads(files[0].read_bytes())
-        assert model.C == float(child.data.params["model.C"])
+        assert float(child.data.params["model.C"]) == model.C
         paths.add(files[0])
         assert set(child.data.metrics) == {"accuracy", "f1_macro", "training_curve"}
         history = ws.client().get_metric_history(child.info.run_id, "accuracy")
@@ -111,6 +111,8 @@ def test_the_yaml_sweep_file_runs_its_grid(ws):
 
 def test_every_bad_sweep_key_is_listed_once(ws):
     done = ws.kmrun("-m", "+experiment=baseline", "params.modle.C=1,2", "params.split.sed=1,2")
+    assert done.code == 2, done.text
+    assert ws.runs() == []  # checked before anything was recorded
     assert done.err.count("params.modle (") == 1 and done.err.count("params.split.sed (") == 1
 
 
@@ -123,3 +125,27 @@ def test_max_failures_stops_launching_and_reports_the_jobs_never_started(ws):
     assert [c.info.status for c in children] == ["FAILED"]  # the first cell failed; nothing else started
     assert parents[0].data.metrics["jobs_not_started"] == 2 and parents[0].info.status == "FAILED"
     assert "2 not started" in done.out
+
+
+MINIMAL = """\
+kedro:
+  project_path: examples/digits
+objective:
+  metric: accuracy
+metrics: [metrics]
+"""
+
+
+def test_a_hand_written_config_with_only_kmruns_keys_runs_a_grid_and_a_study(ws):
+    (ws.path / "conf/kmrun.yaml").write_text(MINIMAL)
+    done = ws.kmrun("-m", "params.model.C=0.1,1")
+    assert done.code == 0, done.text
+    parents, children = ws.family()
+    assert len(parents) == 1 and sorted(c.data.params["model.C"] for c in children) == ["0.1", "1.0"]
+    done = ws.kmrun("-m", "study.n_trials=3", "params.model.C=interval(0.1,1)")
+    assert done.code == 0, done.text
+    parents, trials = ws.family("trial")
+    assert len(trials) == 3 and {t.info.status for t in trials} == {"FINISHED"}
+    assert all(0.1 <= float(t.data.params["model.C"]) <= 1 for t in trials)
+    assert not (ws.path / "outputs").exists() and not list(ws.path.rglob(".hydra"))  # Hydra wrote nothing
+    assert ws.running() == 0

@@ -104,10 +104,6 @@ def test_bad_input(ws, args, setup, code, fragments):
     assert ws.running() == 0
 
 
-def test_the_catalogue_is_large_and_distinct():
-    assert len(CATALOGUE) >= 25 and len({tuple(c[1]) + (c[0],) for c in CATALOGUE}) == len(CATALOGUE)
-
-
 @pytest.mark.parametrize("ask", [["-v"], ["HYDRA_FULL_ERROR"]])
 def test_a_traceback_only_when_asked(ws, ask):
     env = {"HYDRA_FULL_ERROR": "1"} if ask == ["HYDRA_FULL_ERROR"] else None

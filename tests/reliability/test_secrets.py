@@ -57,3 +57,16 @@ def test_no_secret_in_any_param_tag_or_artifact_after_a_run_a_grid_and_a_study(w
     stored = everything_stored(ws) + outputs
     leaks = sorted({secret for secret in SECRETS for text in stored if secret in text})
     assert leaks == []
+
+
+def test_a_secret_on_the_command_line_is_in_no_file_under_the_working_directory(ws):
+    secret = "cli-disk-secret-4242"
+    for args in (["+experiment=baseline", f"+params.api_token={secret}"],
+                 ["-m", "+experiment=baseline", "params.model.C=0.1,1", f"+params.api_token={secret}"]):
+        done = ws.kmrun(*args)
+        assert done.code == 0, done.text
+        assert secret not in done.text
+    files = [p for p in ws.path.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any("multirun" in p.parts for p in files)
+    holding = [str(p.relative_to(ws.path)) for p in files if secret.encode() in p.read_bytes()]
+    assert holding == []
