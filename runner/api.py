@@ -102,7 +102,7 @@ def sweep(
 
 
 def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bool, verbose: bool) -> SweepOutcome:
-    from . import engine, results, terminal
+    from . import terminal
     from .grid import Grid, expand
     from .records import SweepOutcome
     from .scheduler import make_scheduler
@@ -134,18 +134,12 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
         tracker.log_text(parent_id, redact.text(command + "\n\n" + definition + "\n"), "sweep.txt")
     outcome.parent_run_id = parent_id
     grid.start(parent_id, sweep_dir(conf))
-    with engine.parent_run(tracker, parent_id) as parent:
-        _drive(grid, make_scheduler(conf.sweep.n_jobs, verbose), conf.sweep.max_failures, outcome, echo, "sweep")
-        results.log_parent(tracker, parent_id, outcome, redact, with_plots=True)
-        parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
-    if echo:
-        terminal.sweep_summary(outcome)
-    return outcome
+    return _execute(grid, tracker, make_scheduler(conf.sweep.n_jobs, verbose), conf.sweep.max_failures, outcome,
+                    redact, echo)
 
 
 def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: str, echo: bool,
            verbose: bool) -> SweepOutcome:
-    from . import engine, results, terminal
     from .records import SweepOutcome
     from .scheduler import make_scheduler
     from .study import Study, search_space
@@ -164,40 +158,51 @@ def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: s
                                                           study.parent_tags(command).items()})
         outcome.parent_run_id = parent_id
         study.start(parent_id, sweep_dir(conf))
-        with engine.parent_run(tracker, parent_id) as parent:
-            _drive(study, make_scheduler(settings.n_jobs, verbose), settings.max_failures, outcome, echo, "study")
-            best = settings.export_best
-            export = composer.config_dir / "experiment" / f"{best}.yaml" if best else None
+        best = settings.export_best
+        export = composer.config_dir / "experiment" / f"{best}.yaml" if best else None
+
+        def summarise() -> None:
             outcome.study = study.summary(export)
-            results.log_parent(tracker, parent_id, outcome, redact, with_plots=True)
-            parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
+
+        return _execute(study, tracker, make_scheduler(settings.n_jobs, verbose), settings.max_failures, outcome,
+                        redact, echo, summarise)
     finally:
         study.close()
+
+
+def _execute(source: Any, tracker: Any, scheduler: Any, max_failures: float | None, outcome: SweepOutcome,
+             redact: Any, echo: bool, summarise: Any = None) -> SweepOutcome:
+    """The engine's loop inside the parent run, then the results on the parent, also when
+    interrupted (without plots, so that an interrupt ends fast)."""
+    from . import engine, results, terminal
+    from .records import Status
+
+    label = "study" if outcome.kind == "study" else "sweep"
+    policy = engine.FailurePolicy(max_failures, source.planned)
+    total = len(outcome.outcomes) if outcome.kind == "grid" else source.planned
+    progress = terminal.SweepProgress(total, outcome.objective, label) if echo else None
+    with engine.parent_run(tracker, outcome.parent_run_id) as parent:
+        interrupted = True
+        try:
+            with scheduler, (progress or nullcontext()):  # workers fork before the progress thread starts
+                for done in outcome.outcomes:
+                    if progress is not None and done.status is Status.SKIPPED:
+                        progress.update(done)
+                engine.drive(source, scheduler, policy, progress.update if progress else None)
+            interrupted = False
+        except KeyboardInterrupt:
+            if echo:
+                terminal.error(f"Interrupted: the {label} and its running jobs are KILLED. "
+                               f"To resume:\n  {outcome.command}")
+            raise
+        finally:
+            if summarise is not None:
+                summarise()
+            results.log_parent(tracker, parent.run_id, outcome, redact, with_plots=not interrupted)
+        parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
     if echo:
         terminal.sweep_summary(outcome)
     return outcome
-
-
-def _drive(source: Any, scheduler: Any, max_failures: float | None, outcome: SweepOutcome, echo: bool,
-           label: str) -> None:
-    """The engine's loop with a progress display; an interrupt names the resume command."""
-    from . import engine, terminal
-    from .records import Status
-
-    policy = engine.FailurePolicy(max_failures, source.planned)
-    progress = terminal.SweepProgress(len(outcome.outcomes) if label == "sweep" else source.planned,
-                                      outcome.objective, label) if echo else None
-    try:
-        with scheduler, (progress or nullcontext()):  # workers fork before the progress thread starts
-            if progress is not None:
-                for done in outcome.outcomes:
-                    if done.status is Status.SKIPPED:
-                        progress.update(done)
-            engine.drive(source, scheduler, policy, progress.update if progress else None)
-    except KeyboardInterrupt:
-        if echo:
-            terminal.error(f"Interrupted: the {label} and its running jobs are KILLED. To resume:\n  {outcome.command}")
-        raise
 
 
 def sweep_dir(conf: Any) -> Path:

@@ -106,13 +106,13 @@ def log_parent(tracker: Tracker, parent: str, outcome: SweepOutcome, redact: Red
         for state, n in study.states.items():
             metrics[f"trials_{STATE_NAMES.get(state, state.lower())}"] = float(n)
         metrics["trials_this_run"] = float(len(outcome.outcomes))
-        if len(study.best) == 1 and metric:
+        if len(outcome.objective.metrics) > 1:
+            tags = {"optuna.pareto_trials": ",".join(str(t.number) for t in study.best)}
+        elif study.best and metric:
             best = study.best[0]
             metrics[f"best_{metric}"] = float(best.values[0])
             params = redact.params({f"best.{k}": v for k, v in best.params.items()})
             tags = {"kmrun.best_run_id": best.run_id, "optuna.best_trial": str(best.number)}
-        elif study.best:
-            tags = {"optuna.pareto_trials": ",".join(str(t.number) for t in study.best)}
     elif top is not None and metric:
         metrics[f"best_{metric}"] = top.score()  # type: ignore[assignment]
         params = redact.params({f"best.{k}": v for k, v in top.values.items()})

@@ -20,9 +20,12 @@ SLOW_GRID = ["-m", "+experiment=forest", "params.model.n_estimators=range(200,14
 
 
 def start(ws, args, **kwargs):
+    # A shell without job control starts background commands with SIGINT ignored, and the
+    # child would inherit that; give it the default, as a terminal would.
     return subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}, **kwargs)
+                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def wait_for(ws, sql, at_least=1, timeout=120):
