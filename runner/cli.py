@@ -169,6 +169,9 @@ def _guarded(command: Any, verbose: bool) -> int:
         return int(command())
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `kmrun ... | head`: the reader left; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KmrunError as err:
         if verbose or err.exit_code == 3:
             traceback.print_exc()

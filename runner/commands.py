@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +47,6 @@ class Store:
 def open_store(args: argparse.Namespace) -> Store:
     from omegaconf import OmegaConf
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     conf_dir = Path(args.config_dir or "conf").resolve()
     raw: Any = OmegaConf.load(conf_dir / "kmrun.yaml") if (conf_dir / "kmrun.yaml").is_file() else OmegaConf.create({})
     uri = args.tracking_uri or resolve_uri(OmegaConf.select(raw, "mlflow.tracking_uri"))
@@ -254,7 +255,24 @@ def recorded_config(args: argparse.Namespace, run_id: str) -> tuple[Store, Run, 
 
 def _config_text(client: MlflowClient, run: Run) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        return Path(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).read_text(encoding="utf-8")
+        with _no_progress_bar():
+            path = client.download_artifacts(run.info.run_id, "config.yaml", tmp)
+        return Path(path).read_text(encoding="utf-8")
+
+
+@contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow's download progress bar (on stderr, even without a terminal) has no other
+    switch than this variable; it is set for the download only."""
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
 
 
 # --- reproduce, promote ---------------------------------------------------------------
