@@ -83,7 +83,6 @@ class Composer:
                 f"No {self.config_name}.yaml in {self.config_dir}: run kmrun from a Kedro project "
                 "that has conf/kmrun.yaml (kmrun init writes one), or point -cp at its config dir."
             )
-        _restore_env_resolver()
         self._context = initialize_config_dir(config_dir=str(self.config_dir), version_base="1.3", job_name="kmrun")
         self._context.__enter__()
         return self
@@ -96,6 +95,7 @@ class Composer:
         from hydra import compose
 
         self.parse(overrides)  # an error names the override
+        _restore_env_resolver()
         try:
             return compose(self.config_name, hydra_args(overrides) + self.extra, return_hydra_config=True)
         except Exception as err:

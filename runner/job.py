@@ -72,6 +72,9 @@ def prepare(
     rt = runtime.current()
     origin = origin_finder(conf_dir or Path.cwd() / "conf", overrides, choices or {})
     conf = parse(cfg, origin)
+    # resolved before Kedro loads its config, which unregisters OmegaConf's oc.env resolver
+    config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    assert isinstance(config, dict)
     project = rt.project(conf.kedro.project_path, conf.kedro.env)
     params = check_params(conf.params, project.parameters(), added_on_purpose(overrides), origin)
     project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
@@ -79,8 +82,6 @@ def prepare(
     experiment = conf.mlflow.experiment_name or project.package_name
     if open_store:
         rt.tracker(uri, experiment)
-    config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-    assert isinstance(config, dict)
     return JobSpec(
         conf=conf,
         params=params,

@@ -120,3 +120,19 @@ def test_a_study_asks_until_its_target_and_records_trials(composer, tmp_path):
     assert summary.best[0].number == 3 and summary.best[0].values == [0.9]
     assert (tmp_path / "best.yaml").read_text() == summary.best_experiment
     assert "params.model.C" in summary.trials_csv
+
+
+def test_oc_env_works_in_kmruns_config_after_kedro_has_loaded_its_own(ws, monkeypatch):
+    """Kedro's config loader unregisters OmegaConf's oc.env for the whole process."""
+    import os
+
+    monkeypatch.chdir(ws.path)
+    monkeypatch.setenv("KMRUN_TEST_TAG", "from-env")
+    path = ws.path / "conf/kmrun.yaml"
+    path.write_text(path.read_text().replace("  tags: {}", "  tags: {owner: '${oc.env:KMRUN_TEST_TAG}'}"))
+    for _ in range(2):  # the second call composes after Kedro ran in this process
+        with Composer() as composer:
+            grid = grid_of(composer, ["+experiment=baseline", "model=logistic_regression,random_forest"])
+            grid.check(open_store=False)
+        assert {spec.conf.mlflow.tags["owner"] for spec in grid.specs.values()} == {"from-env"}
+        assert os.environ["KMRUN_TEST_TAG"] == "from-env"
