@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import runtime
 from .errors import ConfigError, JobFailed, KmrunError
+from .tracking import Redactor
 
 if TYPE_CHECKING:
     from .records import JobResult, SweepOutcome
@@ -110,9 +111,11 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
     base, cells = expand(composer, overrides, conf.sweep.params)
     grid = Grid(composer, conf, base, cells)
     grid.check(open_store=not conf.sweep.dry_run)
-    objective = _objective(conf)
-    outcome = SweepOutcome("grid", grid.outcomes, objective, None, command, grid.first.uri,
-                           dry_run=conf.sweep.dry_run)
+    redact = Redactor.union(spec.redact for spec in grid.specs.values())
+    for cell in grid.outcomes:  # what is shown and logged of each cell; its spec keeps the values
+        cell.swept = [redact.override(o) for o in cell.swept]
+    outcome = SweepOutcome("grid", grid.outcomes, _objective(conf), None, _shown(command, overrides, redact),
+                           grid.first.uri, dry_run=conf.sweep.dry_run)
     if conf.sweep.dry_run:
         if echo:
             terminal.dry_run(outcome)
@@ -122,16 +125,15 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
     skipped, previous = grid.resume(tracker, conf.sweep.rerun)
     if skipped:
         _note(outcome, f"{skipped} skipped (already FINISHED), {grid.planned} to run.", echo)
-    redact = grid.first.redact
     if previous is not None:
         tracker.reopen(previous)
         parent_id = previous
     else:
         tags = {"kmrun.role": "parent", "kmrun.kind": "grid", "kmrun.sweep_key": grid.key,
-                "kmrun.sweep": redact.text(command)[:5000]}
+                "kmrun.sweep": outcome.command[:5000]}
         parent_id = tracker.start(f"sweep {grid.first.run_name or ''}".strip(), tags)
         definition = "\n".join(c.label for c in grid.outcomes)
-        tracker.log_text(parent_id, redact.text(command + "\n\n" + definition + "\n"), "sweep.txt")
+        tracker.log_text(parent_id, redact.text(outcome.command + "\n\n" + definition + "\n"), "sweep.txt")
     outcome.parent_run_id = parent_id
     grid.start(parent_id, sweep_dir(conf))
     return _execute(grid, tracker, make_scheduler(conf.sweep.n_jobs, verbose), conf.sweep.max_failures, outcome,
@@ -149,13 +151,14 @@ def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: s
     study = Study(composer, conf, base, space, name)
     study.check()
     tracker = runtime.current().tracker(study.first.uri, study.first.experiment_name)
-    outcome = SweepOutcome("study", study.outcomes, _objective(conf), None, command, study.first.uri)
+    redact = study.first.redact
+    outcome = SweepOutcome("study", study.outcomes, _objective(conf), None, _shown(command, overrides, redact),
+                           study.first.uri)
     try:
         for note in study.begin(tracker):
             _note(outcome, note, echo)
-        redact = study.first.redact
         parent_id = tracker.start(f"study {study.name}", {k: redact.text(v) for k, v in
-                                                          study.parent_tags(command).items()})
+                                                          study.parent_tags(outcome.command).items()})
         outcome.parent_run_id = parent_id
         study.start(parent_id, sweep_dir(conf))
         best = settings.export_best
@@ -218,6 +221,18 @@ def resume_command(overrides: list[str], config_dir: str | Path | None, config_n
     flags = (["-cp", str(config_dir)] if config_dir else []) + (["-cn", config_name] if config_name != "kmrun" else [])
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "sweep.rerun"]
     return " ".join(["kmrun", "-m", *(shlex.quote(a) for a in flags + kept)])
+
+
+def _shown(command: str, overrides: list[str], redact: Any) -> str:
+    """The resume command as it may be shown and logged: secret values as ***."""
+    shown = command
+    for override in overrides:
+        hidden = redact.override(override)
+        if hidden != override:
+            shown = shown.replace(shlex.quote(override), shlex.quote(hidden))
+    if shown != command:
+        shown += "   # secrets shown as ***: type them again"
+    return shown
 
 
 def _objective(conf: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import KmrunError
 from .results import without_redacted
-from .tracking import Redactor, git_tags, resolve_uri
+from .tracking import Redactor, git_tags, hide_password, resolve_uri
 
 if TYPE_CHECKING:
     import argparse
@@ -52,7 +52,7 @@ def open_store(args: argparse.Namespace) -> Store:
     uri = args.tracking_uri or resolve_uri(OmegaConf.select(raw, "mlflow.tracking_uri"))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise KmrunError(
-            f"No MLflow store at {uri}. Run an experiment first (kmrun +experiment=baseline), or point "
+            f"No MLflow store at {hide_password(uri)}. Run an experiment first (kmrun +experiment=baseline), or point "
             "--tracking-uri, MLFLOW_TRACKING_URI or mlflow.tracking_uri in conf/kmrun.yaml at one."
         )
     experiment = OmegaConf.select(raw, "mlflow.experiment_name")
@@ -75,7 +75,7 @@ def experiment_ids(store: Store, client: MlflowClient, name: str | None) -> list
     known = {e.name: e.experiment_id for e in client.search_experiments()}
     if name is not None:
         if name not in known:
-            raise KmrunError(f"--experiment: no experiment '{name}' in {store.uri}. "
+            raise KmrunError(f"--experiment: no experiment '{name}' in {hide_password(store.uri)}. "
                              f"Experiments: {', '.join(sorted(known)) or 'none'}.")
         return [known[name]]
     if store.experiment in known:
@@ -110,7 +110,7 @@ def resolve_run(client: MlflowClient, store: Store, prefix: str) -> Run:
     if not matches:
         near = [r.info.run_id for r in runs if r.info.run_id[:2] == prefix[:2]][:5]
         hint = f" Ids starting like it: {', '.join(near)}." if near else ""
-        raise KmrunError(f"No run with id '{prefix}' in {store.uri}.{hint} List runs with: kmrun runs")
+        raise KmrunError(f"No run with id '{prefix}' in {hide_password(store.uri)}.{hint} List runs with: kmrun runs")
     raise KmrunError(
         f"Run id prefix '{prefix}' is ambiguous: {', '.join(r.info.run_id for r in matches[:6])}. Give more characters."
     )
@@ -126,12 +126,13 @@ def runs(args: argparse.Namespace) -> int:
     client = store.client()
     ids = experiment_ids(store, client, args.experiment)
     if not ids:
-        raise KmrunError(f"The store {store.uri} holds no experiment yet. Run one: kmrun +experiment=baseline")
+        raise KmrunError(f"The store {hide_password(store.uri)} holds no experiment yet. "
+                         "Run one: kmrun +experiment=baseline")
     found = search(client, ids, args.filter or "", _order(args.sort), args.limit)
     if not found:
         if args.filter:
-            raise KmrunError(f"No runs matching {args.filter!r} in {store.uri}.")
-        raise KmrunError(f"No runs in {store.uri} yet. Run one: kmrun +experiment=baseline")
+            raise KmrunError(f"No runs matching {args.filter!r} in {hide_password(store.uri)}.")
+        raise KmrunError(f"No runs in {hide_password(store.uri)} yet. Run one: kmrun +experiment=baseline")
     rows = [row(r, store.metric) for r in grouped(found)]
     if args.only_changed:
         rows = only_changed(rows)
@@ -211,7 +212,7 @@ def best(args: argparse.Namespace) -> int:
     order = f"metrics.`{metric}` {'DESC' if direction == 'maximize' else 'ASC'}"
     found = search(client, ids, " and ".join(filters), [order], 1)
     if not found:
-        raise KmrunError(f"No FINISHED run with metric '{metric}' in {store.uri}.")
+        raise KmrunError(f"No FINISHED run with metric '{metric}' in {hide_password(store.uri)}.")
     top = found[0]
     terminal.say(
         f"best run {top.info.run_id} ({top.info.run_name}): {metric} = {top.data.metrics[metric]:.6g} ({direction})\n"
@@ -336,7 +337,7 @@ def ui(args: argparse.Namespace) -> int:
     store = open_store(args)
     from . import terminal
 
-    terminal.say(f"MLflow UI on http://{args.host}:{args.port} for {store.uri} (Ctrl-C stops it)")
+    terminal.say(f"MLflow UI on http://{args.host}:{args.port} for {hide_password(store.uri)} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store.uri,
                "--host", args.host, "--port", str(args.port)]
     return _serve(command)

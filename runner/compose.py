@@ -230,6 +230,10 @@ def check_params(
             dotted = f"{path}.{key}" if path else str(key)
             if any(dotted == a or dotted.startswith(a + ".") for a in added):
                 out[key] = value
+            elif (not isinstance(have, Mapping) or key not in have) and isinstance(value, Mapping) and any(
+                a.startswith(dotted + ".") for a in added
+            ):  # a new section that keys added on purpose live in
+                out[key] = walk(value, {}, dotted)
             elif not isinstance(have, Mapping) or key not in have:
                 close = get_close_matches(dotted, known, n=3, cutoff=0.6)
                 hint = f" Did you mean {' or '.join('params.' + c for c in close)}?" if close else ""

@@ -90,7 +90,8 @@ def prepare(
         config_hash=config_hash(config),
         uri=uri,
         experiment_name=experiment,
-        redact=Redactor.for_project(project.credentials(), deep_merge(project.parameters(), params)),
+        redact=Redactor.for_project(project.credentials(), deep_merge(project.parameters(), params),
+                                    urls=[conf.mlflow.tracking_uri, uri, conf.study.storage if conf.study else None]),
         run_name=conf.mlflow.run_name,
     )
 
@@ -115,7 +116,7 @@ def execute(spec: JobSpec) -> JobResult:
         **spec.tags,
         **rt.git_tags(project.root),
         "kmrun.version": __version__,
-        "kmrun.overrides": " ".join(spec.overrides)[:5000],
+        "kmrun.overrides": " ".join(spec.redact.override(o) for o in spec.overrides)[:5000],
         "kmrun.config_hash": spec.config_hash,
         "kedro.project": project.package_name,
         "kedro.pipeline": conf.kedro.pipeline,
@@ -157,7 +158,8 @@ class _Job:
         try:
             config_text = OmegaConf.to_yaml(OmegaConf.create(redact.tree(spec.config)))
             self.tracker.log_text(self.run_id, config_text, "config.yaml")
-            self.tracker.log_text(self.run_id, redact.text("\n".join(spec.overrides) + "\n"), "overrides.txt")
+            overrides = "".join(redact.override(o) + "\n" for o in spec.overrides)
+            self.tracker.log_text(self.run_id, overrides, "overrides.txt")
             if spec.trial is not None:
                 attach(spec.trial, self.run_id)
             self._pipeline()

@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .grid import split
 from .job import JobSpec, prepare
 from .records import BestTrial, JobResult, Outcome, Status, StudySummary
-from .tracking import alive, hide_password, process_tags
+from .tracking import alive, hide_password, is_secret_name, process_tags
 from .trial import Heartbeat, TrialRef, build_from_config, make_pruner
 
 if TYPE_CHECKING:
@@ -142,6 +142,12 @@ class Study:
         self.conf = conf
         self.settings: StudyConf = conf.study  # type: ignore[assignment]
         self.base, self.name = base, name
+        secret = [key for key in space if is_secret_name(key)]
+        if secret:
+            raise ConfigError(
+                f"study.search_space: '{secret[0]}' names a secret; a study cannot search it, since Optuna "
+                "stores every value it tries in its storage. Search other keys, or sweep it in a grid (-m)."
+            )
         self.distributions = {key: distribution(key, override) for key, override in space.items()}
         self.outcomes: list[Outcome] = []
         self._compose = JobComposer(composer, base)

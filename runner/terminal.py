@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .tracking import ui_command
+from .tracking import hide_password, ui_command
 
 if TYPE_CHECKING:
     from .records import JobResult, Objective, Outcome, SweepOutcome
@@ -50,7 +50,7 @@ def quiet_unless(verbose: bool) -> Iterator[None]:
 def header(experiment: str, pipeline: str, env: str, tags: list[str], uri: str) -> None:
     tagged = f" · tags {','.join(tags)}" if tags else ""
     console.print(f"[bold]kmrun {__version__}[/] · {experiment} · pipeline {pipeline} · env {env}{tagged}\n"
-                  f"  store {uri}")
+                  f"  store {hide_password(uri)}")
 
 
 def run_summary(result: JobResult, run_name: str | None, objective: Objective, uri: str, experiment: str) -> None:
@@ -64,7 +64,7 @@ def run_summary(result: JobResult, run_name: str | None, objective: Objective, u
         table.add_row("objective", f"{metric} = {result.objective}  ({direction})")
     for name, value in sorted(result.metrics.items()):
         table.add_row(f"  {name}", f"{value:.6g}")
-    table.add_row("store", f"{uri}  (experiment '{experiment}')")
+    table.add_row("store", f"{hide_password(uri)}  (experiment '{experiment}')")
     table.add_row("ui", ui_command(uri))
     console.print(table)
 
@@ -159,7 +159,7 @@ def sweep_summary(outcome: SweepOutcome) -> None:
         f"{n['jobs_total']} jobs: {n['jobs_finished'] - n['jobs_skipped']} ran and finished, "
         f"{n['jobs_skipped']} skipped, {n['jobs_failed']} failed, {n['jobs_killed']} killed, "
         f"{n['jobs_not_started']} not started."
-        f"\nparent run {outcome.parent_run_id} · store {outcome.uri}\nui: {ui_command(outcome.uri)}"
+        f"\nparent run {outcome.parent_run_id} · store {hide_password(outcome.uri)}\nui: {ui_command(outcome.uri)}"
     )
     failed = [c for c in outcome.outcomes if c.status in ("FAILED", "KILLED", "NOT_STARTED")]
     if failed:
@@ -195,7 +195,7 @@ def study_summary(outcome: SweepOutcome) -> None:
         f"study '{study.name}': {complete} complete + {pruned} pruned of {study.target} wanted; "
         f"{failed} failed in all. "
         f"This run: {len(outcome.outcomes)} trials.\nparent run {outcome.parent_run_id} · storage "
-        f"{study.storage} · store {outcome.uri}\nui: {ui_command(outcome.uri)}"
+        f"{study.storage} · store {hide_password(outcome.uri)}\nui: {ui_command(outcome.uri)}"
     )
     running = states.get("RUNNING", 0)
     if running:

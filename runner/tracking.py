@@ -32,12 +32,18 @@ MAX_BATCH = 100  # params or tags per log_batch call
 MAX_METRICS_BATCH = 1000
 TRUNCATED = "…[truncated; the full value is in the config.yaml artifact]"
 REDACTED = "***"
-SECRET_NAME = re.compile(
-    r"pass(word|wd|phrase)?|secret|token|api[-_]?key|access[-_]?key|private[-_]?key|"
-    r"credential|auth|cookie|session[-_]?key|dsn|conn(ection)?[-_]?str",
-    re.IGNORECASE,
-)
-MIN_SECRET_LENGTH = 4  # shorter values would redact half of every text
+# A key names a secret when one of its segments (split at dots, _, - and camelCase) is one
+# of these words, or two neighbouring segments form one of the pairs: `db_password`,
+# `api.token`, `apiKey`, `client_secret`. Not `tokenizer` or `max_tokens` (a count).
+SECRET_WORDS = frozenset({
+    "password", "passwords", "passwd", "pwd", "passphrase", "pass", "secret", "secrets", "token", "tokens",
+    "credential", "credentials", "creds", "cookie", "cookies", "dsn", "auth", "apikey", "pin",
+})
+SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"),
+                          ("session", "key"), ("signing", "key"), ("conn", "str"), ("connection", "string")})
+COUNTS = frozenset({"max", "min", "num", "n", "total", "count", "top", "per", "limit", "size"})
+COMMON_VALUES = frozenset({"true", "false", "none", "null", "yes", "no", "on", "off"})
+MIN_SECRET_LENGTH = 4  # shorter values (and COMMON_VALUES) would redact half of every text
 
 
 def default_store(cwd: Path | None = None) -> str:
@@ -62,9 +68,42 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def segments(key: str) -> list[str]:
+    """``service.apiToken_v2`` → ``["service", "api", "token", "v", "2"]``."""
+    return [w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", key)]
+
+
 def is_secret_name(key: str) -> bool:
-    """Whether a (dotted) key names a secret: ``db_password``, ``api.token``…"""
-    return bool(SECRET_NAME.search(key))
+    """Whether a (dotted) key names a secret: ``db_password``, ``api.token``, ``apiKey``…"""
+    words = segments(key)
+    for i, word in enumerate(words):
+        near = {words[i - 1] if i else "", words[i + 1] if i + 1 < len(words) else ""}
+        if word in SECRET_WORDS and not (word.startswith("token") and near & COUNTS):
+            return True
+        if i and (words[i - 1], word) in SECRET_PAIRS:
+            return True
+    return False
+
+
+def url_password(url: str | None) -> str | None:
+    """The password in ``scheme://user:password@host/...``, if any."""
+    from urllib.parse import urlsplit
+
+    if not url or "@" not in url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def _leaves(tree: Any) -> list[Any]:
+    """Every scalar in a nested dict/list."""
+    if isinstance(tree, Mapping):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for value in tree for leaf in _leaves(value)]
+    return [tree]
 
 
 class Redactor:
@@ -72,15 +111,33 @@ class Redactor:
     credential value of the Kedro project, and secret-named environment variables."""
 
     def __init__(self, secret_values: Iterable[Any] = ()) -> None:
-        values = {str(v) for v in secret_values if v is not None}
-        self.values = sorted((v for v in values if len(v) >= MIN_SECRET_LENGTH), key=len, reverse=True)
+        values = {str(v) for v in secret_values if v is not None and not isinstance(v, bool)}
+        kept = (v for v in values if len(v) >= MIN_SECRET_LENGTH and v.lower() not in COMMON_VALUES)
+        self.values = sorted(kept, key=len, reverse=True)
 
     @classmethod
-    def for_project(cls, credentials: Mapping[str, Any], params: Mapping[str, Any]) -> Redactor:
-        secrets = [v for v in flatten(credentials).values() if not isinstance(v, (dict, list))]
+    def for_project(cls, credentials: Mapping[str, Any], params: Mapping[str, Any],
+                    urls: Iterable[str | None] = ()) -> Redactor:
+        """Every credential value, every value under a secret-named parameter (strings,
+        numbers and list items), secret-named environment variables, and the passwords
+        in ``urls`` (the tracking URI, the study storage)."""
+        secrets = _leaves(credentials)
         secrets += [v for k, v in os.environ.items() if is_secret_name(k)]
-        secrets += [v for k, v in flatten(params).items() if is_secret_name(k) and isinstance(v, str)]
+        secrets += [leaf for k, v in flatten(params).items() if is_secret_name(k) for leaf in _leaves(v)]
+        secrets += [url_password(url) for url in urls]
         return cls(secrets)
+
+    @classmethod
+    def union(cls, redactors: Iterable[Redactor]) -> Redactor:
+        """One redactor for many jobs (a sweep whose cells hold different secrets)."""
+        return cls(value for redactor in redactors for value in redactor.values)
+
+    def override(self, line: str) -> str:
+        """``params.db_password=x`` → ``params.db_password=***``; other values text-redacted."""
+        key, sep, _ = line.partition("=")
+        if sep and is_secret_name(key.lstrip("+~")):
+            return f"{key}={REDACTED}"
+        return self.text(line)
 
     def text(self, text: str) -> str:
         for value in self.values:
@@ -140,6 +197,7 @@ class Tracker:
         self.uri = uri
         self.experiment_name = experiment_name
         _quiet_store_logs()
+        _check_reachable(uri)
         try:
             from mlflow import MlflowClient
 
@@ -153,7 +211,8 @@ class Tracker:
             if "locked" in first:
                 first += " (another process holds it; try again when that process is done)"
             raise TrackingError(
-                f"mlflow.tracking_uri: cannot open the MLflow store '{uri}': {first}\n"
+                f"mlflow.tracking_uri: cannot open the MLflow store '{hide_password(uri)}': "
+                f"{Redactor([url_password(uri)]).text(first)}\n"
                 "Use sqlite:///PATH/mlflow.db, http(s)://HOST:PORT of an MLflow server, or "
                 "leave it null for the embedded store (mlflow.db in the working directory)."
             ) from None
@@ -163,7 +222,7 @@ class Tracker:
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 raise TrackingError(
-                    f"mlflow.experiment_name: experiment '{name}' is deleted in {self.uri}. "
+                    f"mlflow.experiment_name: experiment '{name}' is deleted in {hide_password(self.uri)}. "
                     f"Restore it (mlflow experiments restore) or pick another name."
                 )
             return str(found.experiment_id)
@@ -273,6 +332,24 @@ def creation_lock(url: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """An MLflow server that does not answer fails in seconds, not after MLflow's retries."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname or "localhost", port), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        raise TrackingError(
+            f"mlflow.tracking_uri: cannot reach the MLflow server at '{hide_password(uri)}' "
+            f"within {timeout:g} s: {err}\nStart the server (mlflow server --host HOST --port PORT), "
+            "or leave mlflow.tracking_uri null for the embedded store (mlflow.db in the working directory)."
+        ) from None
+
+
 def process_tags() -> dict[str, str]:
     """Which process owns a run, so that a later kmrun can tell a dead one from a live one."""
     return {"kmrun.host": socket.gethostname(), "kmrun.pid": str(os.getpid())}
@@ -290,8 +367,8 @@ def alive(pid: int) -> bool:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens MLflow's UI on this store."""
-    return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
+    """The command that opens MLflow's UI on this store (a password in the URI hidden)."""
+    return f"mlflow ui --backend-store-uri {hide_password(uri)}" if not uri.startswith("http") else hide_password(uri)
 
 
 def finite(value: Any) -> bool:

@@ -72,6 +72,10 @@ def test_check_params_lists_every_problem_with_close_matches_and_origin():
 def test_check_params_lets_keys_added_on_purpose_through():
     out = check_params({"new": {"x": 1}, "model": {"extra": "y"}}, BASE, added={"new", "model.extra"})
     assert out == {"new": {"x": 1}, "model": {"extra": "y"}}
+    out = check_params({"tok": {"a": 1, "b": True}}, BASE, added={"tok.a", "tok.b"})
+    assert out == {"tok": {"a": 1, "b": True}}
+    with pytest.raises(ParamError, match="tok.c"):
+        check_params({"tok": {"a": 1, "c": 2}}, BASE, added={"tok.a"})
 
 
 def test_check_params_rejects_a_scalar_for_a_section():

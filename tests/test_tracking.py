@@ -35,7 +35,16 @@ def test_flatten(tree, flat):
         ("aws_secret_access_key", True),
         ("model.C", False),
         ("split.seed", False),
-        ("tokenizer_name", True),  # errs on the safe side
+        ("tokenizer_name", False),
+        ("tokenizer.max_tokens", False),
+        ("num_tokens", False),
+        ("TOKENIZERS_PARALLELISM", False),
+        ("api_tokens", True),
+        ("service.apiKey", True),
+        ("db_pin_secret", True),
+        ("client_secret", True),
+        ("passport_id", False),
+        ("bypass", False),
     ],
 )
 def test_is_secret_name(key, secret):
@@ -87,3 +96,18 @@ def test_tracker_sends_hundreds_of_params_and_steps_in_batches(tmp_path, templat
     assert tracker.client.get_experiment(tracker.experiment_id).artifact_location.startswith(
         (tmp_path / "mlartifacts").as_uri()
     )
+
+
+def test_redactor_takes_numbers_lists_and_url_passwords_but_not_common_values(monkeypatch):
+    monkeypatch.setenv("MY_FLAG_TOKEN", "false")
+    red = Redactor.for_project(
+        credentials={"db": {"port": 5432, "hosts": ["db-host-1", "db-host-2"]}},
+        params={"pin_secret": 98765432, "api_tokens": ["tokA1", "tokB2"], "debug": False},
+        urls=["postgresql://u:pg-pass-9@h/db", None, "sqlite:///x.db"],
+    )
+    text = "98765432 tokA1 tokB2 db-host-1 5432 pg-pass-9 false true"
+    assert red.text(text) == "*** *** *** *** *** *** false true"
+    assert red.override("params.db_password=ab") == "params.db_password=***"
+    assert red.override("params.model.C=0.1") == "params.model.C=0.1"
+    both = Redactor.union([Redactor(["aaaa1"]), Redactor(["bbbb2"])])
+    assert both.text("aaaa1,bbbb2") == "***,***"

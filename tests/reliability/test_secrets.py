@@ -70,3 +70,54 @@ def test_a_secret_on_the_command_line_is_in_no_file_under_the_working_directory(
     assert any(p.name == "mlflow.db" for p in files) and any("multirun" in p.parts for p in files)
     holding = [str(p.relative_to(ws.path)) for p in files if secret.encode() in p.read_bytes()]
     assert holding == []
+
+
+def scan(ws, planted: list[str], outputs: list[str]) -> list[str]:
+    """Where any planted value appears: a file under the working directory (the MLflow
+    store, its artifacts, the Optuna storage, job outputs) or the captured output."""
+    found = []
+    for path in ws.path.rglob("*"):
+        if path.is_file() and path.suffix not in (".yml", ".yaml", ".lock"):  # the user's own config holds them
+            data = path.read_bytes()
+            found += [f"{secret} in {path.relative_to(ws.path)}" for secret in planted if secret.encode() in data]
+    found += [f"{secret} in the output" for secret in planted for text in outputs if secret in text]
+    return found
+
+
+def test_non_string_and_list_secrets_and_swept_secrets_are_hidden_everywhere(ws):
+    params = ws.path / "examples/digits/conf/base/parameters.yml"
+    params.write_text(params.read_text() + "db_password: original-pw-1\n")
+    planted = ["98765432", "tokA1", "tokB2", "swept-aaaa", "swept-bbbb", "original-pw-1"]
+    outputs = []
+    for args in (
+        ["+experiment=baseline", "+params.db_pin_secret=98765432", "+params.api_tokens=[tokA1,tokB2]"],
+        ["-m", "+experiment=baseline", "params.db_password=swept-aaaa,swept-bbbb", "+params.db_pin_secret=98765432"],
+    ):
+        done = ws.kmrun(*args)
+        assert done.code == 0, done.text
+        outputs.append(done.text)
+    assert scan(ws, planted, outputs) == []
+    children = [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    assert sorted(r.info.run_name for r in children) == ["db_password=***", "db_password=***"]
+    assert {r.data.params["db_password"] for r in children} == {REDACTED}
+
+
+def test_a_study_refuses_to_search_a_secret(ws):
+    done = ws.kmrun("-m", "+experiment=baseline", "+study=tune", "+params.api_token=choice(cccc1,dddd2)")
+    assert done.code == 2 and "names a secret" in done.err and "Traceback" not in done.err
+    assert scan(ws, ["cccc1", "dddd2"], []) == []
+
+
+def test_credentials_in_the_tracking_uri_are_never_shown(ws):
+    done = ws.kmrun("+experiment=baseline", "mlflow.tracking_uri=http://admin:hunter-pw-77@127.0.0.1:1")
+    assert done.code == 2 and "cannot reach the MLflow server" in done.err and "admin:***@127.0.0.1" in done.err
+    assert scan(ws, ["hunter-pw-77"], [done.text]) == []
+
+
+def test_keys_that_only_look_like_secrets_are_logged_and_common_values_stay(ws):
+    done = ws.kmrun("+experiment=baseline", "+params.tokenizer.max_tokens=2048", "+params.tokenizer.use_fast=true",
+                    env={"TOKENIZERS_PARALLELISM": "false", "MY_API_TOKEN": "1"})
+    assert done.code == 0, done.text
+    run = ws.runs()[0]
+    assert run.data.params["tokenizer.max_tokens"] == "2048" and run.data.params["tokenizer.use_fast"] == "True"
+    assert not [k for k, v in run.data.tags.items() if REDACTED in v]  # "false" and "1" are not secrets
