@@ -106,7 +106,6 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
     from . import terminal
     from .grid import Grid, expand
     from .records import SweepOutcome
-    from .scheduler import make_scheduler
 
     base, cells = expand(composer, overrides, conf.sweep.params)
     grid = Grid(composer, conf, base, cells)
@@ -136,14 +135,12 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
         tracker.log_text(parent_id, redact.text(outcome.command + "\n\n" + definition + "\n"), "sweep.txt")
     outcome.parent_run_id = parent_id
     grid.start(parent_id, sweep_dir(conf))
-    return _execute(grid, tracker, make_scheduler(conf.sweep.n_jobs, verbose), conf.sweep.max_failures, outcome,
-                    redact, echo)
+    return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo)
 
 
 def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: str, echo: bool,
            verbose: bool) -> SweepOutcome:
     from .records import SweepOutcome
-    from .scheduler import make_scheduler
     from .study import Study, search_space
 
     settings = conf.study
@@ -167,18 +164,27 @@ def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: s
         def summarise() -> None:
             outcome.study = study.summary(export)
 
-        return _execute(study, tracker, make_scheduler(settings.n_jobs, verbose), settings.max_failures, outcome,
-                        redact, echo, summarise)
+        return _execute(study, tracker, settings.n_jobs, verbose, settings.max_failures, outcome, redact, echo,
+                        summarise)
     finally:
         study.close()
 
 
-def _execute(source: Any, tracker: Any, scheduler: Any, max_failures: float | None, outcome: SweepOutcome,
-             redact: Any, echo: bool, summarise: Any = None) -> SweepOutcome:
+def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures: float | None,
+             outcome: SweepOutcome, redact: Any, echo: bool, summarise: Any = None) -> SweepOutcome:
     """The engine's loop inside the parent run, then the results on the parent, also when
-    interrupted (without plots, so that an interrupt ends fast)."""
+    interrupted (without plots, so that an interrupt ends fast). Workers: no more than
+    the jobs to run."""
+    import os
+
     from . import engine, results, terminal
     from .records import Status
+    from .scheduler import make_scheduler
+
+    n_jobs = max(1, min(n_jobs, source.planned))
+    if n_jobs > (os.cpu_count() or 1):
+        _note(outcome, f"{n_jobs} workers on {os.cpu_count()} CPUs: jobs will compete for them.", echo)
+    scheduler = make_scheduler(n_jobs, verbose)
 
     label = "study" if outcome.kind == "study" else "sweep"
     policy = engine.FailurePolicy(max_failures, source.planned)
@@ -201,6 +207,7 @@ def _execute(source: Any, tracker: Any, scheduler: Any, max_failures: float | No
         finally:
             if summarise is not None:
                 summarise()
+            tracker.fail_stale_runs()  # runs of workers that died with their job
             results.log_parent(tracker, parent.run_id, outcome, redact, with_plots=not interrupted)
         parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
     if echo:

@@ -217,8 +217,14 @@ def _show(args: Args) -> int:
 
     with Composer(_config_dir(args), args.config_name, _path(args.config_dir)) as composer:
         cfg = composer.compose(args.overrides)
-        if args.info:
-            GlobalHydra.instance().hydra.show_info(args.info, args.config_name, args.overrides)  # type: ignore[union-attr]
+        if args.info:  # Hydra prints it through a DEBUG logger it sets up on the root: put that back after
+            import logging
+
+            handlers, level = logging.root.handlers[:], logging.root.level
+            try:
+                GlobalHydra.instance().hydra.show_info(args.info, args.config_name, args.overrides)  # type: ignore[union-attr]
+            finally:
+                logging.root.handlers[:], logging.root.level = handlers, level
             return 0
     if args.cfg == "hydra":
         cfg = cfg.hydra
@@ -234,12 +240,14 @@ def _show(args: Args) -> int:
 
 
 class _signals:
-    """For the command's lifetime: SIGTERM ends runs KILLED like Ctrl-C; a second signal
-    leaves at once. The handlers found are put back afterwards."""
+    """For the command's lifetime: SIGTERM and SIGHUP end runs KILLED like Ctrl-C; a second
+    signal leaves at once. The handlers found are put back afterwards."""
 
     def __enter__(self) -> None:
-        self.saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        signal.signal(signal.SIGTERM, _interrupt)
+        self.saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal sends SIGHUP
+            if self.saved[sig] is not signal.SIG_IGN:  # nohup: stay running
+                signal.signal(sig, _interrupt)
         if self.saved[signal.SIGINT] is signal.default_int_handler:
             signal.signal(signal.SIGINT, _interrupt)
 
@@ -251,8 +259,8 @@ class _signals:
 def _interrupt(signum: int, frame: object) -> None:
     """First Ctrl-C (or SIGTERM): unwind, marking runs KILLED. A second one: leave now;
     the next kmrun marks anything left RUNNING as FAILED."""
-    signal.signal(signal.SIGINT, _leave_now)
-    signal.signal(signal.SIGTERM, _leave_now)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _leave_now)
     raise KeyboardInterrupt
 
 

@@ -17,8 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import KmrunError
+from .errors import KmrunError, TrackingError
 from .results import without_redacted
+from .schema import check_experiment_name
 from .tracking import Redactor, git_tags, hide_password, resolve_uri
 
 if TYPE_CHECKING:
@@ -39,9 +40,19 @@ class Store:
     conf_dir: Path
 
     def client(self) -> MlflowClient:
+        """A client on the store, checked: a damaged store fails here with one message."""
         from mlflow import MlflowClient
 
-        return MlflowClient(tracking_uri=self.uri)
+        try:
+            client = MlflowClient(tracking_uri=self.uri)
+            client.search_experiments(max_results=1)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrackingError(
+                f"Cannot read the MLflow store {hide_password(self.uri)}: {first}\n"
+                "Is it an MLflow store, and whole? Point --tracking-uri (or MLFLOW_TRACKING_URI) at another one."
+            ) from None
+        return client
 
 
 def open_store(args: argparse.Namespace) -> Store:
@@ -319,6 +330,7 @@ def promote(args: argparse.Namespace) -> int:
     from . import terminal
     from .results import experiment_file
 
+    check_experiment_name(args.name, "--name")
     store, run, config = recorded_config(args, args.run_id)
     target = store.conf_dir / "experiment" / f"{args.name}.yaml"
     if target.exists() and not args.force:

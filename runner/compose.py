@@ -319,20 +319,27 @@ def origin_finder(conf_dir: Path, overrides: list[str], choices: Mapping[str, An
             continue
         files.append((conf_dir / str(group) / f"{option}.yaml", str(group).replace("/", ".")))
 
+    parsed: list[tuple[Path, str, Any]] = []  # (file, its package, its content), read on first use
+
+    def read() -> list[tuple[Path, str, Any]]:
+        if not parsed:
+            for path, group_package in reversed(files):
+                if not path.is_file():
+                    continue
+                text = path.read_text(encoding="utf-8")
+                try:
+                    node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+                except Exception:  # a broken file is reported by the composition itself
+                    continue
+                parsed.append((path, _package(text, group_package), node))
+        return parsed
+
     def where(key: str) -> str:
         for override in overrides:
             name = override.lstrip("+~").split("=", 1)[0]
             if name == key or key.startswith(name + ".") or name.startswith(key + "."):
                 return f" (command line: {override})"
-        for path, group_package in reversed(files):
-            if not path.is_file():
-                continue
-            text = path.read_text(encoding="utf-8")
-            package = _package(text, group_package)
-            try:
-                node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
-            except Exception:
-                continue
+        for path, package, node in read():
             relative = key[len(package) + 1 :] if package and key.startswith(package + ".") else key
             if (not package or key.startswith(package + ".")) and OmegaConf.select(node, relative) is not None:
                 return f" (in {_shown(path)})"

@@ -90,7 +90,12 @@ def drive(source: Source, scheduler: Scheduler, policy: FailurePolicy,
                 job = source.next()
                 if job is None:
                     break
-                running[scheduler.submit(job.spec)] = job
+                try:
+                    future = scheduler.submit(job.spec)  # inline, the job runs right here
+                except KeyboardInterrupt:
+                    source.abandon(job)
+                    raise
+                running[future] = job
             if not running:
                 if policy.exceeded or source.exhausted():
                     return

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, runtime
 from .compose import added_on_purpose, check_params, config_hash, origin_finder
-from .errors import JobFailed, KmrunBug, KmrunError, MetricError, TrackingError
+from .errors import JobFailed, KmrunBug, KmrunError, MetricError, ParamError, TrackingError
 from .kedro_bridge import KedroRun
 from .records import JobResult, Status
 from .schema import KmrunConf, parse
-from .tracking import Redactor, flatten, resolve_uri
+from .tracking import Redactor, flatten, name_rule, rejected_names, resolve_uri
 from .trial import TrialRef, attach, report
 
 if TYPE_CHECKING:
@@ -78,6 +78,12 @@ def prepare(
     project = rt.project(conf.kedro.project_path, conf.kedro.env)
     params = check_params(conf.params, project.parameters(), added_on_purpose(overrides), origin)
     project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
+    bad = rejected_names(flatten(deep_merge(project.parameters(), params)))
+    if bad:
+        raise ParamError(
+            f"MLflow cannot store a parameter named {', '.join(repr(n) for n in bad)}{origin('params.' + bad[0])}. "
+            f"{name_rule()} Rename it in the project's parameters (or the override)."
+        )
     uri = resolve_uri(conf.mlflow.tracking_uri)
     experiment = conf.mlflow.experiment_name or project.package_name
     if open_store:
@@ -164,6 +170,15 @@ class _Job:
                 attach(spec.trial, self.run_id)
             self._pipeline()
             self.metrics, self.series = read_metrics(self.record.datasets, spec.conf.metrics)
+            bad = rejected_names([*self.metrics, *self.series])
+            if bad:
+                for name in bad:
+                    self.metrics.pop(name, None)
+                    self.series.pop(name, None)
+                raise MetricError(
+                    f"The pipeline's metrics include {', '.join(repr(n) for n in bad)}, which MLflow cannot "
+                    f"store. {name_rule()} Rename them in the node that returns them."
+                )
             self.objective = objective_of(spec.conf, self.metrics, self.series, self.record.datasets, self.record.saved)
             self.status = Status.FINISHED
         except _Pruned as pruned:

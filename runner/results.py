@@ -126,13 +126,23 @@ def log_parent(tracker: Tracker, parent: str, outcome: SweepOutcome, redact: Red
         tracker.log_text(parent, redact.text(study.trials_csv), "trials.csv")
         if study.best_experiment is not None:
             tracker.log_text(parent, study.best_experiment, "best_experiment.yaml")
-        if with_plots and study.states.get("COMPLETE"):
-            log_study_plots(tracker, parent, study, outcome.objective.metrics)
-    elif with_plots:
-        import matplotlib.pyplot as plt
+    if with_plots:
+        try:
+            if study is None:
+                log_grid_plot(tracker, parent, outcome)
+            elif study.states.get("COMPLETE"):
+                log_study_plots(tracker, parent, study, outcome.objective.metrics)
+        except OSError as err:  # a full disk, say: the tables are stored; the plots are not essential
+            log.warning("The sweep's plots could not be stored (%s); its results tables are.", err)
 
-        figure = plot(outcome)
+
+def log_grid_plot(tracker: Tracker, parent: str, outcome: SweepOutcome) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = plot(outcome)
+    try:
         tracker.client.log_figure(parent, figure, "objective_by_param.png")
+    finally:
         plt.close(figure)
 
 

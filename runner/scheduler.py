@@ -13,10 +13,13 @@ import logging
 import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
 from .job import JobSpec, execute
 from .records import JobResult
+
+log = logging.getLogger(__name__)
 
 
 class Scheduler(Protocol):
@@ -59,14 +62,27 @@ class Workers:
     def __init__(self, size: int, verbose: bool = False) -> None:
         import multiprocessing
 
-        self.size = size
+        self.size, self.verbose = size, verbose
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        self._executor = ProcessPoolExecutor(
-            size, mp_context=multiprocessing.get_context(method), initializer=_worker_init, initargs=(verbose,)
-        )
+        self._executor = self._pool(method)
+
+    def _pool(self, method: str) -> ProcessPoolExecutor:
+        import multiprocessing
+
+        context = multiprocessing.get_context(method)
+        return ProcessPoolExecutor(self.size, mp_context=context, initializer=_worker_init, initargs=(self.verbose,))
 
     def submit(self, spec: JobSpec) -> Future[JobResult]:
-        return self._executor.submit(execute, spec)
+        try:
+            return self._executor.submit(execute, spec)
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): the jobs it and its pool were running
+            # come back FAILED; new workers take the rest. They are spawned, not forked,
+            # since threads run by now (a fork would copy their locks).
+            log.warning("A worker process died; starting new workers for the remaining jobs.")
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._pool("spawn")
+            return self._executor.submit(execute, spec)
 
     def __enter__(self) -> Workers:
         self._executor.submit(os.getpid).result()  # forks every worker now, while no thread runs
@@ -92,8 +108,8 @@ def make_scheduler(n_jobs: int, verbose: bool = False) -> Scheduler:
 def _worker_init(verbose: bool) -> None:
     from . import runtime
 
-    signal.signal(signal.SIGINT, _worker_interrupt)
-    signal.signal(signal.SIGTERM, _worker_interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _worker_interrupt)
     if not verbose:
         logging.disable(logging.INFO)
     runtime.current().after_fork()
@@ -101,6 +117,6 @@ def _worker_init(verbose: bool) -> None:
 
 def _worker_interrupt(signum: int, frame: object) -> None:
     """Once: the running job ends its run KILLED; further signals must not cut that short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt

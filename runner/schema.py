@@ -7,6 +7,7 @@ against Kedro by ``compose``; everything else must match these classes exactly.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -107,7 +108,33 @@ def parse(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> Kmr
     conf: KmrunConf = OmegaConf.to_object(merged)  # type: ignore[assignment]
     conf.params = OmegaConf.to_container(params, resolve=True) if params else {}  # type: ignore[arg-type]
     _check_objective(conf.objective)
+    _check_bounds(conf)
     return conf
+
+
+def _check_bounds(conf: KmrunConf) -> None:
+    """Numbers that would run nothing, or run away, fail before anything starts."""
+    problems = []
+    sweep, study = conf.sweep, conf.study
+    if sweep.n_jobs < 1:
+        problems.append(f"sweep.n_jobs is {sweep.n_jobs}; use 1 or more (jobs at a time).")
+    if sweep.max_failures is not None and sweep.max_failures <= 0:
+        problems.append(f"sweep.max_failures is {sweep.max_failures}; use a count ≥ 1, a share in (0, 1), or null.")
+    if study is not None:
+        if study.n_trials < 1:
+            problems.append(f"study.n_trials is {study.n_trials}; use 1 or more.")
+        if study.more is not None and study.more < 1:
+            problems.append(f"study.more is {study.more}; use 1 or more (or null to aim at n_trials).")
+        if study.n_jobs < 1:
+            problems.append(f"study.n_jobs is {study.n_jobs}; use 1 or more (trials at a time).")
+        if study.timeout is not None and study.timeout <= 0:
+            problems.append(f"study.timeout is {study.timeout}; use a number of seconds > 0, or null.")
+        if study.max_failures is not None and study.max_failures <= 0:
+            problems.append(f"study.max_failures is {study.max_failures}; use a count ≥ 1, a share in (0, 1), or null.")
+        if study.export_best is not None:
+            check_experiment_name(study.export_best, "study.export_best")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 @cache
@@ -138,6 +165,18 @@ def _check_objective(objective: ObjectiveConf) -> None:
                 f"objective.metric names {len(metrics)} metric(s) but objective.direction "
                 f"gives {len(directions)} direction(s). Give one direction per metric."
             )
+
+
+EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_experiment_name(name: str, where: str) -> None:
+    """A name for conf/experiment/NAME.yaml: one plain file name, nothing that climbs out."""
+    if not EXPERIMENT_NAME.match(name) or ".." in name:
+        raise ConfigError(
+            f"{where} {name!r}: use a plain name (letters, digits, _ . -, no slash), such as tuned_lr; "
+            "it becomes conf/experiment/NAME.yaml."
+        )
 
 
 def unknown_key(key: str, source: str = "") -> str:

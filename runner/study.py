@@ -76,7 +76,9 @@ def distribution(key: str, override: Override) -> optuna.distributions.BaseDistr
     where = f"study.search_space {as_typed([override.input_line])[0]}"
     if isinstance(sweep, IntervalSweep):
         low, high = sweep.start, sweep.end
-        if low is None or high is None or not low < high:
+        if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+            raise ConfigError(f"{where}: both ends of the interval must be finite numbers.")
+        if not low < high:
             raise ConfigError(f"{where}: the interval is empty or inverted; write interval(LOW, HIGH) with LOW < HIGH.")
         if log and low <= 0:
             raise ConfigError(f"{where}: a log scale needs LOW > 0 (got {low}).")

@@ -165,6 +165,19 @@ class Redactor:
         return out
 
 
+def rejected_names(names: Iterable[str]) -> list[str]:
+    """The names MLflow would refuse for a param or a metric (and so a whole batch)."""
+    from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
+
+    return [n for n in names if not validate_param_and_metric_name(n) or path_not_unique(n)]
+
+
+def name_rule() -> str:
+    from mlflow.utils.validation import bad_character_message
+
+    return bad_character_message()
+
+
 def git_tags(path: Path) -> dict[str, str]:
     """``mlflow.source.git.commit`` and ``kmrun.git.dirty`` for the repo holding ``path``."""
 

@@ -32,8 +32,18 @@ def write(relative: str, text: str):
     return setup
 
 
+def append(relative: str, text: str):
+    def setup(ws):
+        with open(ws.path / relative, "a") as f:
+            f.write(text)
+
+    return setup
+
+
 B = ["+experiment=baseline"]
 S = ["-m", "+experiment=baseline", "+study=tune"]
+G = ["-m", "+experiment=baseline", "params.model.C=0.1,1"]
+PARAMS = "examples/digits/conf/base/parameters.yml"
 
 CATALOGUE = [
     # (id, args, setup, exit code, fragments of the message)
@@ -88,6 +98,35 @@ CATALOGUE = [
     ("unknown-subcommand", ["runz"], None, 2, ["Unknown subcommand 'runz'", "runs"]),
     ("unknown-subcommand-option", ["runs", "--bogus"], None, 2, ["unrecognized arguments: --bogus"]),
     ("unknown-run-id", ["show", "ffffffffzz"], None, 2, ["No run with id 'ffffffffzz'"]),
+    # reliability, round two
+    ("param-name-mlflow-rejects", B, append(PARAMS, '"lr (a)": 0.1\n'), 2,
+     ["MLflow cannot store a parameter named 'lr (a)'", "Names may only contain"]),
+    ("metric-name-mlflow-rejects", B, patch_node('{"accuracy": 0.9, "f1 (macro)": 0.5}'), 2,
+     ["'f1 (macro)', which MLflow cannot store", "Rename them"]),
+    ("interval-inf", S + ["params.model.C=interval(0.1,inf)"], None, 2, ["both ends of the interval must be finite"]),
+    ("n-trials-zero", S + ["study.n_trials=0"], None, 2, ["study.n_trials is 0; use 1 or more"]),
+    ("n-trials-negative", S + ["study.n_trials=-1"], None, 2, ["study.n_trials is -1"]),
+    ("more-negative", S + ["study.more=-5"], None, 2, ["study.more is -5"]),
+    ("study-n-jobs-zero", S + ["study.n_jobs=0"], None, 2, ["study.n_jobs is 0"]),
+    ("timeout-negative", S + ["study.timeout=-1"], None, 2, ["study.timeout is -1.0"]),
+    ("study-max-failures-zero", S + ["study.max_failures=0"], None, 2, ["study.max_failures is 0.0"]),
+    ("sweep-n-jobs-zero", G + ["sweep.n_jobs=0"], None, 2, ["sweep.n_jobs is 0"]),
+    ("sweep-n-jobs-negative", G + ["sweep.n_jobs=-1"], None, 2, ["sweep.n_jobs is -1"]),
+    ("sweep-max-failures-negative", G + ["sweep.max_failures=-1"], None, 2, ["sweep.max_failures is -1.0"]),
+    ("export-best-climbs-out", S + ["study.export_best=../../../x"], None, 2, ["study.export_best '../../../x'", "plain name"]),
+    ("promote-name-climbs-out", ["promote", "abc", "--name", "../kmrun", "--force"], None, 2, ["--name '../kmrun'"]),
+    ("promote-name-absolute", ["promote", "abc", "--name", "/tmp/x"], None, 2, ["--name '/tmp/x'"]),
+    ("study-searches-a-secret", S + ["+params.api_token=choice(aaaa,bbbb)"], None, 2, ["names a secret"]),
+    ("unreachable-http-store", B + ["mlflow.tracking_uri=http://127.0.0.1:1"], None, 2, ["cannot reach the MLflow server"]),
+    ("damaged-store-run", B, write("mlflow.db", "not a database " * 100), 2, ["cannot open the MLflow store"]),
+    ("damaged-store-runs", ["runs"], write("mlflow.db", "not a database " * 100), 2, ["Cannot read the MLflow store"]),
+    ("damaged-store-best", ["best"], write("mlflow.db", "not a database " * 100), 2, ["Cannot read the MLflow store"]),
+    ("damaged-store-show", ["show", "abc"], write("mlflow.db", "not a database " * 100), 2, ["Cannot read the MLflow store"]),
+    ("sweep-without-m", B + ["params.model.C=0.1,1"], None, 2, ["is a sweep: run it with kmrun -m"]),
+    ("unknown-flag", B + ["--bogus"], None, 2, ["Unknown option '--bogus'"]),
+    ("bad-cfg-value", ["--cfg", "nope"], None, 2, ["--cfg nope: use job, hydra or all"]),
+    ("unreadable-credentials", B, write("examples/digits/conf/local/credentials.yml", "db:\n  password: ${oc.env:KMRUN_NOT_SET_ANYWHERE}\n"),
+     2, ["Cannot read the Kedro credentials", "keep their values out of MLflow"]),
 ]
 
 
