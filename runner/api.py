@@ -134,7 +134,7 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
         definition = "\n".join(c.label for c in grid.outcomes)
         tracker.log_text(parent_id, redact.text(outcome.command + "\n\n" + definition + "\n"), "sweep.txt")
     outcome.parent_run_id = parent_id
-    grid.start(parent_id, sweep_dir(conf))
+    grid.start(tracker, parent_id, sweep_dir(conf))
     return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo)
 
 

@@ -136,8 +136,9 @@ class Grid:
                                   max_results=1)
         return len(self.outcomes) - len(self._todo), (previous[0].info.run_id if previous else None)
 
-    def start(self, parent: str, sweep_dir: Path) -> None:
+    def start(self, tracker: Tracker, parent: str, sweep_dir: Path) -> None:
         """Give every cell to run its child-run settings and its own output directory."""
+        self.tracker, self.taken = tracker, 0
         for cell in self._todo:
             self.specs[cell.index] = replace(
                 self.specs[cell.index],
@@ -154,8 +155,17 @@ class Grid:
         return len(self._todo)
 
     def next(self) -> Job | None:
-        cell = next(self._queue, None)
-        return None if cell is None else Job(self.specs[cell.index], cell)
+        """The next cell no other process has taken; its child run is started here."""
+        for cell in self._queue:
+            spec = self.specs[cell.index]
+            run_id = self.tracker.claim(spec.config_hash, spec.run_name, spec.tags, spec.parent_run_id or "",
+                                        rerun=self.conf.sweep.rerun)
+            if run_id is None:  # another kmrun runs (or ran) the same cell
+                cell.status, self.taken = Status.SKIPPED, self.taken + 1
+                continue
+            self.specs[cell.index] = spec = replace(spec, run_id=run_id)
+            return Job(spec, cell)
+        return None
 
     def exhausted(self) -> bool:
         return True  # the cells are all known up front
@@ -164,6 +174,10 @@ class Grid:
         return None
 
     def record(self, job: Job, result: JobResult) -> None:
+        if not result.run_id and job.spec.run_id:  # its worker died before it could end the run
+            result.run_id = job.spec.run_id
+            if self.tracker.client.get_run(job.spec.run_id).info.status == "RUNNING":
+                self.tracker.finish(job.spec.run_id, "FAILED")
         job.outcome.take(result)
 
     def abandon(self, job: Job) -> None:

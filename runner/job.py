@@ -53,6 +53,7 @@ class JobSpec:
     output_dir: str | None = None  # where written datasets go; None: the project's own paths
     tags: dict[str, str] = field(default_factory=dict)
     trial: TrialRef | None = None  # the Optuna trial this job is, in a study
+    run_id: str | None = None  # a run already started for this job (a claimed grid cell)
 
 
 def prepare(
@@ -133,7 +134,12 @@ def execute(spec: JobSpec) -> JobResult:
     }
     if conf.kedro.tags:
         tags["kedro.tags"] = ",".join(conf.kedro.tags)
-    run_id = tracker.start(spec.run_name, {k: spec.redact.text(v) for k, v in tags.items()}, spec.parent_run_id)
+    shown = {k: spec.redact.text(v) for k, v in tags.items()}
+    if spec.run_id is not None:
+        run_id = spec.run_id
+        tracker.adopt(run_id, shown)
+    else:
+        run_id = tracker.start(spec.run_name, shown, spec.parent_run_id)
     job = _Job(spec, project, tracker, run_id, record)
     try:
         job.work()

@@ -256,6 +256,26 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         return str(run.info.run_id)
 
+    def claim(self, config_hash: str, run_name: str | None, tags: Mapping[str, str], parent_id: str,
+              rerun: bool = False) -> str | None:
+        """Start the child run of a grid cell, unless another process has it: a FINISHED
+        child of the same config hash, or a RUNNING one whose process lives. Checked and
+        started under one lock beside an SQLite store, so that two identical grids started
+        together run each cell once (with ``rerun``, only a RUNNING one counts). Returns the
+        new run's id, or None when taken."""
+        with creation_lock(self.uri):
+            found = self.search(
+                f"tags.`kmrun.config_hash` = '{config_hash}' and tags.`kmrun.role` = 'child'", max_results=100)
+            for run in found:
+                if (run.info.status == "FINISHED" and not rerun) or (
+                        run.info.status == "RUNNING" and _owner_alive(run.data.tags)):
+                    return None
+            return self.start(run_name, {**tags, "kmrun.config_hash": config_hash}, parent_id)
+
+    def adopt(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Take over a run started for this job (``claim``): this process now owns it."""
+        self.log(run_id, tags={**tags, **process_tags()})
+
     def log(
         self,
         run_id: str,
@@ -366,6 +386,14 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
 def process_tags() -> dict[str, str]:
     """Which process owns a run, so that a later kmrun can tell a dead one from a live one."""
     return {"kmrun.host": socket.gethostname(), "kmrun.pid": str(os.getpid())}
+
+
+def _owner_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process that owns a RUNNING run lives (another host's: assumed so)."""
+    if tags.get("kmrun.host") != socket.gethostname():
+        return True
+    pid = int(tags.get("kmrun.pid", "0") or 0)
+    return bool(pid) and alive(pid)
 
 
 def alive(pid: int) -> bool:

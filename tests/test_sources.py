@@ -18,9 +18,13 @@ from runner.schema import parse
 class StoreStub:
     """What a source asks of the MLflow store, answered from a list of finished runs."""
 
-    def __init__(self, finished: dict[str, str] | None = None) -> None:
+    def __init__(self, finished: dict[str, str] | None = None, taken: set[str] = frozenset()) -> None:
         self.finished = finished or {}  # config hash -> run id
+        self.taken = taken  # config hashes another process is running
         self.ended: list[tuple[str, str]] = []
+
+    def claim(self, config_hash, run_name, tags, parent_id, rerun=False):
+        return None if config_hash in self.taken else f"run-{config_hash[:4]}"
 
     def search(self, filter_string: str, max_results: int = 0) -> list:
         if "'child'" not in filter_string:
@@ -74,21 +78,23 @@ def test_every_bad_key_of_a_grid_is_reported_once(composer):
 
 
 def test_resume_skips_finished_cells_and_the_rest_get_parent_and_own_dirs(composer, tmp_path):
-    grid = grid_of(composer, ["+experiment=baseline", "params.model.C=0.1,1,10"])
+    grid = grid_of(composer, ["+experiment=baseline", "params.model.C=0.1,1,10,100"])
     grid.check(open_store=False)
-    store = StoreStub({grid.specs[1].config_hash: "done-run"})
+    store = StoreStub({grid.specs[1].config_hash: "done-run"}, taken={grid.specs[3].config_hash})
     skipped, previous = grid.resume(store, rerun=False)
-    assert (skipped, previous, grid.planned) == (1, None, 2)
+    assert (skipped, previous, grid.planned) == (1, None, 3)
     assert grid.outcomes[1].status is Status.SKIPPED and grid.outcomes[1].run_id == "done-run"
-    grid.start("parent-1", tmp_path)
+    grid.start(store, "parent-1", tmp_path)
     jobs = [grid.next(), grid.next(), grid.next()]
     assert jobs[2] is None and grid.exhausted()
     assert [j.outcome.index for j in jobs[:2]] == [0, 2]
+    assert grid.outcomes[3].status is Status.SKIPPED and grid.taken == 1  # another process has it
+    assert jobs[0].spec.run_id == f"run-{grid.specs[0].config_hash[:4]}"
     assert {j.spec.parent_run_id for j in jobs[:2]} == {"parent-1"}
     assert [Path(j.spec.output_dir) for j in jobs[:2]] == [tmp_path / "0", tmp_path / "2"]
     grid.record(jobs[0], JobResult("r0", Status.FINISHED, {"accuracy": 0.9}, 0.9))
     assert grid.outcomes[0].score() == 0.9
-    assert grid.resume(store, rerun=True) == (0, None) and grid.planned == 3
+    assert grid.resume(store, rerun=True) == (0, None) and grid.planned == 4
 
 
 def test_a_study_asks_until_its_target_and_records_trials(composer, tmp_path):

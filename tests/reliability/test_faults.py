@@ -144,3 +144,79 @@ def test_a_locked_store_fails_clearly_before_the_pipeline_runs(ws):
         con.close()
     assert done.code == 2 and "database is locked" in done.err and "another process holds it" in done.err
     assert not (ws.path / "examples/digits/data/06_models/model.pkl").exists()  # the pipeline never ran
+
+
+FOREST_GRID = ["-m", "+experiment=forest", "params.model.n_estimators=range(200,1000,200)"]  # 4 jobs of ~1-2 s
+
+
+def test_two_identical_grids_started_together_run_each_cell_once(ws):
+    procs = [start(ws, FOREST_GRID) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out + err
+    children = [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    finished = Counter(r.data.tags["kmrun.config_hash"] for r in children if r.info.status == "FINISHED")
+    assert len(finished) == 4 and set(finished.values()) == {1}, finished
+    assert len(children) == 4 and ws.running() == 0
+
+
+def test_a_killed_worker_fails_its_job_and_the_sweep_goes_on(ws):
+    proc = start(ws, SLOW_GRID + ["sweep.n_jobs=2"])
+    wait_for(ws, FINISHED_CHILD, 1)
+    wait_for(ws, RUNNING_CHILD, 1)
+    running = [r for r in ws.runs() if r.info.status == "RUNNING" and r.data.tags.get("kmrun.role") == "child"]
+    worker = int(running[0].data.tags["kmrun.pid"])
+    assert worker != proc.pid  # the job's run belongs to its worker
+    os.kill(worker, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err  # some jobs failed: said so, no traceback
+    assert "Traceback" not in err and "did not finish" in err
+    children = [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    statuses = Counter(r.info.status for r in children)
+    assert statuses["FAILED"] >= 1 and statuses["FINISHED"] >= 3 and ws.running() == 0
+    assert statuses["FINISHED"] + statuses["FAILED"] + statuses["KILLED"] == 6  # the pool's other worker: KILLED
+    again = ws.kmrun(*SLOW_GRID)
+    assert again.code == 0, again.text
+    finished = Counter(r.data.tags["kmrun.config_hash"] for r in ws.runs()
+                       if r.data.tags.get("kmrun.role") == "child" and r.info.status == "FINISHED")
+    assert len(finished) == 6 and set(finished.values()) == {1}
+
+
+def test_a_closed_terminal_sighup_ends_the_sweep_killed(ws):
+    proc = start(ws, SLOW_GRID + ["sweep.n_jobs=2"])
+    wait_for(ws, RUNNING_CHILD, 1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    counts = statuses(ws)
+    assert counts[("parent", "KILLED")] == 1 and counts[("child", "KILLED")] >= 1 and ws.running() == 0
+
+
+def test_ctrl_c_in_the_first_trial_of_a_study_leaves_no_trial_running(ws):
+    proc = start(ws, ["-m", "+experiment=forest", "+study=tune", "study.n_trials=2",
+                      "params.model.n_estimators=3000", "params.model.C=interval(0.5,1)"])
+    wait_for(ws, RUNNING_CHILD, 1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    study = optuna.load_study(study_name="tune", storage=f"sqlite:///{ws.path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert ws.running() == 0
+
+
+def test_parallel_trials_record_their_own_objective(ws, monkeypatch):
+    """Each trial's objective, recomputed from its own params in a fresh run, is the one
+    recorded: parallel trials never read each other's files."""
+    done = ws.kmrun("-m", "+experiment=baseline", "+study=tune", "study.n_trials=6", "study.n_jobs=2")
+    assert done.code == 0, done.text
+    study = optuna.load_study(study_name="tune", storage=f"sqlite:///{ws.path / 'optuna.db'}")
+    monkeypatch.chdir(ws.path)
+    import runner
+
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 6
+    for trial in complete:
+        overrides = [f"{key}={value!r}" for key, value in trial.params.items()]
+        assert runner.run(["+experiment=baseline", *overrides]).objective == trial.value, trial.number
