@@ -83,6 +83,8 @@ class Composer:
                 f"No {self.config_name}.yaml in {self.config_dir}: run kmrun from a Kedro project "
                 "that has conf/kmrun.yaml (kmrun init writes one), or point -cp at its config dir."
             )
+        for path in sorted(self.config_dir.rglob("*.yaml")):
+            _check_expansion(path)
         self._context = initialize_config_dir(config_dir=str(self.config_dir), version_base="1.3", job_name="kmrun")
         self._context.__enter__()
         return self
@@ -190,6 +192,35 @@ def is_config_error(err: BaseException) -> bool:
     return isinstance(err, (HydraException, OmegaConfBaseException, YAMLError))
 
 
+MAX_YAML_NODES = 200_000  # a config this large once its aliases are expanded is an alias bomb
+
+
+def _check_expansion(path: Path) -> None:
+    """YAML aliases (``*name``) share a node, but OmegaConf copies each one: a few lines of
+    nested aliases would expand to billions of nodes and hang. Count before composing."""
+    import yaml
+
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return  # Hydra reports a broken file with its own message
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # a recursive alias counts once
+            children = node.value if isinstance(node.value, list) else []
+            parts = [item for pair in children for item in pair] if isinstance(node, yaml.MappingNode) else children
+            sizes[id(node)] = min(1 + sum(size(child) for child in parts), MAX_YAML_NODES * 10)
+        return sizes[id(node)]
+
+    if root is not None and size(root) > MAX_YAML_NODES:
+        raise ConfigError(
+            f"{_shown(path)}: its YAML aliases (*name) expand to more than {MAX_YAML_NODES:,} values. "
+            "Write the values out, or use fewer nested aliases."
+        )
+
+
 def _restore_env_resolver() -> None:
     """Kedro's config loader unregisters OmegaConf's ``oc.env`` for the whole process; a
     config composed after a Kedro run in the same process still needs it."""
@@ -223,6 +254,7 @@ def check_params(
     """
     problems: list[str] = []
     known = _all_keys(base)
+    matches = [0]  # "did you mean" is for a typo or two, not for a file of unknown keys
 
     def walk(over: Mapping[str, Any], have: Any, path: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -235,7 +267,8 @@ def check_params(
             ):  # a new section that keys added on purpose live in
                 out[key] = walk(value, {}, dotted)
             elif not isinstance(have, Mapping) or key not in have:
-                close = get_close_matches(dotted, known, n=3, cutoff=0.6)
+                matches[0] += 1
+                close = get_close_matches(dotted, known, n=3, cutoff=0.6) if matches[0] <= SHOWN_PROBLEMS else []
                 hint = f" Did you mean {' or '.join('params.' + c for c in close)}?" if close else ""
                 problems.append(
                     f"params.{dotted}{origin('params.' + dotted)}: the Kedro project has no "
@@ -253,10 +286,20 @@ def check_params(
     checked = walk(overrides, base, "")
     if problems:
         raise ParamError(
-            "\n".join(problems)
+            "\n".join(first_of(problems))
             + "\nFix the key or value; to add a new Kedro parameter on purpose, use +params.KEY=VALUE."
         )
     return checked
+
+
+SHOWN_PROBLEMS = 8
+
+
+def first_of(problems: list[str]) -> list[str]:
+    """At most ``SHOWN_PROBLEMS`` lines, and how many more there are."""
+    if len(problems) <= SHOWN_PROBLEMS:
+        return problems
+    return [*problems[:SHOWN_PROBLEMS], f"... and {len(problems) - SHOWN_PROBLEMS} more like these."]
 
 
 def coerce(value: Any, current: Any) -> Any:

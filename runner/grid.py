@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .compose import JobComposer, as_typed, choices_of
+from .compose import JobComposer, as_typed, choices_of, first_of
 from .engine import Job
 from .errors import ConfigError, KmrunError
 from .job import JobSpec, prepare
@@ -102,7 +102,9 @@ class Grid:
                 for line in str(err).splitlines():  # one line per bad key, not per value
                     problems.setdefault(line.split(" (", 1)[0], line)
         if problems:
-            raise ConfigError("\n".join(sorted(problems.values(), key=lambda line: line.startswith("Fix"))))
+            lines = sorted(problems.values(), key=lambda line: line.startswith(("Fix", "...")))
+            fixes = [line for line in lines if line.startswith("Fix")]
+            raise ConfigError("\n".join(first_of([line for line in lines if line not in fixes]) + fixes[:1]))
 
     @property
     def first(self) -> JobSpec:

@@ -127,6 +127,11 @@ CATALOGUE = [
     ("bad-cfg-value", ["--cfg", "nope"], None, 2, ["--cfg nope: use job, hydra or all"]),
     ("unreadable-credentials", B, write("examples/digits/conf/local/credentials.yml", "db:\n  password: ${oc.env:KMRUN_NOT_SET_ANYWHERE}\n"),
      2, ["Cannot read the Kedro credentials", "keep their values out of MLflow"]),
+    ("yaml-alias-bomb", B, write("conf/experiment/bomb.yaml", "# @package _global_\n" + "".join(
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else '1, 2, 3, 4, 5, 6, 7, 8, 9'}]\n" for i in range(9))),
+     2, ["conf/experiment/bomb.yaml: its YAML aliases", "expand to more than"]),
+    ("two-thousand-unknown-params", ["+experiment=many"], write("conf/experiment/many.yaml", "# @package _global_\nparams:\n" + "".join(
+        f"  unknown_{i}: {i}\n" for i in range(2000))), 2, ["params.unknown_0", "... and 1992 more like these."]),
 ]
 
 
