@@ -119,6 +119,7 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
         if echo:
             terminal.dry_run(outcome)
         return outcome
+    jobs_dir = sweep_dir(conf)
     tracker = runtime.current().tracker(grid.first.uri, grid.first.experiment_name)
     tracker.fail_stale_runs()
     skipped, previous = grid.resume(tracker, conf.sweep.rerun)
@@ -134,7 +135,7 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
         definition = "\n".join(c.label for c in grid.outcomes)
         tracker.log_text(parent_id, redact.text(outcome.command + "\n\n" + definition + "\n"), "sweep.txt")
     outcome.parent_run_id = parent_id
-    grid.start(tracker, parent_id, sweep_dir(conf))
+    grid.start(tracker, parent_id, jobs_dir)
     return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo)
 
 
@@ -147,6 +148,7 @@ def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: s
     base, space = search_space(composer, settings.search_space, overrides)
     study = Study(composer, conf, base, space, name)
     study.check()
+    jobs_dir = sweep_dir(conf)
     tracker = runtime.current().tracker(study.first.uri, study.first.experiment_name)
     redact = study.first.redact
     outcome = SweepOutcome("study", study.outcomes, _objective(conf), None, _shown(command, overrides, redact),
@@ -157,7 +159,7 @@ def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: s
         parent_id = tracker.start(f"study {study.name}", {k: redact.text(v) for k, v in
                                                           study.parent_tags(outcome.command).items()})
         outcome.parent_run_id = parent_id
-        study.start(parent_id, sweep_dir(conf))
+        study.start(parent_id, jobs_dir)
         best = settings.export_best
         export = composer.config_dir / "experiment" / f"{best}.yaml" if best else None
 
@@ -216,11 +218,16 @@ def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures
 
 
 def sweep_dir(conf: Any) -> Path:
-    """Where a sweep's jobs write their datasets: ``sweep.dir``, else multirun/DATE/TIME."""
-    if conf.sweep.dir:
-        return Path(conf.sweep.dir).resolve()
+    """Where a sweep's jobs write their datasets: ``sweep.dir``, else multirun/DATE/TIME;
+    made now, so that a folder that cannot be written fails before any job runs."""
     now = datetime.now()
-    return (Path.cwd() / "multirun" / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S-%f")).resolve()
+    path = Path(conf.sweep.dir) if conf.sweep.dir else Path("multirun", now.strftime("%Y-%m-%d"),
+                                                              now.strftime("%H-%M-%S-%f"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"sweep.dir: cannot create {path}: {err.strerror}. Point it at a writable folder.") from None
+    return path.resolve()
 
 
 def resume_command(overrides: list[str], config_dir: str | Path | None, config_name: str) -> str:
