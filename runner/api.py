@@ -123,8 +123,11 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
     tracker = runtime.current().tracker(grid.first.uri, grid.first.experiment_name)
     tracker.fail_stale_runs()
     skipped, previous = grid.resume(tracker, conf.sweep.rerun)
-    if skipped:
-        _note(outcome, f"{skipped} skipped (already FINISHED), {grid.planned} to run.", echo)
+    if skipped or grid.stale:
+        why = f": {' and '.join(grid.stale)} changed since the finished runs" if grid.stale else ""
+        if grid.stale == ["unrecorded"]:
+            why = ": the finished runs did not record the code and data they ran on"
+        _note(outcome, f"{skipped} skipped (already FINISHED), {grid.planned} to run{why}.", echo)
     if previous is not None:
         tracker.reopen(previous)
         parent_id = previous

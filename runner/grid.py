@@ -117,19 +117,23 @@ class Grid:
         return hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
 
     def resume(self, tracker: Tracker, rerun: bool) -> tuple[int, str | None]:
-        """Mark the cells already FINISHED in the store SKIPPED. Returns how many, and the
-        parent run this same grid had before (None for a new one)."""
-        self._todo = list(self.outcomes)
+        """Mark the cells already FINISHED in the store, on the same code and data, SKIPPED.
+        Returns how many, and the parent run this same grid had before (None for a new
+        one). ``stale`` says what changed for cells that ran before but run again."""
+        self._todo, self.stale = list(self.outcomes), []
         if rerun:
             return 0, None
-        done = {
-            run.data.tags.get("kmrun.config_hash"): run
-            for run in tracker.search("tags.`kmrun.role` = 'child' and attributes.status = 'FINISHED'")
-        }
+        done: dict[str, list[Any]] = {}
+        for run in tracker.search("tags.`kmrun.role` = 'child' and attributes.status = 'FINISHED'"):
+            done.setdefault(run.data.tags.get("kmrun.config_hash", ""), []).append(run)
         self._todo = []
         for cell in self.outcomes:
-            run = done.get(self.specs[cell.index].config_hash)
+            spec = self.specs[cell.index]
+            runs = done.get(spec.config_hash, [])
+            run = next((r for r in runs if spec.fingerprint is None or not spec.fingerprint.changed(r.data.tags)), None)
             if run is None:
+                if runs and spec.fingerprint is not None:
+                    self.stale += [c for c in spec.fingerprint.changed(runs[0].data.tags) if c not in self.stale]
                 self._todo.append(cell)
                 continue
             cell.status, cell.run_id, cell.metrics = Status.SKIPPED, run.info.run_id, dict(run.data.metrics)
@@ -161,7 +165,8 @@ class Grid:
         for cell in self._queue:
             spec = self.specs[cell.index]
             run_id = self.tracker.claim(spec.config_hash, spec.run_name, spec.tags, spec.parent_run_id or "",
-                                        rerun=self.conf.sweep.rerun)
+                                        rerun=self.conf.sweep.rerun,
+                                        fingerprint=spec.fingerprint.value if spec.fingerprint else None)
             if run_id is None:  # another kmrun runs (or ran) the same cell
                 cell.status, self.taken = Status.SKIPPED, self.taken + 1
                 continue

@@ -30,6 +30,7 @@ from .trial import TrialRef, attach, report
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from .fingerprint import Fingerprint
     from .kedro_bridge import KedroProject
     from .tracking import Tracker
 
@@ -54,6 +55,7 @@ class JobSpec:
     tags: dict[str, str] = field(default_factory=dict)
     trial: TrialRef | None = None  # the Optuna trial this job is, in a study
     run_id: str | None = None  # a run already started for this job (a claimed grid cell)
+    fingerprint: Fingerprint | None = None  # the code, Kedro config and input files it depends on
 
 
 def prepare(
@@ -100,6 +102,7 @@ def prepare(
         redact=Redactor.for_project(project.credentials(), deep_merge(project.parameters(), params),
                                     urls=[conf.mlflow.tracking_uri, uri, conf.study.storage if conf.study else None]),
         run_name=conf.mlflow.run_name,
+        fingerprint=rt.fingerprint(project, conf.kedro.pipeline, conf.kedro.tags),
     )
 
 
@@ -134,6 +137,8 @@ def execute(spec: JobSpec) -> JobResult:
     }
     if conf.kedro.tags:
         tags["kedro.tags"] = ",".join(conf.kedro.tags)
+    if spec.fingerprint is not None:
+        tags.update(spec.fingerprint.tags())
     shown = {k: spec.redact.text(v) for k, v in tags.items()}
     if spec.run_id is not None:
         run_id = spec.run_id

@@ -131,10 +131,18 @@ class KedroProject:
         if _installed("kedro_mlflow"):
             log.info("kedro-mlflow's hook is off for kmrun runs: kmrun records the MLflow run.")
         self._params: dict[str, Any] | None = None
+        self._catalog: dict[str, Any] | None = None
 
     def refresh(self) -> None:
         """Forget what was read from the project's config files."""
         self._params = None
+        self._catalog = None
+
+    def catalog_config(self) -> dict[str, Any]:
+        """The project's catalog entries for this env, resolved (``{name: {type, filepath}}``)."""
+        if self._catalog is None:
+            self._catalog = dict(self.session.load_context().config_loader["catalog"])
+        return self._catalog
 
     def parameters(self) -> dict[str, Any]:
         """The project's parameters for this env, before any kmrun override."""

@@ -26,6 +26,7 @@ class Runtime:
         self._trackers: dict[tuple[str, str], Tracker] = {}
         self._storages: dict[str, Any] = {}
         self._git: dict[Path, dict[str, str]] = {}
+        self._fingerprints: dict[tuple[Path, str | None, str, tuple[str, ...]], Any] = {}
 
     def project(self, path: str | Path, env: str | None) -> KedroProject:
         """The bootstrapped project at ``path`` for ``env``; made once per process."""
@@ -60,9 +61,21 @@ class Runtime:
             self._git[path] = git_tags(path)
         return self._git[path]
 
+    def fingerprint(self, project: KedroProject, pipeline: str, tags: list[str]) -> Any:
+        """What a pipeline's result depends on besides the config (``fingerprint``)."""
+        from . import fingerprint
+
+        key = (project.root, project.env, pipeline, tuple(tags))
+        if key not in self._fingerprints:
+            inputs = project.pipeline(pipeline, tags).inputs()
+            self._fingerprints[key] = fingerprint.of_project(
+                project.root, project.package_name, project.env_name, project.catalog_config(), inputs)
+        return self._fingerprints[key]
+
     def refresh(self) -> None:
         """Forget what the user may have changed since the last call."""
         self._git.clear()
+        self._fingerprints.clear()
         for project in self._projects.values():
             project.refresh()
 

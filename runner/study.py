@@ -195,9 +195,17 @@ class Study:
             )
         self._fail_stale()
         finished = self._count("COMPLETE", "PRUNED")
+        notes = []
+        fingerprint = self.first.fingerprint
+        if fingerprint is not None:
+            changed = fingerprint.changed(self.study.user_attrs) if finished else []
+            if changed and changed != ["unrecorded"]:
+                notes.append(f"Study '{self.name}': {' and '.join(changed)} changed since its finished trials; "
+                             "they still count towards n_trials. Use another study.name to start over.")
+            for key, value in fingerprint.tags().items():
+                self.study.set_user_attr(key, value)
         more = self.settings.more
         self.target = finished + more if more is not None else self.settings.n_trials
-        notes = []
         grid_size = _grid_size(self.study.sampler)
         if grid_size is not None and self.target > grid_size:
             notes.append(f"The grid sampler has {grid_size} points; the study stops there (not at {self.target}).")

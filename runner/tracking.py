@@ -257,7 +257,7 @@ class Tracker:
         return str(run.info.run_id)
 
     def claim(self, config_hash: str, run_name: str | None, tags: Mapping[str, str], parent_id: str,
-              rerun: bool = False) -> str | None:
+              rerun: bool = False, fingerprint: str | None = None) -> str | None:
         """Start the child run of a grid cell, unless another process has it: a FINISHED
         child of the same config hash, or a RUNNING one whose process lives. Checked and
         started under one lock beside an SQLite store, so that two identical grids started
@@ -267,8 +267,9 @@ class Tracker:
             found = self.search(
                 f"tags.`kmrun.config_hash` = '{config_hash}' and tags.`kmrun.role` = 'child'", max_results=100)
             for run in found:
-                if (run.info.status == "FINISHED" and not rerun) or (
-                        run.info.status == "RUNNING" and _owner_alive(run.data.tags)):
+                same = fingerprint is None or run.data.tags.get("kmrun.fingerprint") == fingerprint
+                if same and ((run.info.status == "FINISHED" and not rerun) or (
+                        run.info.status == "RUNNING" and _owner_alive(run.data.tags))):
                     return None
             return self.start(run_name, {**tags, "kmrun.config_hash": config_hash}, parent_id)
 

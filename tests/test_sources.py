@@ -18,19 +18,22 @@ from runner.schema import parse
 class StoreStub:
     """What a source asks of the MLflow store, answered from a list of finished runs."""
 
-    def __init__(self, finished: dict[str, str] | None = None, taken: set[str] = frozenset()) -> None:
+    def __init__(self, finished: dict[str, str] | None = None, taken: set[str] = frozenset(),
+                 tags: dict[str, str] | None = None) -> None:
         self.finished = finished or {}  # config hash -> run id
+        self.tags = tags or {}  # more tags of each finished run (its fingerprint)
         self.taken = taken  # config hashes another process is running
         self.ended: list[tuple[str, str]] = []
 
-    def claim(self, config_hash, run_name, tags, parent_id, rerun=False):
+    def claim(self, config_hash, run_name, tags, parent_id, rerun=False, fingerprint=None):
         return None if config_hash in self.taken else f"run-{config_hash[:4]}"
 
     def search(self, filter_string: str, max_results: int = 0) -> list:
         if "'child'" not in filter_string:
             return []
         return [SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(
-            tags={"kmrun.config_hash": h}, metrics={"accuracy": 0.5})) for h, run_id in self.finished.items()]
+            tags={"kmrun.config_hash": h, **self.tags}, metrics={"accuracy": 0.5}))
+            for h, run_id in self.finished.items()]
 
     def fail_stale_runs(self) -> list[str]:
         return []
@@ -80,7 +83,8 @@ def test_every_bad_key_of_a_grid_is_reported_once(composer):
 def test_resume_skips_finished_cells_and_the_rest_get_parent_and_own_dirs(composer, tmp_path):
     grid = grid_of(composer, ["+experiment=baseline", "params.model.C=0.1,1,10,100"])
     grid.check(open_store=False)
-    store = StoreStub({grid.specs[1].config_hash: "done-run"}, taken={grid.specs[3].config_hash})
+    store = StoreStub({grid.specs[1].config_hash: "done-run"}, taken={grid.specs[3].config_hash},
+                      tags=grid.specs[1].fingerprint.tags())
     skipped, previous = grid.resume(store, rerun=False)
     assert (skipped, previous, grid.planned) == (1, None, 3)
     assert grid.outcomes[1].status is Status.SKIPPED and grid.outcomes[1].run_id == "done-run"
@@ -95,6 +99,9 @@ def test_resume_skips_finished_cells_and_the_rest_get_parent_and_own_dirs(compos
     grid.record(jobs[0], JobResult("r0", Status.FINISHED, {"accuracy": 0.9}, 0.9))
     assert grid.outcomes[0].score() == 0.9
     assert grid.resume(store, rerun=True) == (0, None) and grid.planned == 4
+    stale = StoreStub({grid.specs[1].config_hash: "old-run"}, tags={**grid.specs[1].fingerprint.tags(),
+                                                                      "kmrun.fp.code": "0", "kmrun.fingerprint": "0"})
+    assert grid.resume(stale, rerun=False) == (0, None) and grid.stale == ["code"]  # code changed: runs again
 
 
 def test_a_study_asks_until_its_target_and_records_trials(composer, tmp_path):

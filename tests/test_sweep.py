@@ -40,14 +40,16 @@ def test_a_3x3_grid_is_one_parent_and_nine_finished_children(ws):
 
 
 def test_a_failing_cell_fails_alone_and_a_rerun_runs_only_it(ws):
+    # The same code in both runs (a code change would rerun every cell): the failure comes
+    # and goes with an environment variable, as a flaky resource would.
     nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
-    original = nodes.read_text()
-    nodes.write_text(original.replace(
+    nodes.write_text(nodes.read_text().replace(
         '    kind = model["type"]\n',
-        '    kind = model["type"]\n    if model["C"] == 0.1:\n        raise RuntimeError("boom at C=0.1")\n',
+        '    kind = model["type"]\n    if str(model["C"]) == __import__("os").environ.get("KMRUN_TEST_BOOM"):\n'
+        '        raise RuntimeError("boom at C=0.1")\n',
     ))
     args = ["-m", "+experiment=baseline", "params.model.C=0.01,0.1,1"]
-    done = ws.kmrun(*args)
+    done = ws.kmrun(*args, env={"KMRUN_TEST_BOOM": "0.1"})
     assert done.code == 1, done.text
     assert "boom at C=0.1" in done.err and "kmrun -m +experiment=baseline params.model.C=0.01,0.1,1" in done.err
     parents, children = ws.family()
@@ -58,7 +60,6 @@ def test_a_failing_cell_fails_alone_and_a_rerun_runs_only_it(ws):
     assert "RuntimeError: boom at C=0.1" in open(tb).read()
     assert parents[0].info.status == "FAILED"
 
-    nodes.write_text(original)
     done = ws.kmrun(*args)
     assert done.code == 0, done.text
     assert "2 skipped (already FINISHED), 1 to run." in done.out
@@ -149,3 +150,20 @@ def test_a_hand_written_config_with_only_kmruns_keys_runs_a_grid_and_a_study(ws)
     assert all(0.1 <= float(t.data.params["model.C"]) <= 1 for t in trials)
     assert not (ws.path / "outputs").exists() and not list(ws.path.rglob(".hydra"))  # Hydra wrote nothing
     assert ws.running() == 0
+
+
+def test_a_grid_resumed_after_a_code_change_reruns_its_cells(ws):
+    args = ["-m", "+experiment=baseline", "params.model.C=0.1,1"]
+    assert ws.kmrun(*args).code == 0
+    nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
+    nodes.write_text(nodes.read_text() + "\n# a fix, committed after the first sweep\n")
+    done = ws.kmrun(*args)
+    assert done.code == 0, done.text
+    assert "0 skipped (already FINISHED), 2 to run: code changed since the finished runs." in done.out
+    _, children = ws.family()
+    assert sorted(c.info.status for c in children) == ["FINISHED"] * 4
+    assert len({c.data.tags["kmrun.fp.code"] for c in children}) == 2
+    again = ws.kmrun(*args)
+    assert "2 skipped (already FINISHED), 0 to run." in again.out
+    show = ws.kmrun("show", children[0].info.run_id)
+    assert "kmrun.fp.code" in show.out and "kmrun.fp.data" in show.out
