@@ -139,7 +139,9 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
         tracker.log_text(parent_id, redact.text(outcome.command + "\n\n" + definition + "\n"), "sweep.txt")
     outcome.parent_run_id = parent_id
     grid.start(tracker, parent_id, jobs_dir)
-    return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo)
+    return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo,
+                    shared=[grid.specs[c.index] for c in grid.outcomes if c.status.value == "NOT_STARTED"],
+                    jobs_dir=jobs_dir)
 
 
 def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: str, echo: bool,
@@ -170,25 +172,31 @@ def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: s
             outcome.study = study.summary(export)
 
         return _execute(study, tracker, settings.n_jobs, verbose, settings.max_failures, outcome, redact, echo,
-                        summarise)
+                        summarise, shared=study.corners, jobs_dir=jobs_dir)
     finally:
         study.close()
 
 
 def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures: float | None,
-             outcome: SweepOutcome, redact: Any, echo: bool, summarise: Any = None) -> SweepOutcome:
+             outcome: SweepOutcome, redact: Any, echo: bool, summarise: Any = None, shared: Any = (),
+             jobs_dir: Path | None = None) -> SweepOutcome:
     """The engine's loop inside the parent run, then the results on the parent, also when
     interrupted (without plots, so that an interrupt ends fast). Workers: no more than
-    the jobs to run."""
+    the jobs to run; before they fork, the nodes all jobs share run once here (``shared``:
+    specs that span the sweep)."""
     import os
 
-    from . import engine, results, terminal
+    from . import engine, job, results, terminal
     from .records import Status
     from .scheduler import make_scheduler
 
     n_jobs = max(1, min(n_jobs, source.planned))
     if n_jobs > (os.cpu_count() or 1):
         _note(outcome, f"{n_jobs} workers on {os.cpu_count()} CPUs: jobs will compete for them.", echo)
+    if n_jobs > 1 and jobs_dir is not None:
+        ran = job.prewarm(list(shared), jobs_dir / "shared", outcome.parent_run_id or "")
+        if ran:
+            _note(outcome, f"Ran {', '.join(ran)} once for every job (node cache).", echo)
     scheduler = make_scheduler(n_jobs, verbose)
 
     label = "study" if outcome.kind == "study" else "sweep"

@@ -299,6 +299,7 @@ def reproduce(args: argparse.Namespace) -> int:
     _check_git(original, args.strict)
     config["params"] = without_redacted(config.get("params") or {})
     config["study"] = None
+    config["cache"] = {"enabled": False}  # reproduce means compute again
     config.setdefault("mlflow", {}).setdefault("tags", {})["kmrun.reproduced_from"] = original.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "kmrun.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)), encoding="utf-8")

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .schema import KmrunConf
     from .tracking import Tracker
 
-NOT_SWEEPABLE = ("mlflow", "sweep", "study", "objective", "metrics", "verbose",
+NOT_SWEEPABLE = ("mlflow", "sweep", "study", "objective", "metrics", "verbose", "cache",
                  "kedro.project_path", "kedro.env", "hydra")
 
 

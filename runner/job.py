@@ -30,6 +30,7 @@ from .trial import TrialRef, attach, report
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from .cache import NodeCache, Plan
     from .fingerprint import Fingerprint
     from .kedro_bridge import KedroProject
     from .tracking import Tracker
@@ -121,6 +122,8 @@ def execute(spec: JobSpec) -> JobResult:
     record = KedroRun(
         _kedro_run_id(), capture=set(conf.metrics), output_dir=Path(spec.output_dir) if spec.output_dir else None
     )
+    if conf.cache.enabled:
+        record.cache, record.plan = cache_plan(spec, project)
     tags = {
         **{k: str(v) for k, v in conf.mlflow.tags.items()},
         **spec.tags,
@@ -145,6 +148,7 @@ def execute(spec: JobSpec) -> JobResult:
         tracker.adopt(run_id, shown)
     else:
         run_id = tracker.start(spec.run_name, shown, spec.parent_run_id)
+    record.mlflow_run_id = run_id
     job = _Job(spec, project, tracker, run_id, record)
     try:
         job.work()
@@ -229,15 +233,67 @@ class _Job:
             self.project.parameters(), spec.params)
         try:
             self.tracker.log(self.run_id, params=spec.redact.params(flatten(params)), metrics=self.metrics,
-                             series=self.series)
+                             series=self.series, tags=cache_tags(self.record))
         except Exception as err:
             if self.status is Status.FINISHED:
                 self.status = Status.FAILED
                 self.error = TrackingError(f"The job ran, but its params and metrics could not be stored: {err}")
             log.warning("Could not store the params and metrics of run %s: %s", self.run_id, err)
         self.tracker.finish(self.run_id, self.status.run_status)
+        plan = self.record.plan
         return JobResult(self.run_id, self.status, _latest(self.metrics, self.series), self.objective,
-                         self.error, dict(self.record.written))
+                         self.error, dict(self.record.written), plan.sources if plan else {})
+
+
+def cache_plan(spec: JobSpec, project: KedroProject) -> tuple[NodeCache, Plan]:
+    """The node cache this job uses, and what it serves for this job."""
+    from . import cache
+
+    conf = spec.conf
+    root = Path(conf.cache.dir) if conf.cache.dir else cache.default_dir(spec.uri)
+    store = runtime.current().node_cache(root.resolve(), conf.cache.max_gb)
+    params = deep_merge(project.parameters(), spec.params)
+    pipeline = project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
+    return store, cache.plan(pipeline, params, project.catalog_config(), project.root, store)
+
+
+def prewarm(specs: list[JobSpec], output_dir: Path, source: str) -> list[str]:
+    """Run here, once, the nodes every job of a sweep shares and the cache lacks, so that
+    the workers forked next find them. Returns the nodes it ran."""
+    from . import cache
+
+    if len(specs) < 2 or not specs[0].conf.cache.enabled:
+        return []
+    conf = specs[0].conf
+    project = runtime.current().project(conf.kedro.project_path, conf.kedro.env)
+    store, first = cache_plan(specs[0], project)
+    others = [cache_plan(spec, project)[1] for spec in specs[1:]]
+    shared = [n for n in first.run if first.keys[n] is not None and all(p.keys[n] == first.keys[n] for p in others)]
+    if not shared:
+        return []
+    pipeline = project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
+    record = KedroRun(_kedro_run_id(), mlflow_run_id=source, output_dir=output_dir, cache=store,
+                      plan=cache.restrict(first, pipeline, shared))
+    try:
+        project.run(record, specs[0].params, conf.kedro.pipeline, conf.kedro.tags)
+    except Exception as err:  # each job runs these nodes itself, and reports what fails
+        log.warning("Could not run the shared nodes %s once for the sweep: %s", ", ".join(shared), err)
+        return []
+    return shared
+
+
+def cache_tags(record: KedroRun) -> dict[str, str]:
+    """What the run took from the cache, and from which runs; what was not cached, and why."""
+    plan = record.plan
+    if plan is None:
+        return {"kmrun.cache": "off"}
+    tags = {"kmrun.cache.hits": ",".join(plan.hits) or "none"}
+    if plan.hits:
+        tags["kmrun.cache.from"] = ",".join(sorted(set(plan.sources.values())))[:5000]
+    why = {**plan.reasons, **record.not_cached}
+    if why:
+        tags["kmrun.cache.not_cached"] = "; ".join(f"{node}: {reason}" for node, reason in why.items())[:5000]
+    return tags
 
 
 class _Pruned(Exception):

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from kedro.framework.session import KedroServiceSession
     from kedro.pipeline import Pipeline
 
+    from .cache import NodeCache, Plan
+
 log = logging.getLogger(__name__)
 
 KEDRO_MLFLOW = ("kedro-mlflow", "kedro_mlflow")  # Kedro compares either spelling of the distribution
@@ -36,9 +38,13 @@ class KedroRun:
     that a failed run still tells which parameters it resolved."""
 
     run_id: str
+    mlflow_run_id: str = ""  # the run the outputs are recorded in (a cache entry's source)
     capture: set[str] = field(default_factory=set)  # datasets to keep, by name
     output_dir: Path | None = None  # where written files go; None: the project's own paths
     params: dict[str, Any] | None = None  # every parameter Kedro resolved, once the catalog exists
+    cache: NodeCache | None = None  # where to store the outputs of the nodes that run
+    plan: Plan | None = None  # what the cache serves; None: every node runs, nothing is stored
+    not_cached: dict[str, str] = field(default_factory=dict)  # node -> why its outputs were not stored
     datasets: dict[str, Any] = field(default_factory=dict)  # captured outputs, by dataset name
     saved: list[str] = field(default_factory=list)  # every dataset the run saved, in order
     written: dict[str, str] = field(default_factory=dict)  # dataset -> file it was written to
@@ -57,6 +63,11 @@ class _Hooks:
         if self.record is None:
             return
         self.record.params = dict(parameters.get("parameters", {}))
+        if self.record.plan is not None and self.record.plan.inject:
+            from kedro.io import MemoryDataset
+
+            for name, value in self.record.plan.inject.items():  # outputs of nodes the cache serves
+                catalog[name] = MemoryDataset(value)
         if self.record.output_dir is not None:
             catalog_log = logging.getLogger("kedro.io.data_catalog")
             level = catalog_log.level
@@ -65,6 +76,17 @@ class _Hooks:
                 self._redirect(catalog, conf_catalog, save_version, self.record)
             finally:
                 catalog_log.setLevel(level)
+
+    @hook_impl
+    def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:
+        record = self.record
+        if record is None or record.plan is None or record.cache is None:
+            return
+        key = record.plan.keys.get(node.name)
+        if key is not None:
+            reason = record.cache.put(key, node.name, outputs, record.mlflow_run_id)
+            if reason is not None:
+                record.not_cached[node.name] = reason
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
@@ -194,10 +216,17 @@ class KedroProject:
         """Run ``pipeline`` with ``params`` deep-merged into the project's parameters,
         filling in ``record`` as it goes. Raises what the pipeline raised."""
         selected = self.pipeline(pipeline, list(tags or []))
+        plan = record.plan
+        if plan is not None:  # captured outputs of cached nodes are read from the cache
+            for entry in plan.hits.values():
+                record.datasets.update({k: v for k, v in entry.outputs.items() if k in record.capture})
+            if not plan.run:
+                return record  # every node is served by the cache
         self._hooks.record, self._hooks.outputs = record, set(selected.all_outputs())
         try:
             self.session.run(run_id=record.run_id, pipeline_names=[pipeline], tags=tags or None,
-                             runtime_params=params or None)
+                             runtime_params=params or None,
+                             node_names=plan.run if plan and len(plan.run) < len(selected.nodes) else None)
         finally:
             self._hooks.record = None
         return record

@@ -46,6 +46,7 @@ class JobResult:
     objective: float | list[float] | None
     error: KmrunError | None = None  # JobFailed, MetricError, KmrunBug...: the type is kept
     written: dict[str, str] = field(default_factory=dict)  # dataset -> file it was written to
+    cached: dict[str, str] = field(default_factory=dict)  # node served from the cache -> run that computed it
 
     @property
     def message(self) -> str | None:

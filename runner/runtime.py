@@ -27,6 +27,7 @@ class Runtime:
         self._storages: dict[str, Any] = {}
         self._git: dict[Path, dict[str, str]] = {}
         self._fingerprints: dict[tuple[Path, str | None, str, tuple[str, ...]], Any] = {}
+        self._caches: dict[Path, Any] = {}
 
     def project(self, path: str | Path, env: str | None) -> KedroProject:
         """The bootstrapped project at ``path`` for ``env``; made once per process."""
@@ -71,6 +72,15 @@ class Runtime:
             self._fingerprints[key] = fingerprint.of_project(
                 project.root, project.package_name, project.env_name, project.catalog_config(), inputs)
         return self._fingerprints[key]
+
+    def node_cache(self, root: Path, max_gb: float) -> Any:
+        """The node cache in ``root``; its in-memory entries are kept for the process."""
+        from .cache import NodeCache
+
+        if root not in self._caches:
+            self._caches[root] = NodeCache(root, int(max_gb * 2**30))
+        self._caches[root].max_bytes = int(max_gb * 2**30)
+        return self._caches[root]
 
     def refresh(self) -> None:
         """Forget what the user may have changed since the last call."""

@@ -70,6 +70,13 @@ class StudyConf:
 
 
 @dataclass
+class CacheConf:
+    enabled: bool = True  # reuse node outputs whose inputs, params and code are unchanged (`cache: false`: off)
+    dir: Optional[str] = None  # None: kmrun-cache/ beside an SQLite MLflow store, else ./.kmrun-cache
+    max_gb: float = 2.0  # least recently used entries go beyond this size
+
+
+@dataclass
 class KmrunConf:
     kedro: KedroConf = field(default_factory=KedroConf)
     params: Dict[str, Any] = field(default_factory=dict)  # Kedro parameter overrides, nested
@@ -79,9 +86,10 @@ class KmrunConf:
     verbose: bool = False  # show Kedro's node-by-node log lines (same as -v)
     sweep: SweepConf = field(default_factory=SweepConf)
     study: Optional[StudyConf] = None  # an Optuna study (+study=NAME), see docs/config.md
+    cache: CacheConf = field(default_factory=CacheConf)  # the node cache
 
 
-SECTIONS = ("kedro", "params", "mlflow", "objective", "metrics", "verbose", "sweep", "study")
+SECTIONS = ("kedro", "params", "mlflow", "objective", "metrics", "verbose", "sweep", "study", "cache")
 DIRECTIONS = ("minimize", "maximize")
 
 
@@ -96,6 +104,8 @@ def parse(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> Kmr
         if key not in SECTIONS:
             raise ConfigError(_unknown(str(key), SECTIONS, where="", source=origin(str(key)).strip()))
     params = plain.pop("params", None) or {}
+    if isinstance(plain.get("cache"), bool):  # `cache: false` is short for `cache: {enabled: false}`
+        plain["cache"] = {"enabled": plain["cache"]}
     try:
         merged = OmegaConf.merge(_schema(), plain)
     except ConfigKeyError as err:
@@ -191,7 +201,7 @@ def unknown_key(key: str, source: str = "") -> str:
 
 def _fields_of(section: str) -> list[str]:
     classes = {"": KmrunConf, "kedro": KedroConf, "mlflow": MlflowConf, "objective": ObjectiveConf,
-               "sweep": SweepConf, "study": StudyConf}
+               "sweep": SweepConf, "study": StudyConf, "cache": CacheConf}
     return list(classes[section].__dataclass_fields__)
 
 

@@ -167,7 +167,8 @@ class Study:
         """Compose a job at each end of every distribution: bad keys and types fail now."""
         make_pruner(self.settings.pruner)
         make_sampler(self.settings.sampler, self.distributions, 0)
-        self.first, *_ = [self.job_spec(corner) for corner in _corners(self.distributions)]
+        self.corners = [self.job_spec(corner) for corner in _corners(self.distributions)]
+        self.first = self.corners[0]
         self.storage_url = self.settings.storage or _beside(self.first.uri)
         self.storage = runtime.current().storage(self.storage_url)
 

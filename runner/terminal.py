@@ -64,6 +64,9 @@ def run_summary(result: JobResult, run_name: str | None, objective: Objective, u
         table.add_row("objective", f"{metric} = {result.objective}  ({direction})")
     for name, value in sorted(result.metrics.items()):
         table.add_row(f"  {name}", f"{value:.6g}")
+    if result.cached:
+        sources = ", ".join(sorted({run[:12] for run in result.cached.values()}))
+        table.add_row("cache", f"{', '.join(result.cached)} from the node cache (computed by run {sources})")
     table.add_row("store", f"{hide_password(uri)}  (experiment '{experiment}')")
     table.add_row("ui", ui_command(uri))
     console.print(table)

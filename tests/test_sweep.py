@@ -167,3 +167,42 @@ def test_a_grid_resumed_after_a_code_change_reruns_its_cells(ws):
     assert "2 skipped (already FINISHED), 0 to run." in again.out
     show = ws.kmrun("show", children[0].info.run_id)
     assert "kmrun.fp.code" in show.out and "kmrun.fp.data" in show.out
+
+
+def count_loads(ws):
+    """Make the prefix node `load` count its runs in a file."""
+    nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
+    nodes.write_text(nodes.read_text().replace(
+        '    bunch = datasets.load_digits(as_frame=True)\n',
+        '    with open(__import__("os").environ["KMRUN_TEST_COUNTER"], "a") as f:\n'
+        '        f.write("load\\n")\n'
+        '    bunch = datasets.load_digits(as_frame=True)\n'))
+
+
+def test_a_grid_runs_its_shared_prefix_once_and_gets_the_same_metrics(ws):
+    count_loads(ws)
+    counter = ws.path / "loads.txt"
+    env = {"KMRUN_TEST_COUNTER": str(counter)}
+    grid = ["-m", "+experiment=baseline", "params.model.C=0.1,0.2,0.3,0.5,1,2"]
+
+    def runs() -> int:
+        return len(counter.read_text().splitlines()) if counter.exists() else 0
+
+    def metrics(parent_id) -> dict:
+        children = [r for r in ws.runs() if r.data.tags.get("mlflow.parentRunId") == parent_id]
+        return {r.data.params["model.C"]: r.data.metrics for r in children}
+
+    done = ws.kmrun(*grid, "cache=false", env=env)
+    assert done.code == 0, done.text
+    assert runs() == 6
+    plain = metrics(ws.family()[0][0].info.run_id)
+    for extra, before in ((["cache.dir=c1"], 6), (["cache.dir=c2", "sweep.n_jobs=2"], 7)):
+        done = ws.kmrun(*grid, "sweep.rerun=true", *extra, env=env)
+        assert done.code == 0, done.text
+        assert runs() == before + 1, extra  # the prefix ran once for the whole grid
+        parent = max(ws.family()[0], key=lambda r: r.info.start_time)
+        assert metrics(parent.info.run_id) == plain
+        children = [r for r in ws.runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        hits = sorted(r.data.tags["kmrun.cache.hits"] for r in children)
+        assert hits.count("load,split") >= 5  # and each says so
+    assert "Ran load, split once for every job (node cache)." in done.out

@@ -1,0 +1,104 @@
+"""The node cache's keys: which change invalidates which node, and nothing else."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+from kedro.pipeline import Pipeline, node
+
+from runner.cache import NodeCache, node_keys, plan
+
+NODES = '''
+def load(raw):
+    return raw
+
+
+def helper(x):
+    return x * 2
+
+
+def features(a, p):
+    return helper(a) + p
+
+
+def model(b, q):
+    return b + q
+'''
+
+
+@pytest.fixture
+def mod(tmp_path, monkeypatch):
+    (tmp_path / "kmrun_cache_nodes.py").write_text(NODES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("kmrun_cache_nodes", None)
+    yield importlib.import_module("kmrun_cache_nodes")
+    sys.modules.pop("kmrun_cache_nodes", None)
+
+
+def pipeline(mod, tags=()):
+    return Pipeline([
+        node(mod.load, "raw", "a", name="load"),
+        node(mod.features, ["a", "params:p"], "b", name="features", tags=list(tags)),
+        node(mod.model, ["b", "params:q"], "c", name="model"),
+    ])
+
+
+CATALOG = {"raw": {"type": "pandas.CSVDataset", "filepath": "data/raw.csv"},
+           "c": {"type": "json.JSONDataset", "filepath": "data/c.json"}}
+
+
+def keys(mod, tmp_path, params=None, catalog=None, tags=()):
+    return node_keys(pipeline(mod, tags), params or {"p": 1, "q": 2}, catalog or CATALOG, tmp_path)
+
+
+def moved(a, b):
+    return {n for n in a[0] if a[0][n] != b[0][n]}
+
+
+def test_each_change_invalidates_exactly_the_nodes_it_reaches(mod, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/raw.csv").write_text("x\n1\n")
+    base = keys(mod, tmp_path)
+    assert all(base[0].values()) and keys(mod, tmp_path) == base
+    assert moved(base, keys(mod, tmp_path, {"p": 1, "q": 3})) == {"model"}
+    assert moved(base, keys(mod, tmp_path, {"p": 5, "q": 2})) == {"features", "model"}
+    catalog = {**CATALOG, "b": {"type": "pickle.PickleDataset", "filepath": "data/b.pkl"}}
+    assert moved(base, keys(mod, tmp_path, catalog=catalog)) == {"features", "model"}
+    (tmp_path / "kmrun_cache_nodes.py").write_text(NODES.replace("x * 2", "x * 3"))  # a helper features calls
+    changed = importlib.reload(mod)
+    assert moved(base, keys(changed, tmp_path)) == {"features", "model"}
+    (tmp_path / "data/raw.csv").write_text("x\n2\n")
+    assert moved(keys(changed, tmp_path), keys(changed, tmp_path, {"p": 1, "q": 2})) == set()
+    assert moved(base, keys(changed, tmp_path)) == {"load", "features", "model"}
+
+
+def test_nocache_nodes_and_unfingerprintable_inputs_are_never_cached(mod, tmp_path):
+    found, reasons = keys(mod, tmp_path, tags=["kmrun_nocache"])
+    assert found["load"] is not None and found["features"] is None and found["model"] is None
+    assert reasons["features"] == "it is tagged kmrun_nocache" and "made by features" in reasons["model"]
+    found, reasons = keys(mod, tmp_path, catalog={"raw": {"type": "pandas.SQLTableDataset", "table_name": "t"}})
+    assert set(reasons) == {"load", "features", "model"} and "not a local file" in reasons["load"]
+
+
+def test_the_cache_serves_hits_and_feeds_the_nodes_that_run(mod, tmp_path):
+    store = NodeCache(tmp_path / "cache", max_bytes=10**6)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/raw.csv").write_text("x\n")
+    first = plan(pipeline(mod), {"p": 1, "q": 2}, CATALOG, tmp_path, store)
+    assert first.run == ["load", "features", "model"] and not first.hits
+    assert store.put(first.keys["load"], "load", {"a": 10}, "run-1") is None
+    assert store.put(first.keys["features"], "features", {"b": 21}, "run-1") is None
+    second = plan(pipeline(mod), {"p": 1, "q": 9}, CATALOG, tmp_path, NodeCache(tmp_path / "cache", 10**6))
+    assert second.run == ["model"] and second.inject == {"b": 21} and second.sources == {"load": "run-1", "features": "run-1"}
+    assert store.put("ab" + "0" * 30, "x", {"f": lambda: 1}, "r").startswith("its outputs cannot be pickled")
+
+
+def test_least_recently_used_entries_go_beyond_the_size_limit(tmp_path):
+    store = NodeCache(tmp_path, max_bytes=3000)
+    for i in range(6):
+        assert store.put(f"{i:02d}" + "k" * 30, f"n{i}", {"x": "y" * 900}, "r") is None
+    assert store.size() <= 3000 and store.get("05" + "k" * 30) is not None
+    kept = len(store.files())
+    assert 0 < kept < 6 and store.clear() == kept and store.files() == []
