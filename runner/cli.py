@@ -30,6 +30,7 @@ Subcommands (kmrun SUBCOMMAND --help for their options):
   ui          start MLflow's UI on the store (127.0.0.1)
   dashboard   start optuna-dashboard on the study storage
   init        add kmrun's config to the Kedro project in this directory
+  cache       the node cache: size and entries; `kmrun cache clear` empties it
 
 Examples:
   kmrun +experiment=baseline                              one experiment
@@ -269,7 +270,7 @@ def _leave_now(signum: int, frame: object) -> None:
     os._exit(130)
 
 
-SUBCOMMANDS = ("runs", "best", "show", "reproduce", "promote", "ui", "dashboard", "init")
+SUBCOMMANDS = ("runs", "best", "show", "reproduce", "promote", "ui", "dashboard", "init", "cache")
 
 
 def subcommand(args: list[str]) -> int:
@@ -318,6 +319,8 @@ def subcommand(args: list[str]) -> int:
         if name == "dashboard":
             p.add_argument("--storage", help="default: optuna.db beside the MLflow store")
     command("init", "Write conf/kmrun.yaml, conf/experiment/baseline.yaml and an example study.", store=False)
+    p = command("cache", "The node cache: its size and entries, or `kmrun cache clear`.")
+    p.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
 
     try:
         options = parser.parse_args(args)

@@ -343,6 +343,33 @@ def promote(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- cache ----------------------------------------------------------------------------
+
+
+def cache(args: argparse.Namespace) -> int:
+    """``kmrun cache``: where the node cache is, its size and entries; ``clear`` empties it."""
+    from omegaconf import OmegaConf
+
+    from . import terminal
+    from .cache import NodeCache, default_dir
+
+    conf_dir = Path(args.config_dir or "conf").resolve()
+    raw: Any = OmegaConf.load(conf_dir / "kmrun.yaml") if (conf_dir / "kmrun.yaml").is_file() else OmegaConf.create({})
+    uri = args.tracking_uri or resolve_uri(OmegaConf.select(raw, "mlflow.tracking_uri"))
+    configured = OmegaConf.select(raw, "cache.dir") if OmegaConf.is_dict(raw.get("cache")) else None
+    store = NodeCache(Path(configured).resolve() if configured else default_dir(uri), max_bytes=0)
+    if args.action == "clear":
+        terminal.say(f"removed {store.clear()} entries from {store.root}")
+        return 0
+    entries = store.entries()
+    terminal.say(f"node cache {store.root}: {len(entries)} entries, {store.size() / 2**20:.1f} MB")
+    for path, entry in sorted(entries, key=lambda item: item[1].created, reverse=True):
+        when = datetime.fromtimestamp(entry.created).isoformat(timespec="seconds")
+        terminal.say(f"  {entry.node:<24} {path.stat().st_size / 2**10:9.1f} KB  {when}  run {entry.run_id[:12] or '-'}"
+                     f"  {path.stem[:12]}")
+    return 0
+
+
 # --- ui, dashboard --------------------------------------------------------------------
 
 

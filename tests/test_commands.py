@@ -218,3 +218,12 @@ def test_init_in_a_fresh_kedro_project_then_run_and_grid(tmp_path, template_stor
     children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
     assert len(children) == 4 and all("loss" in c.data.metrics for c in children)
     assert next(r for r in runs if r.info.run_name == "baseline").data.metrics["loss"] == 0.25
+
+
+def test_cache_shows_its_entries_and_clears_them(store):
+    done = store.kmrun("cache")
+    assert done.code == 0, done.text
+    assert f"node cache {store.path / 'kmrun-cache'}" in done.out and " load " in done.out and " split " in done.out
+    cleared = store.kmrun("cache", "clear")
+    assert cleared.code == 0 and "removed" in cleared.out
+    assert "0 entries" in store.kmrun("cache").out
