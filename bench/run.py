@@ -17,6 +17,10 @@ Contenders, on the same trials (logistic regression on the digits, C varied):
       as the time to the first trial.
   (c) naive: `kedro run --params` as a subprocess per trial, logging through kedro-mlflow
       when it is installed (the dev extra installs it; without it, a lower bound).
+  (d) the node cache, on the example's `features` pipeline (a kernel-PCA embedding that
+      costs far more than the model fitted on it): a kmrun study with the cache (the
+      default) and with `cache=false`, against a hand loop of the same nodes. (b) runs
+      with `cache=false` so that it measures kmrun's own overhead on equal work.
 """
 
 from __future__ import annotations
@@ -75,17 +79,20 @@ def values(n: int, offset: int = 0) -> str:
 
 
 def kmrun_grid(ws: Path, n: int) -> float:
-    return kmrun(ws, "-m", "+experiment=baseline", f"params.model.C={values(n)}")
+    return kmrun(ws, "-m", "+experiment=baseline", f"params.model.C={values(n)}", "cache=false")
 
 
-def kmrun_study(ws: Path, n: int) -> float:
+def kmrun_study(ws: Path, n: int, *extra: str) -> float:
     return kmrun(ws, "-m", "+experiment=baseline", "+study=tune", f"study.n_trials={n}",
-                 "study.sampler.name=grid", "~study.search_space", f"params.model.C=choice({values(n)})")
+                 "study.sampler.name=grid", "~study.search_space", f"params.model.C=choice({values(n)})",
+                 *(extra or ("cache=false",)))
 
 
-def hand_loop(uri: str, n: int) -> float:
-    """Contender (a), in this process: seconds for ``n`` trials."""
+def hand_loop(uri: str, n: int, features: bool = False) -> float:
+    """Contender (a), in this process: seconds for ``n`` trials (with ``features``, on the
+    `features` pipeline's nodes: the embedding is computed in every trial)."""
     sys.path.insert(0, str(ROOT / "examples" / "digits" / "src"))
+    from digits.pipelines.features.nodes import embed
     from digits.pipelines.train import nodes
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
@@ -102,6 +109,8 @@ def hand_loop(uri: str, n: int) -> float:
         params = {**base, "model": {**base["model"], "C": C}}
         run = client.create_run(experiment)
         data = nodes.load_digits()
+        if features:
+            data = embed(data, {"n_components": 40, "gamma": 0.05})
         X_train, X_test, y_train, y_test = nodes.split_data(data, params["split"])
         model, _ = nodes.train_model(X_train, y_train, X_test, y_test, params["model"])
         metrics = nodes.evaluate_model(model, X_test, y_test)
@@ -123,6 +132,21 @@ def per_trial(base: Path, template: Path, n: int, rounds: int) -> dict[str, floa
         small, large = kmrun_study(workspace(base, template), BASE_TRIALS), kmrun_study(workspace(base, template), BASE_TRIALS + n)
         study.append((large - small) / n)
     return {"hand": statistics.median(hand), "grid": statistics.median(grid), "study": statistics.median(study)}
+
+
+def cached(base: Path, template: Path, n: int, rounds: int) -> dict[str, float]:
+    """Contender (d): seconds per trial on the `features` pipeline, by hand and by a kmrun
+    study with and without the node cache (marginal, as for (b))."""
+    hand, warm, cold = [], [], []
+    features = "kedro.pipeline=features"
+    for _ in range(rounds):
+        hand_ws = workspace(base, template)
+        hand.append(hand_loop(f"sqlite:///{hand_ws / 'mlflow.db'}", n, features=True) / n)
+        for results, cache in ((warm, "cache=true"), (cold, "cache=false")):
+            small = kmrun_study(workspace(base, template), BASE_TRIALS, features, cache)
+            large = kmrun_study(workspace(base, template), BASE_TRIALS + n, features, cache)
+            results.append((large - small) / n)
+    return {"hand": statistics.median(hand), "cached": statistics.median(warm), "uncached": statistics.median(cold)}
 
 
 def naive(base: Path, template: Path, n: int) -> float:
@@ -234,6 +258,14 @@ def main() -> None:
             "study_overhead_ms_per_trial": round((each["study"] - each["hand"]) * 1000, 1),
             "overhead_ratio": round(each["grid"] / each["hand"], 3),
             "study_overhead_ratio": round(each["study"] / each["hand"], 3),
+        })
+        node_cache = cached(base, template, n["trials"], n["rounds"])
+        results.update({
+            "features_hand_seconds_per_trial": round(node_cache["hand"], 4),
+            "cached_study_seconds_per_trial": round(node_cache["cached"], 4),
+            "uncached_study_seconds_per_trial": round(node_cache["uncached"], 4),
+            "cached_ratio": round(node_cache["cached"] / node_cache["hand"], 3),
+            "uncached_ratio": round(node_cache["uncached"] / node_cache["hand"], 3),
         })
         results["naive_seconds_per_trial"] = round(naive(base, template, n["naive"]), 3)
         import importlib.util
