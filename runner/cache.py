@@ -23,6 +23,7 @@ import os
 import pickle
 import time
 import types
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache as memoize
@@ -67,15 +68,25 @@ class NodeCache:
     """Content-addressed node outputs in a folder, with a size limit (least recently used
     entries go first)."""
 
+    MEMORY_ENTRIES = 256  # entries kept in memory too, most recently used
+
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root, self.max_bytes = root, max_bytes
-        self.memory: dict[str, Entry] = {}
+        self.memory: OrderedDict[str, Entry] = OrderedDict()
+        self._written = 0  # bytes written since the folder's size was last checked
+
+    def _remember(self, key: str, entry: Entry) -> None:
+        self.memory[key] = entry
+        self.memory.move_to_end(key)
+        while len(self.memory) > self.MEMORY_ENTRIES:
+            self.memory.popitem(last=False)
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.pkl"
 
     def get(self, key: str) -> Entry | None:
         if key in self.memory:
+            self.memory.move_to_end(key)
             return self.memory[key]
         path = self.path(key)
         try:
@@ -87,7 +98,7 @@ class NodeCache:
             log.warning("Dropping the damaged cache entry %s: %s", path, err)
             path.unlink(missing_ok=True)
             return None
-        self.memory[key] = entry
+        self._remember(key, entry)
         return entry
 
     def put(self, key: str, node: str, outputs: dict[str, Any], run_id: str) -> str | None:
@@ -105,8 +116,11 @@ class NodeCache:
             temporary.replace(path)
         except OSError as err:
             return f"the cache folder cannot be written ({err.strerror})"
-        self.memory[key] = entry
-        self.evict()
+        self._remember(key, entry)
+        self._written += len(data)
+        if self._written > self.max_bytes / 20:  # look at the whole folder now and then, not at every write
+            self._written = 0
+            self.evict()
         return None
 
     def files(self) -> list[Path]:
