@@ -53,7 +53,7 @@ def run(
             raise ConfigError(f"'{sweeps[0].lstrip('+')}' is a sweep: run it with kmrun -m (or runner.sweep), "
                               "or quote the value to pass it as one string.")
         cfg = composer.compose(overrides)
-        spec = job.prepare(cfg, overrides, choices_of(cfg), composer.config_dir)
+        spec = job.prepare(cfg, overrides, choices_of(cfg), composer.config_dir, base_dir=composer.base_dir)
         verbose = verbose or spec.conf.verbose
     with _quiet(verbose):
         if echo:
@@ -119,7 +119,7 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
         if echo:
             terminal.dry_run(outcome)
         return outcome
-    jobs_dir = sweep_dir(conf)
+    jobs_dir = sweep_dir(conf, composer.base_dir)
     tracker = runtime.current().tracker(grid.first.uri, grid.first.experiment_name)
     tracker.fail_stale_runs()
     skipped, previous = grid.resume(tracker, conf.sweep.rerun)
@@ -153,7 +153,7 @@ def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: s
     base, space = search_space(composer, settings.search_space, overrides)
     study = Study(composer, conf, base, space, name)
     study.check()
-    jobs_dir = sweep_dir(conf)
+    jobs_dir = sweep_dir(conf, composer.base_dir)
     tracker = runtime.current().tracker(study.first.uri, study.first.experiment_name)
     redact = study.first.redact
     outcome = SweepOutcome("study", study.outcomes, _objective(conf), None, _shown(command, overrides, redact),
@@ -228,12 +228,13 @@ def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures
     return outcome
 
 
-def sweep_dir(conf: Any) -> Path:
-    """Where a sweep's jobs write their datasets: ``sweep.dir``, else multirun/DATE/TIME;
-    made now, so that a folder that cannot be written fails before any job runs."""
+def sweep_dir(conf: Any, base: Path) -> Path:
+    """Where a sweep's jobs write their datasets: ``sweep.dir``, else multirun/DATE/TIME
+    (relative to ``base``, the folder holding conf/); made now, so that a folder that
+    cannot be written fails before any job runs."""
     now = datetime.now()
-    path = Path(conf.sweep.dir) if conf.sweep.dir else Path("multirun", now.strftime("%Y-%m-%d"),
-                                                              now.strftime("%H-%M-%S-%f"))
+    path = base / (Path(conf.sweep.dir) if conf.sweep.dir else Path("multirun", now.strftime("%Y-%m-%d"),
+                                                                       now.strftime("%H-%M-%S-%f")))
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -90,6 +90,26 @@ class Args:
     info: str | None = None
 
 
+KEDRO_FLAGS = ("--params", "--pipeline", "--env", "-e", "--tags", "-t", "--nodes", "-n")
+
+
+def kedro_flag(flag: str, value: str) -> str:
+    """`kedro run`'s flags, said in kmrun's syntax."""
+    if flag == "--params":
+        pairs = [p.split("=", 1) if "=" in p else p.split(":", 1) for p in value.split(",") if p]
+        said = " ".join(f"params.{k.strip()}={v.strip()}" for k, v in (p for p in pairs if len(p) == 2))
+    elif flag == "--pipeline":
+        said = f"kedro.pipeline={value or 'NAME'}"
+    elif flag in ("--env", "-e"):
+        said = f"kedro.env={value or 'ENV'}"
+    elif flag in ("--tags", "-t"):
+        said = f"kedro.tags=[{value or 'TAG'}]"
+    else:
+        said = "kedro.tags=[...] (kmrun runs whole pipelines or tagged nodes, not single nodes)"
+    return (f"{flag} is `kedro run`'s flag; kmrun takes Hydra overrides. Write: kmrun {said or 'params.KEY=VALUE'}"
+            " (params.* values are checked against the project's parameters).")
+
+
 def parse_args(argv: list[str]) -> Args:
     """Flags anywhere, overrides in order; a flag kmrun does not know is bad input."""
     args = Args()
@@ -111,6 +131,8 @@ def parse_args(argv: list[str]) -> Args:
             if not inline and i + 1 < len(argv) and argv[i + 1] in INFO:
                 args.info = argv[i + 1]
                 next(items)
+        elif flag in KEDRO_FLAGS:
+            raise KmrunError(kedro_flag(flag, inline or (argv[i + 1] if i + 1 < len(argv) else "")))
         elif arg.startswith("-"):
             raise KmrunError(
                 f"Unknown option '{arg}'. kmrun takes overrides (params.model.C=0.5), -m, -v and "

@@ -58,9 +58,8 @@ class Store:
 def open_store(args: argparse.Namespace) -> Store:
     from omegaconf import OmegaConf
 
-    conf_dir = Path(args.config_dir or "conf").resolve()
-    raw: Any = OmegaConf.load(conf_dir / "kmrun.yaml") if (conf_dir / "kmrun.yaml").is_file() else OmegaConf.create({})
-    uri = args.tracking_uri or resolve_uri(OmegaConf.select(raw, "mlflow.tracking_uri"))
+    conf_dir, base, raw = _config(args)
+    uri = args.tracking_uri or resolve_uri(OmegaConf.select(raw, "mlflow.tracking_uri"), base)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise KmrunError(
             f"No MLflow store at {hide_password(uri)}. Run an experiment first (kmrun +experiment=baseline), or point "
@@ -71,7 +70,7 @@ def open_store(args: argparse.Namespace) -> Store:
         from .kedro_bridge import read_package_name
 
         try:
-            experiment = read_package_name(Path(str(OmegaConf.select(raw, "kedro.project_path"))).resolve())
+            experiment = read_package_name(base / str(OmegaConf.select(raw, "kedro.project_path")))
         except KmrunError:
             experiment = None
     metric = OmegaConf.select(raw, "objective.metric")
@@ -79,6 +78,22 @@ def open_store(args: argparse.Namespace) -> Store:
     if isinstance(metric, (list, tuple)) or OmegaConf.is_list(metric):
         metric, direction = metric[0], direction[0] if OmegaConf.is_list(direction) else direction
     return Store(uri, experiment, metric, str(direction), conf_dir)
+
+
+def _config(args: argparse.Namespace) -> tuple[Path, Path, Any]:
+    """The config dir (-cp, else conf/ here or in a parent), the folder relative paths start
+    from (as for a run), and its kmrun.yaml, read raw."""
+    from omegaconf import OmegaConf
+
+    from .compose import find_config_dir
+
+    if args.config_dir:
+        conf_dir, base = Path(args.config_dir).resolve(), Path.cwd()
+    else:
+        conf_dir = find_config_dir()[0]
+        base = conf_dir.parent
+    raw = OmegaConf.load(conf_dir / "kmrun.yaml") if (conf_dir / "kmrun.yaml").is_file() else OmegaConf.create({})
+    return conf_dir, base, raw
 
 
 def experiment_ids(store: Store, client: MlflowClient, name: str | None) -> list[str]:
@@ -353,11 +368,10 @@ def cache(args: argparse.Namespace) -> int:
     from . import terminal
     from .cache import NodeCache, default_dir
 
-    conf_dir = Path(args.config_dir or "conf").resolve()
-    raw: Any = OmegaConf.load(conf_dir / "kmrun.yaml") if (conf_dir / "kmrun.yaml").is_file() else OmegaConf.create({})
-    uri = args.tracking_uri or resolve_uri(OmegaConf.select(raw, "mlflow.tracking_uri"))
+    _, base, raw = _config(args)
+    uri = args.tracking_uri or resolve_uri(OmegaConf.select(raw, "mlflow.tracking_uri"), base)
     configured = OmegaConf.select(raw, "cache.dir") if OmegaConf.is_dict(raw.get("cache")) else None
-    store = NodeCache(Path(configured).resolve() if configured else default_dir(uri), max_bytes=0)
+    store = NodeCache(base / configured if configured else default_dir(uri), max_bytes=0)
     if args.action == "clear":
         terminal.say(f"removed {store.clear()} entries from {store.root}")
         return 0

@@ -70,8 +70,13 @@ class Composer:
 
     def __init__(self, config_dir: Path | None = None, config_name: str = CONFIG_NAME,
                  extra_dir: Path | None = None) -> None:
-        self.config_dir = (config_dir or Path.cwd() / "conf").resolve()
         self.config_name = config_name
+        self.looked: list[Path] = []
+        if config_dir is not None:
+            self.config_dir, self.base_dir = config_dir.resolve(), Path.cwd()
+        else:
+            self.config_dir, self.looked = find_config_dir(config_name)
+            self.base_dir = self.config_dir.parent  # relative paths in the config start here
         self.extra = [f"hydra.searchpath=[file://{extra_dir.resolve()}]"] if extra_dir else []
         self._context: Any = None
 
@@ -79,8 +84,10 @@ class Composer:
         from hydra import initialize_config_dir
 
         if not (self.config_dir / f"{self.config_name}.yaml").is_file():
+            where = (f"{self.config_dir}" if not self.looked else
+                     f"{self.looked[0]} or its parents' conf/ ({len(self.looked)} folders up to {self.looked[-1]})")
             raise ConfigError(
-                f"No {self.config_name}.yaml in {self.config_dir}: run kmrun from a Kedro project "
+                f"No {self.config_name}.yaml in {where}: run kmrun inside a Kedro project "
                 "that has conf/kmrun.yaml (kmrun init writes one), or point -cp at its config dir."
             )
         for path in sorted(self.config_dir.rglob("*.yaml")):
@@ -143,6 +150,17 @@ class Composer:
 
         walk("")
         return found
+
+
+def find_config_dir(config_name: str = CONFIG_NAME) -> tuple[Path, list[Path]]:
+    """``conf/`` holding ``<config_name>.yaml`` in the working directory or the nearest
+    parent, as git finds ``.git``; ``./conf`` when there is none. Also where it looked."""
+    looked = []
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        looked.append(folder / "conf")
+        if (folder / "conf" / f"{config_name}.yaml").is_file():
+            return folder / "conf", looked
+    return Path.cwd() / "conf", looked
 
 
 class JobComposer:

@@ -87,7 +87,7 @@ class Grid:
         self.conf, self.base, self.outcomes = conf, base, cells
         self.specs: dict[int, JobSpec] = {}
         self._compose = JobComposer(composer, base)
-        self._conf_dir = composer.config_dir
+        self._conf_dir, self._base_dir = composer.config_dir, composer.base_dir
         self._todo: list[Outcome] = []
 
     def check(self, open_store: bool) -> None:
@@ -97,7 +97,7 @@ class Grid:
             cfg = self._compose(cell.swept)
             try:
                 self.specs[cell.index] = prepare(cfg, self.base + cell.swept, choices_of(cfg), self._conf_dir,
-                                                 open_store=open_store)
+                                                 open_store=open_store, base_dir=self._base_dir)
             except KmrunError as err:
                 for line in str(err).splitlines():  # one line per bad key, not per value
                     problems.setdefault(line.split(" (", 1)[0], line)

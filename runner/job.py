@@ -65,17 +65,22 @@ def prepare(
     choices: Mapping[str, Any] | None = None,
     conf_dir: Path | None = None,
     open_store: bool = True,
+    base_dir: Path | None = None,
 ) -> JobSpec:
     """Check a composed config against the schema, the Kedro project and the store
     (unless ``open_store`` is false: a dry run creates nothing).
 
     Raises a ``KmrunError`` before any MLflow run exists when something is wrong.
+    Relative paths (``kedro.project_path``, the default store) start at ``base_dir``: the
+    folder holding ``conf/`` (the working directory by default).
     """
     from omegaconf import OmegaConf
 
     rt = runtime.current()
     origin = origin_finder(conf_dir or Path.cwd() / "conf", overrides, choices or {})
     conf = parse(cfg, origin)
+    base = base_dir or Path.cwd()
+    conf.kedro.project_path = str(base / Path(conf.kedro.project_path).expanduser())
     # resolved before Kedro loads its config, which unregisters OmegaConf's oc.env resolver
     config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     assert isinstance(config, dict)
@@ -88,7 +93,7 @@ def prepare(
             f"MLflow cannot store a parameter named {', '.join(repr(n) for n in bad)}{origin('params.' + bad[0])}. "
             f"{name_rule()} Rename it in the project's parameters (or the override)."
         )
-    uri = resolve_uri(conf.mlflow.tracking_uri)
+    uri = resolve_uri(conf.mlflow.tracking_uri, base)
     experiment = conf.mlflow.experiment_name or project.package_name
     if open_store:
         rt.tracker(uri, experiment)

@@ -153,7 +153,7 @@ class Study:
         self.distributions = {key: distribution(key, override) for key, override in space.items()}
         self.outcomes: list[Outcome] = []
         self._compose = JobComposer(composer, base)
-        self._conf_dir = composer.config_dir
+        self._conf_dir, self._base_dir = composer.config_dir, composer.base_dir
         self._heartbeat: Heartbeat | None = None
         self._stopped = False
         self._deadline = math.inf
@@ -161,7 +161,8 @@ class Study:
     def job_spec(self, values: Mapping[str, Any], open_store: bool = True) -> JobSpec:
         lines = [f"{key}={_literal(value)}" for key, value in values.items()]
         cfg = self._compose(lines)
-        return prepare(cfg, self.base + lines, choices_of(cfg), self._conf_dir, open_store=open_store)
+        return prepare(cfg, self.base + lines, choices_of(cfg), self._conf_dir, open_store=open_store,
+                       base_dir=self._base_dir)
 
     def check(self) -> None:
         """Compose a job at each end of every distribution: bad keys and types fail now."""

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -73,13 +74,13 @@ def run_summary(result: JobResult, run_name: str | None, objective: Objective, u
 
 
 def error(message: str, hint: str | None = None) -> None:
-    errors.print(f"[bold red]Error:[/] {message}", markup=True, soft_wrap=True)
+    errors.print(f"[bold red]Error:[/] {escape(message)}", markup=True, soft_wrap=True)
     if hint:
-        errors.print(hint, soft_wrap=True)
+        errors.print(hint, soft_wrap=True, markup=False)
 
 
 def say(message: str) -> None:
-    console.print(message)
+    console.print(message, markup=False)
 
 
 def dry_run(outcome: SweepOutcome) -> None:
@@ -125,7 +126,7 @@ class SweepProgress:
         best = f"{self.metric}={self.best:.4g}" if self.best is not None else "-"
         self.progress.update(self.task, advance=advance, failed=self.failed, pruned=self.pruned, best=best)
         if not console.is_terminal:
-            console.print(f"  [{cell.status}] {cell.label}  {self.metric}={_short(value)}")
+            console.print(f"  {escape(f'[{cell.status}]')} {escape(cell.label)}  {self.metric}={_short(value)}")
 
     def __enter__(self) -> SweepProgress:
         if console.is_terminal:
@@ -168,10 +169,10 @@ def sweep_summary(outcome: SweepOutcome) -> None:
     if failed:
         for cell in failed:
             if cell.error:
-                errors.print(f"[red]{cell.status}[/] {cell.label}: {cell.error.splitlines()[0]}")
+                errors.print(f"[red]{cell.status}[/] {escape(cell.label)}: {escape(cell.error.splitlines()[0])}")
         errors.print(
             f"{len(failed)} job(s) did not finish. Fix the cause, then run the same command again; "
-            f"finished cells are skipped and only these run:\n  {outcome.command}"
+            f"finished cells are skipped and only these run:\n  {escape(outcome.command)}"
         )
 
 
@@ -204,7 +205,8 @@ def study_summary(outcome: SweepOutcome) -> None:
     if running:
         console.print(f"{running} trial(s) still running in other processes.")
     if complete + pruned + running < study.target:
-        errors.print(f"The study holds fewer than {study.target} finished trials. To continue:\n  {outcome.command}")
+        errors.print(f"The study holds fewer than {study.target} finished trials. To continue:\n  "
+                     f"{escape(outcome.command)}")
     if study.best and len(names) == 1:
         console.print("Rerun the best trial: kmrun +experiment=<the best_experiment.yaml artifact>"
                       + (f" (written to {study.exported_to})" if study.exported_to else ""))

@@ -51,9 +51,10 @@ def default_store(cwd: Path | None = None) -> str:
     return f"sqlite:///{((cwd or Path.cwd()) / 'mlflow.db').as_posix()}"
 
 
-def resolve_uri(configured: str | None) -> str:
-    """``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store()
+def resolve_uri(configured: str | None, base_dir: Path | None = None) -> str:
+    """``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store
+    (``mlflow.db`` in ``base_dir``, the working directory by default)."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store(base_dir)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

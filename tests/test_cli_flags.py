@@ -51,3 +51,39 @@ def test_flags_anywhere_and_overrides_in_order():
     args = parse_args(["+experiment=a", "-m", "params.x=1", "-cp", "dir", "--verbose", "~params.y"])
     assert args.overrides == ["+experiment=a", "params.x=1", "~params.y"]
     assert (args.multirun, args.verbose, args.config_path) == (True, True, "dir")
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--params", "model.C=0.5,split.seed=1"], "kmrun params.model.C=0.5 params.split.seed=1"),
+        (["--params=model.C=2"], "kmrun params.model.C=2"),
+        (["--pipeline", "train"], "kmrun kedro.pipeline=train"),
+        (["--env", "prod"], "kmrun kedro.env=prod"),
+        (["--tags", "a,b"], "kmrun kedro.tags=[a,b]"),
+    ],
+)
+def test_kedro_run_flags_are_translated(argv, said, capsys):
+    assert main(["+experiment=baseline", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "`kedro run`'s flag" in err and said in err
+
+
+def test_the_config_is_found_from_a_subfolder_and_paths_start_beside_it(ws, monkeypatch, capsys):
+    monkeypatch.chdir(ws.path / "examples/digits/src")
+    assert main(["--cfg", "job", "-p", "kedro.project_path"]) == 0
+    assert capsys.readouterr().out.strip() == "examples/digits"
+    import runner
+
+    result = runner.run(["+experiment=baseline"])
+    assert result.status == "FINISHED" and (ws.path / "mlflow.db").exists()
+    assert not (ws.path / "examples/digits/src/mlflow.db").exists()
+    assert ws.client().get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_no_config_anywhere_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a/b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a/b")
+    assert main(["+experiment=baseline"]) == 2
+    err = capsys.readouterr().err
+    assert f"No kmrun.yaml in {tmp_path / 'a/b/conf'} or its parents' conf/" in err and "kmrun init" in err
