@@ -73,6 +73,8 @@ class FailurePolicy:
 
     def count(self, outcome: Outcome) -> None:
         self.failures += outcome.status is Status.FAILED
+        if outcome.fatal:  # every other job would fail the same way: stop now
+            self.failures = max(self.failures, self.limit)
 
     @property
     def exceeded(self) -> bool:

@@ -33,6 +33,10 @@ class MetricError(KmrunError):
     """The objective metric is missing or not a finite number."""
 
 
+class ObjectiveMissing(MetricError):
+    """The pipeline did not produce the objective metric: every other job would miss it too."""
+
+
 class JobFailed(KmrunError):
     """A job's pipeline raised. Its run is FAILED, with the traceback as an artifact."""
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, runtime
 from .compose import added_on_purpose, check_params, config_hash, origin_finder
-from .errors import JobFailed, KmrunBug, KmrunError, MetricError, ParamError, TrackingError
+from .errors import JobFailed, KmrunBug, KmrunError, MetricError, ObjectiveMissing, ParamError, TrackingError
 from .kedro_bridge import KedroRun
 from .records import JobResult, Status
 from .schema import KmrunConf, parse
@@ -362,7 +362,7 @@ def objective_of(
             )
         if value is None:
             produced = ", ".join(sorted({*metrics, *series})) or "none"
-            raise MetricError(
+            raise ObjectiveMissing(
                 f"objective.metric '{name}' was not produced by the pipeline.\n"
                 f"Metrics read from the datasets in `metrics` ({', '.join(conf.metrics)}): {produced}.\n"
                 f"Datasets the pipeline saved: {', '.join(dict.fromkeys(saved)) or 'none'}.\n"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .errors import KmrunError
+from .errors import KmrunError, ObjectiveMissing
 
 
 class Status(StrEnum):
@@ -64,6 +64,7 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
     objective: Any = None
     error: str | None = None
+    fatal: bool = False  # its error would repeat in every job (the objective is never produced)
 
     @property
     def label(self) -> str:
@@ -85,6 +86,7 @@ class Outcome:
     def take(self, result: JobResult) -> None:
         self.status, self.run_id, self.metrics = result.status, result.run_id, result.metrics
         self.objective, self.error = result.objective, result.message
+        self.fatal = isinstance(result.error, ObjectiveMissing)
 
 
 def counts(outcomes: list[Outcome]) -> dict[str, int]:
@@ -163,6 +165,8 @@ class SweepOutcome:
     def exit_code(self) -> int:
         if self.dry_run:
             return 0
+        if any(o.fatal for o in self.outcomes):
+            return 2  # bad input, found by the first job
         if self.study is not None:
             return 0 if self.study.finished + self.study.states.get("RUNNING", 0) >= self.study.target else 1
         return 0 if all(o.status.done for o in self.outcomes) else 1

@@ -165,6 +165,11 @@ def sweep_summary(outcome: SweepOutcome) -> None:
         f"{n['jobs_not_started']} not started."
         f"\nparent run {outcome.parent_run_id} · store {hide_password(outcome.uri)}\nui: {ui_command(outcome.uri)}"
     )
+    fatal = next((c for c in outcome.outcomes if c.fatal), None)
+    if fatal is not None and fatal.error:
+        errors.print(f"[bold red]Stopped:[/] {escape(fatal.label)}: {escape(fatal.error)}\n"
+                     "The other jobs would miss it too, so none more was started.")
+        return
     failed = [c for c in outcome.outcomes if c.status in ("FAILED", "KILLED", "NOT_STARTED")]
     if failed:
         for cell in failed:

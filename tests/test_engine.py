@@ -107,3 +107,21 @@ def test_failure_policy_limit(max_failures, planned, limit):
     assert not policy.exceeded
     policy.count(Outcome(0, [], Status.FAILED))
     assert policy.exceeded
+
+
+def test_a_missing_objective_stops_the_sweep_at_the_first_job():
+    from runner.errors import ObjectiveMissing
+
+    class Missing(Sched):
+        def submit(self, index):
+            self.submitted.append(index)
+            future: Future[JobResult] = Future()
+            future.set_result(JobResult(f"run{index}", Status.FAILED, {"acc": 1.0}, None,
+                                        ObjectiveMissing("objective.metric 'r2' was not produced")))
+            return future
+
+    source = Scripted([Status.FINISHED] * 5)
+    sched = Missing(source)
+    drive(source, sched, FailurePolicy(None, 5))
+    assert sched.submitted == [0]
+    assert source.outcomes[0].fatal and [o.status for o in source.outcomes[1:]] == [Status.NOT_STARTED] * 4

@@ -123,6 +123,8 @@ CATALOGUE = [
     ("damaged-store-best", ["best"], write("mlflow.db", "not a database " * 100), 2, ["Cannot read the MLflow store"]),
     ("damaged-store-show", ["show", "abc"], write("mlflow.db", "not a database " * 100), 2, ["Cannot read the MLflow store"]),
     ("sweep-dir-unwritable", G + ["sweep.dir=/proc/kmrun-x"], None, 2, ["sweep.dir: cannot create /proc/kmrun-x"]),
+    ("grid-missing-objective", G + ["objective.metric=r2"], None, 2, ["Stopped: C=0.1", "'r2' was not produced",
+                                                                        "accuracy, f1_macro", "none more was started"]),
     ("sweep-without-m", B + ["params.model.C=0.1,1"], None, 2, ["is a sweep: run it with kmrun -m"]),
     ("unknown-flag", B + ["--bogus"], None, 2, ["Unknown option '--bogus'"]),
     ("bad-cfg-value", ["--cfg", "nope"], None, 2, ["--cfg nope: use job, hydra or all"]),
