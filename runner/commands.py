@@ -127,7 +127,15 @@ def search(client: MlflowClient, ids: list[str], filter_string: str = "", order_
 
 
 def resolve_run(client: MlflowClient, store: Store, prefix: str) -> Run:
-    """A run by its id or a unique prefix of it."""
+    """A run by its id (one lookup, whatever the store's size) or a unique prefix of it (a
+    scan of the store's run ids)."""
+    if len(prefix) == 32:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client.get_run(prefix)
+        except MlflowException:
+            pass  # reported below, with ids that look like it
     ids = [e.experiment_id for e in client.search_experiments()]
     runs = search(client, ids, max_results=50_000) if ids else []
     matches = [r for r in runs if r.info.run_id.startswith(prefix)]
