@@ -340,7 +340,8 @@ def subcommand(args: list[str]) -> int:
         p.add_argument("--port", type=int, default=port)
         if name == "dashboard":
             p.add_argument("--storage", help="default: optuna.db beside the MLflow store")
-    command("init", "Write conf/kmrun.yaml, conf/experiment/baseline.yaml and an example study.", store=False)
+    p = command("init", "Write conf/kmrun.yaml, conf/experiment/baseline.yaml and an example study.", store=False)
+    p.add_argument("--no-run", action="store_true", help="do not run the pipeline once to find its metrics")
     p = command("cache", "The node cache: its size and entries, or `kmrun cache clear`.")
     p.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
 
@@ -358,9 +359,10 @@ def _subcommand(options: Any) -> int:
         from .scaffold import init
 
         with terminal.quiet_unless(options.verbose):
-            written = init(Path.cwd())
+            written, notes = init(Path.cwd(), run=not options.no_run)
         terminal.say(
-            "wrote " + ", ".join(str(p.relative_to(Path.cwd())) for p in written) + "\nnext:\n"
+            "wrote " + ", ".join(str(p.relative_to(Path.cwd())) for p in written) + "\n"
+            + "".join(f"  {note}\n" for note in notes) + "next:\n"
             "  kmrun +experiment=baseline\n  kmrun -m +experiment=baseline params.KEY=a,b\n  kmrun runs"
         )
         return 0

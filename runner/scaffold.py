@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,15 @@ STUDY_YAML = """\
 """
 
 
-def init(root: Path) -> list[Path]:
-    """Write conf/kmrun.yaml, conf/experiment/baseline.yaml and conf/study/example.yaml."""
+GITIGNORE = ("mlflow.db", "mlflow.db.lock", "mlartifacts/", "optuna.db", "optuna.db.lock", "multirun/",
+             "outputs/", "kmrun-cache/")
+MINIMIZE = re.compile(r"loss|error|err$|rmse|mse|mae|mape|brier|logloss|perplexity", re.IGNORECASE)
+
+
+def init(root: Path, run: bool = True) -> tuple[list[Path], list[str]]:
+    """Write conf/kmrun.yaml, conf/experiment/baseline.yaml and conf/study/example.yaml,
+    and add kmrun's files to .gitignore. With ``run``, the pipeline runs once (no MLflow
+    run) to find the outputs that hold metrics. Returns the files written and notes."""
     from omegaconf import OmegaConf
 
     package = read_package_name(root)
@@ -64,38 +72,91 @@ def init(root: Path) -> list[Path]:
                          "Move them away first; kmrun init never overwrites.")
     project = runtime.current().project(root, None)
     params = project.parameters()
-    metrics = _metric_datasets(project)
-    metric = "null"  # kmrun cannot know which of the project's metrics matters
-    note = ("; set it to a metric your `metrics` datasets hold" if metrics
-            else "; add the dataset holding it to `metrics` and name it here")
+    metrics, values, notes = _find_metrics(project, run)
+    objective = next(iter(values), None)
+    direction = "minimize" if objective and MINIMIZE.search(objective) else "maximize"
+    note = (f"; {direction} (from the pipeline's {metrics[0]})" if objective else
+            "; add the dataset holding it to `metrics` and name it here")
     key, expression = _example_space(params)
     texts = [
-        KMRUN_YAML.format(package=package, metric=metric, metric_note=note, metrics=f"[{', '.join(metrics)}]"),
+        KMRUN_YAML.format(package=package, metric=objective or "null", metric_note=note,
+                          metrics=f"[{', '.join(metrics)}]").replace("direction: maximize", f"direction: {direction}"),
         "# @package _global_\n# The baseline: the project's own parameters, to edit.\n#   kmrun +experiment=baseline\n"
         + OmegaConf.to_yaml(OmegaConf.create({"mlflow": {"run_name": "baseline"}, "params": params})),
-        STUDY_YAML.format(key=key, expression=expression, metric="CHANGE_ME"),
+        STUDY_YAML.format(key=key, expression=expression, metric=objective or "CHANGE_ME").replace(
+            "direction: maximize", f"direction: {direction}"),
     ]
     for target, text in zip(targets, texts, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
-    return targets
+    added = _ignore(root / ".gitignore")
+    if added:
+        notes.append(f".gitignore: added {', '.join(added)}")
+    return [*targets, root / ".gitignore"], notes
 
 
-def _metric_datasets(project: Any) -> list[str]:
+def _find_metrics(project: Any, run: bool) -> tuple[list[str], list[str], list[str]]:
+    """Datasets that hold a number or a dict of numbers: the pipeline's free outputs (after
+    one run) and catalog datasets named like metrics. Returns them, the metric names they
+    hold, and notes."""
+    import math
+
+    catalog = project.catalog_config()
+    named = sorted(name for name in catalog if "metric" in name.lower() and not name.startswith("_"))
+    if not run:
+        return named, [], ["the pipeline was not run (--no-run): `metrics` lists datasets named like metrics"]
+    from .kedro_bridge import KedroRun
+
+    pipeline = project.pipeline("__default__", [])
+    candidates = set(pipeline.all_outputs()) - set(catalog) | set(named)
+    import tempfile
+
     try:
-        catalog = project.session.load_context().config_loader["catalog"]
-    except Exception:
-        return []
-    return sorted(name for name in catalog if "metric" in name.lower() and not name.startswith("_"))
+        with tempfile.TemporaryDirectory() as scratch:  # what it writes goes here, not into the project
+            record = KedroRun("kmrun-init", capture=candidates, output_dir=Path(scratch))
+            project.run(record, {}, "__default__", [])
+    except Exception as err:
+        return named, [], [f"the pipeline failed when run once ({type(err).__name__}: {err}); "
+                           "`metrics` lists datasets named like metrics"]
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    found, values = [], []
+    for name in sorted(record.datasets, key=lambda n: ("metric" not in n.lower(), n)):
+        data = record.datasets[name]
+        if number(data):
+            found.append(name)
+            values.append(name)
+        elif isinstance(data, dict) and data and all(number(v) for v in data.values()):
+            found.append(name)
+            values += [str(k) for k in data]
+    notes = [f"ran the pipeline once: metrics in {', '.join(found)} ({', '.join(values)})" if found else
+             "ran the pipeline once: no output holds a number or a dict of numbers"]
+    return found or named, values, notes
+
+
+def _ignore(path: Path) -> list[str]:
+    """Add kmrun's files to a .gitignore (made if missing), each line once."""
+    have = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    missing = [line for line in GITIGNORE if line not in have and line.rstrip("/") not in have]
+    if missing:
+        text = "\n".join(have) + ("\n" if have and have[-1] else "") + "# kmrun\n" + "\n".join(missing) + "\n"
+        path.write_text(text.lstrip("\n"), encoding="utf-8")
+    return missing
 
 
 def _example_space(params: dict[str, Any], prefix: str = "params") -> tuple[str, str]:
+    """A first search-space line: a parameter, and a range that respects its type and
+    bounds (a fraction stays inside (0, 1))."""
     for key, value in params.items():
         if isinstance(value, dict):
             found = _example_space(value, f"{prefix}.{key}")
             if found[0] != "params.SOME_FLOAT":
                 return found
-        elif isinstance(value, float) and value > 0:
+        elif isinstance(value, float) and 0 < value < 1:
+            return f"{prefix}.{key}", f"interval({value / 2:g}, {(1 + value) / 2:g})"
+        elif isinstance(value, float) and value >= 1:
             return f"{prefix}.{key}", f"tag(log, interval({value / 10:g}, {value * 10:g}))"
         elif isinstance(value, int) and not isinstance(value, bool) and value > 1:
             return f"{prefix}.{key}", f"int(interval({max(1, value // 2)}, {value * 2}))"

@@ -186,7 +186,8 @@ def create_pipeline(**kwargs):
 '''
 
 
-def test_init_in_a_fresh_kedro_project_then_run_and_grid(tmp_path, template_store):
+def mini_project(tmp_path, catalog: str) -> Path:
+    """A fresh `kedro new` project with one pipeline whose `metrics` holds {"loss": ...}."""
     (tmp_path / "cfg.yml").write_text(
         "project_name: mini\nrepo_name: mini\npython_package: mini\ntools: none\nexample_pipeline: 'no'\noutput_dir: .\n"
     )
@@ -197,8 +198,31 @@ def test_init_in_a_fresh_kedro_project_then_run_and_grid(tmp_path, template_stor
     (project / "src/mini/pipelines/fit").mkdir(parents=True)
     (project / "src/mini/pipelines/fit/__init__.py").write_text(NODES)
     (project / "conf/base/parameters.yml").write_text("fit:\n  scale: 0.5\n  n: 10\n  target: 2.0\n")
-    (project / "conf/base/catalog.yml").write_text("metrics:\n  type: json.JSONDataset\n  filepath: data/metrics.json\n")
-    kedro_files = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    (project / "conf/base/catalog.yml").write_text(catalog)
+    return project
+
+
+def test_init_finds_a_free_metrics_output_and_ignores_kmruns_files(tmp_path, template_store):
+    project = mini_project(tmp_path, "{}\n")  # `metrics` is a free output: a dict of floats
+    (project / ".gitignore").write_text("data/\nmlflow.db\n")
+    ws = Workspace(project)
+    done = ws.kmrun("init")
+    assert done.code == 0, done.text
+    assert "ran the pipeline once: metrics in metrics (loss)" in done.out
+    text = (project / "conf/kmrun.yaml").read_text()
+    assert "metric: loss" in text and "direction: minimize" in text and "metrics: [metrics]" in text
+    assert "params.fit.scale: interval(0.25, 0.75)" in (project / "conf/study/example.yaml").read_text()
+    ignored = (project / ".gitignore").read_text().splitlines()
+    assert ignored.count("mlflow.db") == 1 and {"mlartifacts/", "optuna.db", "multirun/", "kmrun-cache/"} <= set(ignored)
+    assert not list(project.glob("data/**/*.json"))  # its one run wrote nothing into the project
+    run = ws.kmrun("+experiment=baseline")
+    assert run.code == 0, run.text
+    assert ws.runs()[0].data.metrics["loss"] == 0.25
+
+
+def test_init_in_a_fresh_kedro_project_then_run_and_grid(tmp_path, template_store):
+    project = mini_project(tmp_path, "metrics:\n  type: json.JSONDataset\n  filepath: data/metrics.json\n")
+    kedro_files = {p: p.read_bytes() for p in project.rglob("*") if p.is_file() and p.name != ".gitignore"}
     ws = Workspace(project)
     import shutil
 
