@@ -317,7 +317,9 @@ def subcommand(args: list[str]) -> int:
     p.add_argument("--sort", help="KEY [ASC|DESC], e.g. metrics.accuracy (metrics sort DESC by default)")
     p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
     p.add_argument("--format", choices=("table", "csv", "md", "json"), default="table")
-    p.add_argument("--only-changed", action="store_true", help="only the params that differ across the rows")
+    p.add_argument("--only-changed", action="store_true", help="only the params that differ across the rows "
+                   "(always so in the table)")
+    p.add_argument("--columns", help="the table's columns, e.g. name,status,objective,metrics.f1_macro,params.model.C")
     p = command("best", "The best FINISHED run by the objective.")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--sweep", metavar="PARENT_RUN_ID", help="only the children of this sweep or study")

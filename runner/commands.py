@@ -168,9 +168,13 @@ def runs(args: argparse.Namespace) -> int:
             raise KmrunError(f"No runs matching {args.filter!r} in {hide_password(store.uri)}.")
         raise KmrunError(f"No runs in {hide_password(store.uri)} yet. Run one: kmrun +experiment=baseline")
     rows = [row(r, store.metric) for r in grouped(found)]
-    if args.only_changed:
-        rows = only_changed(rows)
-    terminal.print_runs(rows, args.format, store.metric)
+    if args.only_changed or (args.format == "table" and not args.columns):
+        rows = only_changed(rows)  # a table shows the params that differ; --columns picks others
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    try:
+        terminal.print_runs(rows, args.format, store.metric, columns)
+    except ValueError as err:
+        raise KmrunError(str(err)) from None
     return 0
 
 

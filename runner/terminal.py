@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -221,8 +222,14 @@ def _short_value(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def print_runs(rows: list[dict[str, Any]], fmt: str, metric: str | None) -> None:
-    """``kmrun runs`` output: a table, or csv, md or json for other tools."""
+MAX_CELL = 24  # characters a value may take in the runs table; longer ones end in …
+
+
+def print_runs(rows: list[dict[str, Any]], fmt: str, metric: str | None, columns: list[str] | None = None,
+               width: int | None = None) -> None:
+    """``kmrun runs`` output: a table that fits the terminal (120 columns when piped), or
+    csv, md or json for other tools. ``columns`` picks the table's columns by name
+    (``name``, ``status``, ``metrics.accuracy``, ``params.model.C``...)."""
     if fmt == "json":
         print(json.dumps(rows, indent=2, default=str))
         return
@@ -230,28 +237,59 @@ def print_runs(rows: list[dict[str, Any]], fmt: str, metric: str | None) -> None
     if fmt in ("csv", "md"):
         from .results import to_csv, to_markdown
 
-        columns = list(dict.fromkeys(k for r in flat for k in r))
-        flat = [{c: r.get(c) for c in columns} for r in flat]
+        names = list(dict.fromkeys(k for r in flat for k in r))
+        flat = [{c: r.get(c) for c in names} for r in flat]
         sys.stdout.write(to_csv(flat) if fmt == "csv" else to_markdown(flat))
         return
-    metric_names = sorted({m for r in rows for m in r["metrics"]} - {metric})
-    param_names = sorted({p for r in rows for p in r["params"]})
-    table = Table(title=f"{len(rows)} run(s)", show_lines=False)
-    columns = ["name", "status", "start", "duration", f"objective ({metric})" if metric else "objective"]
-    columns += metric_names + param_names + ["run id"]
-    for column in columns:
-        table.add_column(column, no_wrap=True)
-    for r in rows:
-        nested = r["parent_run_id"] and any(o["run_id"] == r["parent_run_id"] for o in rows)
-        name = ("└ " if nested else "") + str(r["name"])
-        cells = [name, r["status"], r["start"], f"{r['duration_s']}s" if r["duration_s"] is not None else "",
-                 _short(r["objective"])]
-        cells += [_short(r["metrics"].get(m)) for m in metric_names]
-        cells += [str(r["params"].get(p, "")) for p in param_names]
-        table.add_row(*cells, r["run_id"][:12])
-    # one line per run, however wide: a table folded into a narrow terminal cannot be read
-    wide = sum(max(len(c), 10) + 3 for c in columns) + 40
-    Console(width=max(console.width, wide), highlight=False).print(table)
+    table_rows = [_table_row(r, rows, metric) for r in rows]
+    objective = metric or "objective"
+    order = ["name", "status", "start", "duration", objective]
+    order += sorted({k for r in table_rows for k in r if k.startswith("params.")}) + ["run id"]
+    order += sorted({k for r in table_rows for k in r if k.startswith("metrics.")} - {f"metrics.{metric}"})
+    if columns:
+        unknown = [c for c in columns if c not in order and c != "objective"]
+        if unknown:
+            raise ValueError(f"--columns: no column {', '.join(unknown)}; columns here: {', '.join(order)}")
+        order = [objective if c == "objective" else c for c in columns]
+    order = [c for c in order if any(r.get(c) not in (None, "") for r in table_rows)]  # never an empty column
+    width = width or (console.width if console.is_terminal else int(os.environ.get("COLUMNS", 0) or 120))
+    shown, used = [], 0
+    for column in order:
+        size = min(max(len(column), *(len(str(r.get(column, ""))) for r in table_rows)), MAX_CELL) + 3
+        if used + size > width and shown:
+            break
+        shown.append(column)
+        used += size
+    left = len(order) - len(shown)
+    title = f"{len(rows)} run(s)" + (f", objective {metric}" if metric and objective in shown else "")
+    table = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for column in shown:
+        table.add_column(column.removeprefix("params.").removeprefix("metrics."), no_wrap=True, overflow="ellipsis",
+                         max_width=MAX_CELL)
+    for r in table_rows:
+        table.add_row(*(escape(_clip(str(r.get(c, "")))) for c in shown))
+    Console(width=width, highlight=False, force_terminal=console.is_terminal).print(table)
+    if left:
+        console.print(f"{left} more column(s) did not fit: pick with --columns, or use --format csv.", markup=False)
+
+
+def _table_row(r: dict[str, Any], rows: list[dict[str, Any]], metric: str | None) -> dict[str, str]:
+    nested = r["parent_run_id"] and any(o["run_id"] == r["parent_run_id"] for o in rows)
+    out = {
+        "name": ("└ " if nested else "") + str(r["name"] or ""),
+        "status": r["status"],
+        "start": r["start"][5:16].replace("T", " "),  # MM-DD HH:MM
+        "duration": f"{r['duration_s']}s" if r["duration_s"] is not None else "",
+        metric or "objective": _short(r["objective"]) if r["objective"] is not None else "",
+        "run id": r["run_id"][:12],
+    }
+    out.update({f"metrics.{k}": _short(v) for k, v in r["metrics"].items()})
+    out.update({f"params.{k}": str(v) for k, v in r["params"].items()})
+    return out
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
 def _flat_row(r: dict[str, Any]) -> dict[str, Any]:

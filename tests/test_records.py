@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from runner.errors import MetricError
 from runner.records import BestTrial, JobResult, Objective, Outcome, Status, StudySummary, SweepOutcome, counts
 
@@ -43,3 +45,39 @@ def test_outcome_label_values_and_take():
     job.take(JobResult("r", Status.FAILED, {"acc": 0.1}, None, MetricError("no acc")))
     assert (job.status, job.run_id, job.error, job.score()) == (Status.FAILED, "r", "no acc", None)
     assert Status.PRUNED.run_status == "KILLED" and Status.FINISHED.run_status == "FINISHED"
+
+
+def runs_rows(n=3):
+    rows = []
+    for i in range(n):
+        rows.append({"run_id": f"{i:032x}", "name": f"C={i}", "status": "FINISHED", "start": "2026-11-27T00:02:0{i}",
+                     "duration_s": 0.5, "parent_run_id": None, "objective": 0.9 + i / 100,
+                     "metrics": {"accuracy": 0.9 + i / 100, "f1_macro": 0.8},
+                     "params": {"model.C": str(i), "model.long": "x" * 200, "empty": ""}})
+    return rows
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_the_runs_table_fits_the_width_truncates_and_has_no_empty_column(width, capsys):
+    from runner.terminal import print_runs
+
+    print_runs(runs_rows(), "table", "accuracy", width=width)
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= width for line in lines), [len(line) for line in lines]
+    header = lines[1].split()
+    assert header[:5] == ["name", "status", "start", "duration", "accuracy"] and "empty" not in header
+    assert ("model.C" in header) == (width >= 80)
+    if width >= 200:
+        assert "x" * 23 + "…" in lines[2] and "x" * 25 not in lines[2]  # a long value is cut
+    else:
+        assert "did not fit" in lines[-1]
+
+
+def test_the_runs_table_takes_chosen_columns(capsys):
+    from runner.terminal import print_runs
+
+    print_runs(runs_rows(), "table", "accuracy", columns=["name", "params.model.C", "metrics.f1_macro"], width=80)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["name", "model.C", "f1_macro"] and lines[2].split() == ["C=0", "0", "0.8"]
+    with pytest.raises(ValueError, match="no column nope"):
+        print_runs(runs_rows(), "table", "accuracy", columns=["nope"])
