@@ -29,6 +29,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class _NoResumeHint(logging.Filter):
+    """After a failure Kedro suggests `kedro run --from-nodes ...`: not a kmrun command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "--from-nodes" not in message and "Repeat the previous command" not in message
+
+
+for _name in ("kedro.runner.runner", "kedro.runner.sequential_runner", "kedro.runner.parallel_runner",
+              "kedro.runner.thread_runner"):
+    logging.getLogger(_name).addFilter(_NoResumeHint())
+
 KEDRO_MLFLOW = ("kedro-mlflow", "kedro_mlflow")  # Kedro compares either spelling of the distribution
 
 

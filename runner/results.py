@@ -141,7 +141,7 @@ def log_grid_plot(tracker: Tracker, parent: str, outcome: SweepOutcome) -> None:
 
     figure = plot(outcome)
     try:
-        tracker.client.log_figure(parent, figure, "objective_by_param.png")
+        tracker.client.log_figure(parent, figure, "objective_by_param.png", save_kwargs=TIGHT)
     finally:
         plt.close(figure)
 
@@ -182,6 +182,7 @@ def without_redacted(tree: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+TIGHT = {"bbox_inches": "tight", "dpi": 120}  # no label cut at the figure's edge
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "intermediate_values")
 
 
@@ -202,6 +203,8 @@ def log_study_plots(tracker: Tracker, parent: str, study: StudySummary, names: l
     optuna_study = optuna.load_study(study_name=study.name, storage=study.storage_url)
     multi = len(names) > 1
     wanted = ("pareto_front",) + PLOTS[2:4] if multi else PLOTS
+    if not any(t.intermediate_values for t in optuna_study.get_trials(deepcopy=False)):
+        wanted = tuple(name for name in wanted if name != "intermediate_values")  # nothing reported: no plot
     target = {"target": lambda t: t.values[0], "target_name": names[0]} if multi else {}
     sections, first = [], True
     with warnings.catch_warnings():
@@ -219,7 +222,7 @@ def log_study_plots(tracker: Tracker, parent: str, study: StudySummary, names: l
             try:
                 axes = getattr(vis_png, f"plot_{name}")(optuna_study, **kwargs)
                 fig = axes.ravel()[0].figure if hasattr(axes, "ravel") else axes.figure
-                tracker.client.log_figure(parent, fig, f"plots/{name}.png")
+                tracker.client.log_figure(parent, fig, f"plots/{name}.png", save_kwargs=TIGHT)
                 plt.close(fig)
             except Exception as err:  # matplotlib's variant lags plotly's; the HTML page has the plot
                 log.warning("No PNG of the %s plot (%s); it is in plots/study.html.", name, err)

@@ -214,8 +214,13 @@ def study_summary(outcome: SweepOutcome) -> None:
         errors.print(f"The study holds fewer than {study.target} finished trials. To continue:\n  "
                      f"{escape(outcome.command)}")
     if study.best and len(names) == 1:
-        console.print("Rerun the best trial: kmrun +experiment=<the best_experiment.yaml artifact>"
-                      + (f" (written to {study.exported_to})" if study.exported_to else ""))
+        if study.exported_to:
+            name = study.exported_to.rsplit("/", 1)[-1].removesuffix(".yaml")
+            console.print(f"Rerun the best trial: kmrun +experiment={name}", markup=False)
+        else:
+            best = study.best[0].run_id
+            console.print(f"Rerun the best trial: kmrun promote {best} --name best_{study.name} && "
+                          f"kmrun +experiment=best_{study.name}", markup=False)
 
 
 def _short_value(value: object) -> str:

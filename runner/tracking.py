@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -439,7 +440,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             backend = optuna.storages.journal.JournalFileBackend(path)
             return optuna.storages.JournalStorage(backend)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if url.startswith("sqlite") else {}
-        with creation_lock(url):
+        with creation_lock(url), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: not news
             return optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,

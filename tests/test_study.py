@@ -37,6 +37,8 @@ def test_a_seeded_tpe_study_records_parent_children_plots_and_a_rerunnable_best(
         a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"trials.csv", "best_experiment.yaml", "plots/study.html", "plots/optimization_history.png",
             "plots/param_importances.png", "plots/parallel_coordinate.png", "plots/slice.png"} <= names
+    assert "plots/intermediate_values.png" not in names  # no trial reported a step: no empty plot
+    assert "Rerun the best trial: kmrun +experiment=best_of_tune" in done.out
     exported = ws.path / "conf/experiment/best_of_tune.yaml"
     assert exported.read_text() == open(client.download_artifacts(parent.info.run_id, "best_experiment.yaml", str(ws.path))).read()
 

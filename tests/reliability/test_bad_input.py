@@ -157,3 +157,9 @@ def test_a_traceback_only_when_asked(ws, ask):
     args = ["+experiment=baseline", "params.modle.C=5"] + ([] if env else ask)
     done = ws.kmrun(*args, env=env)
     assert done.code == 2 and "Traceback" in done.err and "no parameter 'modle'" in done.err
+
+
+def test_a_pipeline_error_suggests_no_kedro_command(ws):
+    done = ws.kmrun("+experiment=baseline", "params.model.type=svm")
+    assert done.code == 1 and "Unknown model.type 'svm'" in done.err
+    assert "--from-nodes" not in done.text and "kedro run" not in done.text
