@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
@@ -74,7 +75,7 @@ class Workers:
 
     def submit(self, spec: JobSpec) -> Future[JobResult]:
         try:
-            return self._executor.submit(execute, spec)
+            return self._executor.submit(_run, spec)
         except BrokenProcessPool:
             # A worker died (killed, out of memory): the jobs it and its pool were running
             # come back FAILED; new workers take the rest. They are spawned, not forked,
@@ -82,7 +83,7 @@ class Workers:
             log.warning("A worker process died; starting new workers for the remaining jobs.")
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = self._pool("spawn")
-            return self._executor.submit(execute, spec)
+            return self._executor.submit(_run, spec)
 
     def __enter__(self) -> Workers:
         self._executor.submit(os.getpid).result()  # forks every worker now, while no thread runs
@@ -110,9 +111,41 @@ def _worker_init(verbose: bool) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _worker_interrupt)
+    _die_with_parent()
     if not verbose:
         logging.disable(logging.INFO)
     runtime.current().after_fork()
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when the kmrun that started it dies (even by kill -9),
+    so it ends its run KILLED and leaves, instead of waiting forever for jobs."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the line above
+        os._exit(130)
+
+
+def _run(spec: JobSpec) -> JobResult:
+    """A job in a worker. After an interrupt the worker has done its part: it takes signals
+    again (so its pool can stop it) and leaves within seconds whatever happens next."""
+    try:
+        return execute(spec)
+    except KeyboardInterrupt:
+        import threading
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        timer = threading.Timer(10.0, os._exit, (130,))
+        timer.daemon = True  # a worker that is told to stop before then does not wait for it
+        timer.start()
+        raise
 
 
 def _worker_interrupt(signum: int, frame: object) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import optuna
 import pytest
@@ -45,6 +46,22 @@ def wait_for(ws, sql, at_least=1, timeout=120):
 RUNNING_CHILD = ("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
                  "where r.status = 'RUNNING' and t.key = 'kmrun.role' and t.value = 'child'")
 FINISHED_CHILD = RUNNING_CHILD.replace("'RUNNING'", "'FINISHED'")
+
+
+def left_behind(ws, wait: float = 15.0) -> list[int]:
+    """Processes still working in the workspace (a worker that outlived its kmrun)."""
+    deadline = time.time() + wait
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == ws.path:
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        if not found or time.time() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def statuses(ws):
@@ -175,6 +192,7 @@ def test_a_killed_worker_fails_its_job_and_the_sweep_goes_on(ws):
     statuses = Counter(r.info.status for r in children)
     assert statuses["FAILED"] >= 1 and statuses["FINISHED"] >= 3 and ws.running() == 0
     assert statuses["FINISHED"] + statuses["FAILED"] + statuses["KILLED"] == 6  # the pool's other worker: KILLED
+    assert left_behind(ws) == []  # no worker of the broken pool lingers
     again = ws.kmrun(*SLOW_GRID)
     assert again.code == 0, again.text
     finished = Counter(r.data.tags["kmrun.config_hash"] for r in ws.runs()

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 import pytest
+from test_faults import left_behind
 from test_secrets import scan
 
 pytestmark = pytest.mark.slow
@@ -53,3 +54,4 @@ def test_200_jobs_under_random_kill_9_finish_exactly_once(ws):
     assert len(finished) == 200 and set(finished.values()) == {1}
     assert ws.running() == 0
     assert scan(ws, ["soak-secret-991", "soak-cred-552", "soak-env-313"], outputs) == []
+    assert left_behind(ws) == []  # no worker outlived its kmrun
