@@ -206,3 +206,16 @@ def test_a_grid_runs_its_shared_prefix_once_and_gets_the_same_metrics(ws):
         hits = sorted(r.data.tags["kmrun.cache.hits"] for r in children)
         assert hits.count("load,split") >= 5  # and each says so
     assert "Ran load, split once for every job (node cache)." in done.out
+
+
+def test_workers_never_outnumber_the_jobs_and_more_than_the_cpus_is_said(ws):
+    import os
+
+    done = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.1,1", "sweep.n_jobs=40")
+    assert done.code == 0, done.text
+    assert "workers on" not in done.out  # capped at 2 jobs, which 2 CPUs can take
+    cpus = os.cpu_count() or 1
+    values = ",".join(str(0.1 * (i + 1)) for i in range(cpus + 1))
+    done = ws.kmrun("-m", "+experiment=baseline", f"params.model.C={values}", f"sweep.n_jobs={cpus + 1}")
+    assert done.code == 0, done.text
+    assert f"{cpus + 1} workers on {cpus} CPUs" in done.out
