@@ -208,9 +208,17 @@ class KedroProject:
         """The named pipeline, filtered by tags; a ``ProjectError`` names the known ones."""
         from kedro.framework.project import pipelines
 
-        pipelines.set_requested(None)  # a run may have narrowed the loaded pipelines
-        if name not in pipelines:
-            names = sorted(pipelines.keys())
+        try:
+            pipelines.set_requested([name])  # Kedro then imports only this pipeline's modules
+            found = name in pipelines
+        except Exception:  # no module of that name: said below, with the names there are
+            found = False
+        if not found:
+            pipelines.set_requested(None)
+            try:
+                names = sorted(pipelines.keys())
+            except Exception as err:
+                raise ProjectError(f"Kedro could not load the pipelines of {self.root}: {err}") from err
             close = get_close_matches(name, names, n=3)
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
             raise ProjectError(
