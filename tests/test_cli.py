@@ -100,3 +100,18 @@ def test_python_api_returns_run_id_metrics_and_objective(ws, monkeypatch):
     assert run.data.params["model.C"] == "0.5" and run.data.metrics["accuracy"] == result.objective
     with pytest.raises(runner.KmrunError, match="modle"):
         runner.run(["+experiment=baseline", "params.modle.C=0.5"])
+
+
+def test_a_second_run_takes_the_unchanged_nodes_from_the_cache_and_says_so(ws):
+    first = ws.kmrun("+experiment=baseline", "params.model.C=1")
+    assert first.code == 0, first.text
+    second = ws.kmrun("+experiment=baseline", "params.model.C=2")
+    assert second.code == 0, second.text
+    runs = sorted(ws.runs(), key=lambda r: r.info.start_time)
+    assert runs[0].data.tags["kmrun.cache.hits"] == "none"
+    assert runs[1].data.tags["kmrun.cache.hits"] == "load,split"  # train and evaluate read model.C
+    assert runs[1].data.tags["kmrun.cache.from"] == runs[0].info.run_id
+    assert "load, split from the node cache" in second.out
+    again = ws.kmrun("+experiment=baseline", "params.model.C=2", "cache=false")
+    assert sorted(ws.runs(), key=lambda r: r.info.start_time)[-1].data.tags["kmrun.cache"] == "off"
+    assert again.code == 0 and runs[1].data.metrics["accuracy"] == ws.runs()[0].data.metrics["accuracy"]
