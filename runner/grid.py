@@ -117,14 +117,16 @@ class Grid:
         return hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
 
     def resume(self, tracker: Tracker, rerun: bool) -> tuple[int, str | None]:
-        """Mark the cells already FINISHED in the store, on the same code and data, SKIPPED.
-        Returns how many, and the parent run this same grid had before (None for a new
-        one). ``stale`` says what changed for cells that ran before but run again."""
+        """Mark the cells this same grid already FINISHED, on the same code and data, SKIPPED
+        (one query, whatever the store's size; a cell another grid finished is found when
+        it is claimed). Returns how many, and the parent run this grid had before (None for
+        a new one). ``stale`` says what changed for cells that ran before but run again."""
         self._todo, self.stale = list(self.outcomes), []
         if rerun:
             return 0, None
         done: dict[str, list[Any]] = {}
-        for run in tracker.search("tags.`kmrun.role` = 'child' and attributes.status = 'FINISHED'"):
+        for run in tracker.search("tags.`kmrun.role` = 'child' and attributes.status = 'FINISHED' and "
+                                  f"tags.`kmrun.sweep_key` = '{self.key}'"):
             done.setdefault(run.data.tags.get("kmrun.config_hash", ""), []).append(run)
         self._todo = []
         for cell in self.outcomes:
@@ -164,11 +166,13 @@ class Grid:
         """The next cell no other process has taken; its child run is started here."""
         for cell in self._queue:
             spec = self.specs[cell.index]
-            run_id = self.tracker.claim(spec.config_hash, spec.run_name, spec.tags, spec.parent_run_id or "",
-                                        rerun=self.conf.sweep.rerun,
-                                        fingerprint=spec.fingerprint.value if spec.fingerprint else None)
-            if run_id is None:  # another kmrun runs (or ran) the same cell
-                cell.status, self.taken = Status.SKIPPED, self.taken + 1
+            run_id, other = self.tracker.claim(spec.config_hash, spec.run_name, spec.tags, spec.parent_run_id or "",
+                                               rerun=self.conf.sweep.rerun,
+                                               fingerprint=spec.fingerprint.value if spec.fingerprint else None)
+            if run_id is None:  # another sweep ran it, or another kmrun runs it now
+                cell.status, cell.run_id, self.taken = Status.SKIPPED, other.info.run_id, self.taken + 1
+                cell.metrics = dict(other.data.metrics)
+                cell.objective = objective_from(self.conf, cell.metrics) if other.info.status == "FINISHED" else None
                 continue
             self.specs[cell.index] = spec = replace(spec, run_id=run_id)
             return Job(spec, cell)

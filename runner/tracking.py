@@ -259,12 +259,12 @@ class Tracker:
         return str(run.info.run_id)
 
     def claim(self, config_hash: str, run_name: str | None, tags: Mapping[str, str], parent_id: str,
-              rerun: bool = False, fingerprint: str | None = None) -> str | None:
+              rerun: bool = False, fingerprint: str | None = None) -> tuple[str | None, Any]:
         """Start the child run of a grid cell, unless another process has it: a FINISHED
         child of the same config hash, or a RUNNING one whose process lives. Checked and
         started under one lock beside an SQLite store, so that two identical grids started
         together run each cell once (with ``rerun``, only a RUNNING one counts). Returns the
-        new run's id, or None when taken."""
+        new run's id, or None and the run that has the cell."""
         with creation_lock(self.uri):
             found = self.search(
                 f"tags.`kmrun.config_hash` = '{config_hash}' and tags.`kmrun.role` = 'child'", max_results=100)
@@ -272,8 +272,8 @@ class Tracker:
                 same = fingerprint is None or run.data.tags.get("kmrun.fingerprint") == fingerprint
                 if same and ((run.info.status == "FINISHED" and not rerun) or (
                         run.info.status == "RUNNING" and _owner_alive(run.data.tags))):
-                    return None
-            return self.start(run_name, {**tags, "kmrun.config_hash": config_hash}, parent_id)
+                    return None, run
+            return self.start(run_name, {**tags, "kmrun.config_hash": config_hash}, parent_id), None
 
     def adopt(self, run_id: str, tags: Mapping[str, str]) -> None:
         """Take over a run started for this job (``claim``): this process now owns it."""

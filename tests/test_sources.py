@@ -26,7 +26,10 @@ class StoreStub:
         self.ended: list[tuple[str, str]] = []
 
     def claim(self, config_hash, run_name, tags, parent_id, rerun=False, fingerprint=None):
-        return None if config_hash in self.taken else f"run-{config_hash[:4]}"
+        if config_hash in self.taken:
+            return None, SimpleNamespace(info=SimpleNamespace(run_id="elsewhere", status="RUNNING"),
+                                         data=SimpleNamespace(metrics={}))
+        return f"run-{config_hash[:4]}", None
 
     def search(self, filter_string: str, max_results: int = 0) -> list:
         if "'child'" not in filter_string:

@@ -219,3 +219,14 @@ def test_workers_never_outnumber_the_jobs_and_more_than_the_cpus_is_said(ws):
     done = ws.kmrun("-m", "+experiment=baseline", f"params.model.C={values}", f"sweep.n_jobs={cpus + 1}")
     assert done.code == 0, done.text
     assert f"{cpus + 1} workers on {cpus} CPUs" in done.out
+
+
+def test_a_wider_grid_reuses_the_cells_another_grid_finished(ws):
+    assert ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.1,1").code == 0
+    done = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.1,1,10")
+    assert done.code == 0, done.text
+    parents, children = ws.family()
+    assert len(parents) == 2 and sorted(c.data.params["model.C"] for c in children) == ["0.1", "1.0", "10.0"]
+    wider = max(parents, key=lambda p: p.info.start_time)
+    assert wider.data.metrics["jobs_skipped"] == 2 and wider.data.metrics["jobs_finished"] == 3
+    assert wider.data.metrics["best_accuracy"] == max(c.data.metrics["accuracy"] for c in children)
