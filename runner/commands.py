@@ -127,23 +127,18 @@ def search(client: MlflowClient, ids: list[str], filter_string: str = "", order_
 
 
 def resolve_run(client: MlflowClient, store: Store, prefix: str) -> Run:
-    """A run by its id (one lookup, whatever the store's size) or a unique prefix of it (a
-    scan of the store's run ids)."""
-    if len(prefix) == 32:
-        from mlflow.exceptions import MlflowException
+    """A run by its id or a unique prefix of it: one query, whatever the store's size."""
+    import re
 
-        try:
-            return client.get_run(prefix)
-        except MlflowException:
-            pass  # reported below, with ids that look like it
     ids = [e.experiment_id for e in client.search_experiments()]
-    runs = search(client, ids, max_results=50_000) if ids else []
-    matches = [r for r in runs if r.info.run_id.startswith(prefix)]
+    clean = re.fullmatch(r"[0-9a-fA-F]+", prefix) is not None
+    matches = search(client, ids, f"attributes.run_id LIKE '{prefix.lower()}%'", max_results=7) if clean and ids else []
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        near = [r.info.run_id for r in runs if r.info.run_id[:2] == prefix[:2]][:5]
-        hint = f" Ids starting like it: {', '.join(near)}." if near else ""
+        near = search(client, ids, f"attributes.run_id LIKE '{prefix[:2].lower()}%'", max_results=5) \
+            if clean and ids and len(prefix) > 2 else []
+        hint = f" Ids starting like it: {', '.join(r.info.run_id for r in near)}." if near else ""
         raise KmrunError(f"No run with id '{prefix}' in {hide_password(store.uri)}.{hint} List runs with: kmrun runs")
     raise KmrunError(
         f"Run id prefix '{prefix}' is ambiguous: {', '.join(r.info.run_id for r in matches[:6])}. Give more characters."
