@@ -22,7 +22,9 @@ from .errors import ConfigError, JobFailed, KmrunError
 from .tracking import Redactor
 
 if TYPE_CHECKING:
+    from .compose import Composer
     from .records import JobResult, SweepOutcome
+    from .schema import KmrunConf
 
 
 def run(
@@ -102,10 +104,11 @@ def sweep(
             return _grid(composer, conf, overrides, command, echo, verbose)
 
 
-def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bool, verbose: bool) -> SweepOutcome:
+def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: str, echo: bool,
+          verbose: bool) -> SweepOutcome:
     from . import terminal
     from .grid import Grid, expand
-    from .records import SweepOutcome
+    from .records import Status, SweepOutcome
 
     base, cells = expand(composer, overrides, conf.sweep.params)
     grid = Grid(composer, conf, base, cells)
@@ -140,11 +143,11 @@ def _grid(composer: Any, conf: Any, overrides: list[str], command: str, echo: bo
     outcome.parent_run_id = parent_id
     grid.start(tracker, parent_id, jobs_dir)
     return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo,
-                    shared=[grid.specs[c.index] for c in grid.outcomes if c.status.value == "NOT_STARTED"],
+                    shared=[grid.specs[c.index] for c in grid.outcomes if c.status is Status.NOT_STARTED],
                     jobs_dir=jobs_dir)
 
 
-def _study(composer: Any, conf: Any, name: str, overrides: list[str], command: str, echo: bool,
+def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str], command: str, echo: bool,
            verbose: bool) -> SweepOutcome:
     from .records import SweepOutcome
     from .study import Study, search_space
