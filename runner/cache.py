@@ -109,12 +109,13 @@ class NodeCache:
         except Exception as err:
             return f"its outputs cannot be pickled ({type(err).__name__}: {err})"
         path = self.path(key)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_bytes(data)
-            temporary.replace(path)
+            temporary.replace(path)  # whole or not at all, whoever else writes the same key
         except OSError as err:
+            temporary.unlink(missing_ok=True)
             return f"the cache folder cannot be written ({err.strerror})"
         self._remember(key, entry)
         self._written += len(data)
@@ -126,18 +127,28 @@ class NodeCache:
     def files(self) -> list[Path]:
         return sorted(self.root.glob("*/*.pkl")) if self.root.is_dir() else []
 
+    def _stats(self) -> list[tuple[Path, os.stat_result]]:
+        """Each entry file and its stat (a file another process just removed is left out)."""
+        out = []
+        for path in self.files():
+            try:
+                out.append((path, path.stat()))
+            except FileNotFoundError:
+                continue
+        return out
+
     def size(self) -> int:
-        return sum(p.stat().st_size for p in self.files())
+        return sum(stat.st_size for _, stat in self._stats())
 
     def evict(self) -> None:
-        files = self.files()
-        total = sum(p.stat().st_size for p in files)
+        stats = self._stats()
+        total = sum(stat.st_size for _, stat in stats)
         if total <= self.max_bytes:
             return
-        for path in sorted(files, key=lambda p: p.stat().st_mtime):
+        for path, stat in sorted(stats, key=lambda item: item[1].st_mtime):  # least recently used first
             if total <= self.max_bytes * 0.9:
                 break
-            total -= path.stat().st_size
+            total -= stat.st_size
             path.unlink(missing_ok=True)
             self.memory.pop(path.stem, None)
 
