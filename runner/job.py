@@ -13,7 +13,8 @@ import getpass
 import logging
 import math
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,7 +215,8 @@ class _Job:
     def _pipeline(self) -> None:
         spec = self.spec
         try:
-            self.project.run(self.record, spec.params, spec.conf.kedro.pipeline, spec.conf.kedro.tags)
+            with active_run(spec.uri, self.run_id):
+                self.project.run(self.record, spec.params, spec.conf.kedro.pipeline, spec.conf.kedro.tags)
         except Exception as err:
             if spec.trial is not None and _is_pruned(err):
                 raise _Pruned(str(err)) from err
@@ -248,6 +250,37 @@ class _Job:
         plan = self.record.plan
         return JobResult(self.run_id, self.status, _latest(self.metrics, self.series), self.objective,
                          self.error, dict(self.record.written), plan.sources if plan else {})
+
+
+@contextmanager
+def active_run(uri: str, run_id: str) -> Iterator[None]:
+    """For the pipeline's duration, this job's run is MLflow's active run, so that
+    kedro-mlflow's datasets and a node's own ``mlflow.log_*`` calls land in it. It is left
+    RUNNING afterwards: kmrun ends it, with the status the job earned."""
+    import os
+
+    import mlflow
+    from mlflow.tracking._tracking_service import utils  # no public way to set the URI for a while
+
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also writes it
+    try:
+        with utils._use_tracking_uri(uri):
+            try:
+                mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+                started = True
+            except Exception as err:  # the job still runs; only fluent logging has no run to go to
+                log.warning("Could not make run %s MLflow's active run: %s", run_id, err)
+                started = False
+            try:
+                yield
+            finally:
+                if started:
+                    mlflow.end_run(status="RUNNING")
+    finally:
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def cache_plan(spec: JobSpec, project: KedroProject) -> tuple[NodeCache, Plan]:

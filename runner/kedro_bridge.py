@@ -115,17 +115,20 @@ class _Hooks:
         assert record.output_dir is not None
         for name in sorted(self.outputs):
             conf = conf_catalog.get(name)
-            if not isinstance(conf, dict) or "filepath" not in conf:
+            inner = conf.get("dataset") if isinstance(conf, dict) else None  # a wrapper: kedro-mlflow's
+            where = conf if isinstance(conf, dict) and "filepath" in conf else (
+                inner if isinstance(inner, dict) and "filepath" in inner else None)
+            if where is None:
                 continue
-            original = Path(str(conf["filepath"]))
+            original = Path(str(where["filepath"]))
             try:
                 relative = original.relative_to(self.root)
             except ValueError:  # an absolute path outside the project: still keep jobs apart
                 relative = Path(original.name)
             target = record.output_dir / relative
-            catalog[name] = AbstractDataset.from_config(
-                name, {**conf, "filepath": target.as_posix()}, save_version=save_version
-            )
+            moved = {**conf, "filepath": target.as_posix()} if where is conf else {
+                **conf, "dataset": {**where, "filepath": target.as_posix()}}
+            catalog[name] = AbstractDataset.from_config(name, moved, save_version=save_version)
             record.written[name] = target.as_posix()
 
 

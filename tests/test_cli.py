@@ -115,3 +115,25 @@ def test_a_second_run_takes_the_unchanged_nodes_from_the_cache_and_says_so(ws):
     again = ws.kmrun("+experiment=baseline", "params.model.C=2", "cache=false")
     assert sorted(ws.runs(), key=lambda r: r.info.start_time)[-1].data.tags["kmrun.cache"] == "off"
     assert again.code == 0 and runs[1].data.metrics["accuracy"] == ws.runs()[0].data.metrics["accuracy"]
+
+
+def test_kedro_mlflow_datasets_and_a_nodes_own_mlflow_calls_land_in_the_jobs_run(ws):
+    (ws.path / "examples/digits/conf/base/catalog.yml").write_text(
+        "model:\n  type: kedro_mlflow.io.artifacts.MlflowArtifactDataset\n  dataset:\n"
+        "    type: pickle.PickleDataset\n    filepath: data/06_models/model.pkl\n")
+    nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
+    nodes.write_text(nodes.read_text().replace(
+        "    predicted = estimator.predict(X_test)\n",
+        "    predicted = estimator.predict(X_test)\n    __import__('mlflow').log_metric('from_node', 1.0)\n"))
+    done = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.1,1", "sweep.n_jobs=2")
+    assert done.code == 0, done.text
+    runs = ws.runs()
+    assert {r.data.tags.get("kmrun.role") for r in runs} == {"parent", "child"}  # no run of kedro-mlflow's own
+    children = [r for r in runs if r.data.tags["kmrun.role"] == "child"]
+    for child in children:
+        assert child.data.metrics["from_node"] == 1.0 and child.info.status == "FINISHED"
+        assert "model.pkl" in {a.path for a in ws.client().list_artifacts(child.info.run_id)}
+        cell = child.data.tags["kmrun.cell"]
+        assert len(list(ws.path.glob(f"multirun/*/*/{cell}/data/06_models/model.pkl"))) == 1  # kept apart
+    assert not (ws.path / "examples/digits/data/06_models/model.pkl").exists()
+    assert ws.running() == 0
