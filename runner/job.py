@@ -148,6 +148,8 @@ def execute(spec: JobSpec) -> JobResult:
         tags["kedro.tags"] = ",".join(conf.kedro.tags)
     if spec.fingerprint is not None:
         tags.update(spec.fingerprint.tags())
+    if spec.output_dir:
+        tags["kmrun.output_dir"] = spec.output_dir  # where this job's datasets are written
     shown = {k: spec.redact.text(v) for k, v in tags.items()}
     if spec.run_id is not None:
         run_id = spec.run_id
