@@ -76,19 +76,21 @@ class _Hooks:
         if self.record is None:
             return
         self.record.params = dict(parameters.get("parameters", {}))
-        if self.record.plan is not None and self.record.plan.inject:
-            from kedro.io import MemoryDataset
-
-            for name, value in self.record.plan.inject.items():  # outputs of nodes the cache serves
-                catalog[name] = MemoryDataset(value)
-        if self.record.output_dir is not None:
-            catalog_log = logging.getLogger("kedro.io.data_catalog")
-            level = catalog_log.level
-            catalog_log.setLevel(logging.ERROR)  # "Replacing dataset" is what we mean to do
-            try:
+        catalog_log = logging.getLogger("kedro.io.data_catalog")
+        level = catalog_log.level
+        catalog_log.setLevel(logging.ERROR)  # "Replacing dataset" is what we mean to do
+        try:
+            if self.record.output_dir is not None:
                 self._redirect(catalog, conf_catalog, save_version, self.record)
-            finally:
-                catalog_log.setLevel(level)
+            if self.record.plan is not None and self.record.plan.inject:
+                from kedro.io import MemoryDataset
+
+                # after the redirect: a cached output is read from the cache, not from a file
+                # its node (served by the cache) never wrote in this job's folder
+                for name, value in self.record.plan.inject.items():
+                    catalog[name] = MemoryDataset(value)
+        finally:
+            catalog_log.setLevel(level)
 
     @hook_impl
     def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:

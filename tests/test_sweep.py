@@ -215,7 +215,7 @@ def test_workers_never_outnumber_the_jobs_and_more_than_the_cpus_is_said(ws):
     assert done.code == 0, done.text
     assert "workers on" not in done.out  # capped at 2 jobs, which 2 CPUs can take
     cpus = os.cpu_count() or 1
-    values = ",".join(str(0.1 * (i + 1)) for i in range(cpus + 1))
+    values = ",".join(f"{0.15 + 0.1 * i:.2f}" for i in range(cpus + 1))  # none of them ran before
     done = ws.kmrun("-m", "+experiment=baseline", f"params.model.C={values}", f"sweep.n_jobs={cpus + 1}")
     assert done.code == 0, done.text
     assert f"{cpus + 1} workers on {cpus} CPUs" in done.out
@@ -230,3 +230,21 @@ def test_a_wider_grid_reuses_the_cells_another_grid_finished(ws):
     wider = max(parents, key=lambda p: p.info.start_time)
     assert wider.data.metrics["jobs_skipped"] == 2 and wider.data.metrics["jobs_finished"] == 3
     assert wider.data.metrics["best_accuracy"] == max(c.data.metrics["accuracy"] for c in children)
+
+
+def test_a_job_whose_early_nodes_are_cached_and_later_ones_are_not_reads_them_from_the_cache(ws):
+    """As after a kill between two nodes: `train` is cached, `evaluate` is not. The job's own
+    folder has no model.pkl, so `evaluate` must get the model from the cache."""
+    import pickle as pkl
+
+    grid = ["-m", "+experiment=baseline", "params.model.C=0.1,1"]
+    assert ws.kmrun(*grid).code == 0
+    for path in (ws.path / "kmrun-cache").glob("*/*.pkl"):
+        if pkl.loads(path.read_bytes()).node == "evaluate":
+            path.unlink()
+    done = ws.kmrun(*grid, "sweep.rerun=true")
+    assert done.code == 0, done.text
+    parent = max(ws.family()[0], key=lambda r: r.info.start_time)
+    children = [r for r in ws.runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["kmrun.cache.hits"] for r in children) == ["load,split,train"] * 2
+    assert all(r.info.status == "FINISHED" and r.data.metrics["accuracy"] > 0.9 for r in children)
