@@ -103,7 +103,9 @@ def test_kill_9_mid_trial_then_rerun_completes_without_duplicates(ws):
 
 
 def test_two_processes_share_one_study(ws):
-    args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=8"]
+    # trials of about a second (random forests), so that the second process, started a
+    # second later, finds work left even on a loaded machine
+    args = ["-m", "+experiment=forest", "+study=tune", "study.n_trials=8", "params.model.n_estimators=500"]
     import os
 
     first = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path,

@@ -134,7 +134,8 @@ def test_a_second_signal_leaves_at_once_and_the_next_run_cleans_up(ws):
 
 
 def test_four_processes_on_one_study_give_exactly_n_trials(ws):
-    args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=12"]
+    # trials of about a second (random forests): every process starts before the work is done
+    args = ["-m", "+experiment=forest", "+study=tune", "study.n_trials=12", "params.model.n_estimators=500"]
     procs = [start(ws, args) for _ in range(4)]
     for proc in procs:
         out, err = proc.communicate(timeout=600)
