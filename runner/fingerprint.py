@@ -47,6 +47,17 @@ def of_project(root: Path, package: str, env: str, catalog: Mapping[str, Any], i
                        data=data_hash(root, catalog, inputs))
 
 
+def uses_mlflow(root: Path, package: str, catalog: Mapping[str, Any]) -> bool:
+    """Whether the project may log to MLflow itself: its code mentions mlflow, or its
+    catalog holds kedro-mlflow's datasets. Only then must a job's run be MLflow's active run."""
+    if any("kedro_mlflow" in str(entry.get("type", "")) or "kedro_mlflow" in str(entry.get("dataset", ""))
+           for entry in catalog.values() if isinstance(entry, Mapping)):
+        return True
+    spec = importlib.util.find_spec(package)
+    where = Path(spec.origin).parent if spec is not None and spec.origin else root / "src" / package
+    return any("mlflow" in path.read_text(encoding="utf-8", errors="replace") for path in where.rglob("*.py"))
+
+
 def code_hash(root: Path, package: str) -> str:
     spec = importlib.util.find_spec(package)
     where = Path(spec.origin).parent if spec is not None and spec.origin else root / "src" / package

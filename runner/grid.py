@@ -166,7 +166,8 @@ class Grid:
         """The next cell no other process has taken; its child run is started here."""
         for cell in self._queue:
             spec = self.specs[cell.index]
-            run_id, other = self.tracker.claim(spec.config_hash, spec.run_name, spec.tags, spec.parent_run_id or "",
+            tags = {**spec.tags, **(spec.fingerprint.tags() if spec.fingerprint else {})}  # others compare them
+            run_id, other = self.tracker.claim(spec.config_hash, spec.run_name, tags, spec.parent_run_id or "",
                                                rerun=self.conf.sweep.rerun,
                                                fingerprint=spec.fingerprint.value if spec.fingerprint else None)
             if run_id is None:  # another sweep ran it, or another kmrun runs it now

@@ -14,7 +14,7 @@ import logging
 import math
 import traceback
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,7 @@ class JobSpec:
     trial: TrialRef | None = None  # the Optuna trial this job is, in a study
     run_id: str | None = None  # a run already started for this job (a claimed grid cell)
     fingerprint: Fingerprint | None = None  # the code, Kedro config and input files it depends on
+    fluent: bool = True  # make the run MLflow's active run while the pipeline runs (the project logs itself)
 
 
 def prepare(
@@ -110,6 +111,7 @@ def prepare(
                                     urls=[conf.mlflow.tracking_uri, uri, conf.study.storage if conf.study else None]),
         run_name=conf.mlflow.run_name,
         fingerprint=rt.fingerprint(project, conf.kedro.pipeline, conf.kedro.tags),
+        fluent=rt.uses_mlflow(project),
     )
 
 
@@ -151,13 +153,15 @@ def execute(spec: JobSpec) -> JobResult:
     if spec.output_dir:
         tags["kmrun.output_dir"] = spec.output_dir  # where this job's datasets are written
     shown = {k: spec.redact.text(v) for k, v in tags.items()}
-    if spec.run_id is not None:
-        run_id = spec.run_id
-        tracker.adopt(run_id, shown)
+    late: dict[str, str] = {}
+    if spec.run_id is not None:  # claimed (started) by the sweep: its tags go with the final batch
+        run_id, late = spec.run_id, shown
+        tracker.adopt(run_id)
     else:
         run_id = tracker.start(spec.run_name, shown, spec.parent_run_id)
     record.mlflow_run_id = run_id
     job = _Job(spec, project, tracker, run_id, record)
+    job.late_tags = late
     try:
         job.work()
     except KeyboardInterrupt:
@@ -177,6 +181,7 @@ class _Job:
         self.series: dict[str, list[float]] = {}
         self.objective: float | list[float] | None = None
         self.error: KmrunError | None = None
+        self.late_tags: dict[str, str] = {}  # tags of a claimed run, sent with the final batch
 
     def work(self) -> None:
         """Run the job; catch every failure except Ctrl-C, recording its traceback."""
@@ -217,7 +222,7 @@ class _Job:
     def _pipeline(self) -> None:
         spec = self.spec
         try:
-            with active_run(spec.uri, self.run_id):
+            with active_run(spec.uri, self.run_id) if spec.fluent else nullcontext():
                 self.project.run(self.record, spec.params, spec.conf.kedro.pipeline, spec.conf.kedro.tags)
         except Exception as err:
             if spec.trial is not None and _is_pruned(err):
@@ -242,7 +247,7 @@ class _Job:
             self.project.parameters(), spec.params)
         try:
             self.tracker.log(self.run_id, params=spec.redact.params(flatten(params)), metrics=self.metrics,
-                             series=self.series, tags=cache_tags(self.record))
+                             series=self.series, tags={**self.late_tags, **cache_tags(self.record)})
         except Exception as err:
             if self.status is Status.FINISHED:
                 self.status = Status.FAILED

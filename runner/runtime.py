@@ -82,6 +82,15 @@ class Runtime:
         self._caches[root].max_bytes = int(max_gb * 2**30)
         return self._caches[root]
 
+    def uses_mlflow(self, project: KedroProject) -> bool:
+        """Whether the project's code or catalog logs to MLflow itself (read once per call)."""
+        from .fingerprint import uses_mlflow
+
+        key = (project.root, project.env, "uses_mlflow", ())
+        if key not in self._fingerprints:
+            self._fingerprints[key] = uses_mlflow(project.root, project.package_name, project.catalog_config())
+        return bool(self._fingerprints[key])
+
     def refresh(self) -> None:
         """Forget what the user may have changed since the last call."""
         self._git.clear()

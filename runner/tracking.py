@@ -275,9 +275,13 @@ class Tracker:
                     return None, run
             return self.start(run_name, {**tags, "kmrun.config_hash": config_hash}, parent_id), None
 
-    def adopt(self, run_id: str, tags: Mapping[str, str]) -> None:
-        """Take over a run started for this job (``claim``): this process now owns it."""
-        self.log(run_id, tags={**tags, **process_tags()})
+    def adopt(self, run_id: str) -> None:
+        """Take over a run started for this job (``claim``): a worker process now owns it,
+        so that its death, not the sweep's, marks the run stale."""
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:
+            self.log(run_id, tags=process_tags())
 
     def log(
         self,
