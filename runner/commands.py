@@ -130,6 +130,8 @@ def resolve_run(client: MlflowClient, store: Store, prefix: str) -> Run:
     """A run by its id or a unique prefix of it: one query, whatever the store's size."""
     import re
 
+    if not prefix.strip():
+        raise KmrunError("Give a run id (or the start of one). List runs with: kmrun runs")
     ids = [e.experiment_id for e in client.search_experiments()]
     clean = re.fullmatch(r"[0-9a-fA-F]+", prefix) is not None
     matches = search(client, ids, f"attributes.run_id LIKE '{prefix.lower()}%'", max_results=7) if clean and ids else []

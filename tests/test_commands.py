@@ -118,11 +118,24 @@ def test_promote_writes_an_experiment_that_reruns_the_same_params(store):
     assert new.data.params == run.data.params and new.data.metrics["accuracy"] == run.data.metrics["accuracy"]
 
 
+def ambiguous_prefix(ws) -> str:
+    """A first character that two run ids share: runs are added to an experiment of their own until two do."""
+    client = ws.client()
+    experiment = client.get_experiment_by_name("ambiguity") or client.get_experiment(client.create_experiment("ambiguity"))
+    seen: set[str] = set()
+    while True:
+        run = client.create_run(experiment.experiment_id)
+        client.set_terminated(run.info.run_id)
+        if run.info.run_id[0] in seen:
+            return run.info.run_id[0]
+        seen.add(run.info.run_id[0])
+
+
 def test_bad_subcommand_input_exits_2_with_guidance(store, tmp_path):
-    ids = sorted(r.info.run_id for r in mlflow_search(store))
-    shared = max((os.path.commonprefix([a, b]) for a, b in zip(ids, ids[1:])), key=len)
+    shared = ambiguous_prefix(store)
     cases = [
         (["show", "ffffffffzzzz"], "No run with id 'ffffffffzzzz'"),
+        (["show", ""], "Give a run id"),
         (["show", shared], "is ambiguous"),
         (["runs", "--filter", "metrics.accuracy >> 1"], "MLflow says"),
         (["runs", "--filter", "metrics.accuracy > 2"], "No runs matching"),
