@@ -167,29 +167,38 @@ class JobComposer:
     """Many job configs, cheaply. Hydra composes the overrides every job shares once; a
     job that only sets config values (``params.model.C=0.1``) is a copy of that config with
     its values set. A job that picks config groups (``model=random_forest``) goes through
-    Hydra."""
+    Hydra. Each call returns the job's config without Hydra's own section, and the config
+    group choices Hydra made for it."""
 
     def __init__(self, composer: Composer, base: list[str]) -> None:
         from .schema import SECTIONS
 
         self.composer, self.base, self.sections = composer, list(base), SECTIONS
-        self.template = composer.compose(self.base)
+        self.template, self.choices = _without_hydra(composer.compose(self.base))
 
-    def __call__(self, lines: list[str]) -> DictConfig:
+    def __call__(self, lines: list[str]) -> tuple[DictConfig, dict[str, Any]]:
         from omegaconf import OmegaConf, open_dict
 
         overrides = self.composer.parse(lines)
         if not all(self._is_value(o) for o in overrides):
-            return self.composer.compose(self.base + lines)
+            return _without_hydra(self.composer.compose(self.base + lines))
         job = self.template.copy()
         with open_dict(job):
             for override in overrides:
                 OmegaConf.update(job, override.key_or_group, override.value(), merge=True, force_add=True)
-        return job
+        return job, dict(self.choices)
 
     def _is_value(self, override: Override) -> bool:
         key = override.key_or_group
         return "." in key and key.split(".", 1)[0] in self.sections and not override.is_delete()
+
+
+def _without_hydra(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """The config without its ``hydra`` section (big, and no job reads it), and the choices."""
+    from omegaconf import OmegaConf
+
+    choices = choices_of(cfg)
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), choices
 
 
 def choices_of(cfg: DictConfig) -> dict[str, Any]:

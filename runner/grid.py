@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .compose import JobComposer, as_typed, choices_of, first_of
+from .compose import JobComposer, as_typed, first_of
 from .engine import Job
 from .errors import ConfigError, KmrunError
 from .job import JobSpec, prepare
@@ -94,9 +94,9 @@ class Grid:
         """Compose and check every cell before any runs; report every distinct problem once."""
         problems: dict[str, str] = {}
         for cell in self.outcomes:
-            cfg = self._compose(cell.swept)
+            cfg, choices = self._compose(cell.swept)
             try:
-                self.specs[cell.index] = prepare(cfg, self.base + cell.swept, choices_of(cfg), self._conf_dir,
+                self.specs[cell.index] = prepare(cfg, self.base + cell.swept, choices, self._conf_dir,
                                                  open_store=open_store, base_dir=self._base_dir)
             except KmrunError as err:
                 for line in str(err).splitlines():  # one line per bad key, not per value

@@ -84,7 +84,8 @@ def prepare(
     base = base_dir or Path.cwd()
     conf.kedro.project_path = str(base / Path(conf.kedro.project_path).expanduser())
     # resolved before Kedro loads its config, which unregisters OmegaConf's oc.env resolver
-    config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    config = OmegaConf.to_container(job_cfg, resolve=True)
     assert isinstance(config, dict)
     project = rt.project(conf.kedro.project_path, conf.kedro.env)
     params = check_params(conf.params, project.parameters(), added_on_purpose(overrides), origin)

@@ -134,6 +134,76 @@ class _Hooks:
             record.written[name] = target.as_posix()
 
 
+class _ParsedConfig:
+    """Kedro's config files, parsed once while none of them changes.
+
+    Kedro's config loader finds (three glob patterns per key) and parses every file again
+    for each key, on every run: in a sweep that is paid once per job. Here the parse of a
+    key's files is kept per conf folder, env and patterns, and reused while no file in the
+    conf folder changed (size and mtime). Merging and resolving still happen per run, so
+    runtime params, globals and custom resolvers behave as in ``kedro run``. Credentials
+    are always read afresh (they resolve environment variables while being read).
+    Loaders that read from anywhere but local files are left as they are.
+    """
+
+    def __init__(self) -> None:
+        self._parsed: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    def attach(self, loader: Any) -> Any:
+        from kedro.config import OmegaConfigLoader
+
+        if not isinstance(loader, OmegaConfigLoader) or getattr(loader, "_protocol", None) != "file" \
+                or not hasattr(loader, "_read_raw_config"):
+            return loader
+        read = loader._read_raw_config
+
+        def cached(key: str) -> tuple[Any, ...]:
+            if key == "credentials" or key not in loader.config_patterns:
+                return read(key)
+            slot = (loader.conf_source, loader.env, loader.base_env, loader.default_run_env, key,
+                    tuple(loader.config_patterns[key]), loader.ignore_hidden)
+            stamp = _stamp(Path(loader.conf_source))
+            hit = self._parsed.get(slot)
+            if hit is None or hit[0] != stamp:
+                base, env, base_path, env_path, files = read(key)
+                hit = (stamp, _plain(base), _plain(env), base_path, env_path, frozenset(files))
+                self._parsed[slot] = hit
+            _, base, env, base_path, env_path, files = hit
+            return _configs(base), _configs(env), base_path, env_path, set(files)
+
+        loader._read_raw_config = cached
+        return loader
+
+
+def _stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Every file under ``folder`` with its size and mtime: changes when any file does."""
+    import os
+
+    found = []
+    for where, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(where, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            found.append((path, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(found))
+
+
+def _plain(configs: dict[Path, Any]) -> dict[Path, Any]:
+    from omegaconf import OmegaConf
+
+    return {path: OmegaConf.to_container(config, resolve=False) for path, config in configs.items()}
+
+
+def _configs(plain: dict[Path, Any]) -> dict[Path, Any]:
+    """Fresh DictConfigs: Kedro merges into the first one in place."""
+    from omegaconf import OmegaConf
+
+    return {path: OmegaConf.create(data) for path, data in plain.items()}
+
+
 class KedroProject:
     """A Kedro project bootstrapped in this process, and one session to run it.
 
@@ -170,13 +240,17 @@ class KedroProject:
                 settings.set(key, value)
         if _installed("kedro_mlflow"):
             log.info("kedro-mlflow's hook is off for kmrun runs: kmrun records the MLflow run.")
+        parsed, make_loader = _ParsedConfig(), self.session._get_config_loader
+        self.session._get_config_loader = lambda runtime_params=None: parsed.attach(make_loader(runtime_params))
         self._params: dict[str, Any] | None = None
         self._catalog: dict[str, Any] | None = None
+        self._credentials: dict[str, Any] | None = None
 
     def refresh(self) -> None:
         """Forget what was read from the project's config files."""
         self._params = None
         self._catalog = None
+        self._credentials = None
 
     def catalog_config(self) -> dict[str, Any]:
         """The project's catalog entries for this env, resolved (``{name: {type, filepath}}``)."""
@@ -197,10 +271,12 @@ class KedroProject:
         not keep those secrets out of MLflow."""
         from kedro.config import MissingConfigException
 
+        if self._credentials is not None:
+            return self._credentials
         try:
-            return dict(self.session.load_context().config_loader["credentials"])
+            self._credentials = dict(self.session.load_context().config_loader["credentials"])
         except MissingConfigException:
-            return {}
+            self._credentials = {}
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ProjectError(
@@ -208,6 +284,7 @@ class KedroProject:
                 "kmrun reads them to keep their values out of MLflow. Fix the credentials file "
                 "(or set the environment variables it reads)."
             ) from None
+        return self._credentials
 
     def pipeline(self, name: str, tags: list[str]) -> Pipeline:
         """The named pipeline, filtered by tags; a ``ProjectError`` names the known ones."""

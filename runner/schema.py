@@ -7,6 +7,8 @@ against Kedro by ``compose``; everything else must match these classes exactly.
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +106,26 @@ def parse(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> Kmr
         if key not in SECTIONS:
             raise ConfigError(_unknown(str(key), SECTIONS, where="", source=origin(str(key)).strip()))
     params = plain.pop("params", None) or {}
+    # The jobs of a sweep mostly differ in params only: the rest is checked once (unless
+    # it interpolates, since what it resolves to may change).
+    seen = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(plain)), resolve=False),
+                      sort_keys=True, default=repr)
+    if "${" in seen:
+        conf = _parse(plain, origin)
+    else:
+        if seen not in _PARSED:
+            if len(_PARSED) > 256:
+                _PARSED.clear()
+            _PARSED[seen] = _parse(plain, origin)
+        conf = copy.deepcopy(_PARSED[seen])
+    conf.params = OmegaConf.to_container(params, resolve=True) if params else {}  # type: ignore[assignment]
+    return conf
+
+
+_PARSED: dict[str, KmrunConf] = {}  # the non-params part of a config, checked, by its content
+
+
+def _parse(plain: dict[str, Any], origin: Callable[[str], str]) -> KmrunConf:
     if isinstance(plain.get("cache"), bool):  # `cache: false` is short for `cache: {enabled: false}`
         plain["cache"] = {"enabled": plain["cache"]}
     try:
@@ -116,7 +138,6 @@ def parse(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> Kmr
             f"{str(err.msg).splitlines()[0]}"
         ) from None
     conf: KmrunConf = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    conf.params = OmegaConf.to_container(params, resolve=True) if params else {}  # type: ignore[arg-type]
     _check_objective(conf.objective)
     _check_bounds(conf)
     return conf

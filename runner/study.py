@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import runtime
-from .compose import JobComposer, as_typed, choices_of
+from .compose import JobComposer, as_typed
 from .engine import Job
 from .errors import ConfigError
 from .grid import split
@@ -160,8 +160,8 @@ class Study:
 
     def job_spec(self, values: Mapping[str, Any], open_store: bool = True) -> JobSpec:
         lines = [f"{key}={_literal(value)}" for key, value in values.items()]
-        cfg = self._compose(lines)
-        return prepare(cfg, self.base + lines, choices_of(cfg), self._conf_dir, open_store=open_store,
+        cfg, choices = self._compose(lines)
+        return prepare(cfg, self.base + lines, choices, self._conf_dir, open_store=open_store,
                        base_dir=self._base_dir)
 
     def check(self) -> None:
