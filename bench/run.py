@@ -42,11 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
 
-SIZES = {  # trials per contender, rounds, naive trials, jobs per parallel sweep, runs in the query store
-    "full": {"trials": 30, "rounds": 2, "naive": 3, "parallel_jobs": 16, "store_runs": 500},
-    "quick": {"trials": 12, "rounds": 1, "naive": 2, "parallel_jobs": 8, "store_runs": 500},
-    "tiny": {"trials": 1, "rounds": 1, "naive": 1, "parallel_jobs": 2, "store_runs": 20},
+SIZES = {  # trials per contender, rounds, naive trials, jobs per parallel sweep, runs in the query stores
+    "full": {"trials": 30, "rounds": 2, "naive": 3, "parallel_jobs": 16, "store_runs": 500, "big_store": 3000},
+    "quick": {"trials": 12, "rounds": 1, "naive": 2, "parallel_jobs": 8, "store_runs": 500, "big_store": 1000},
+    "tiny": {"trials": 1, "rounds": 1, "naive": 1, "parallel_jobs": 2, "store_runs": 20, "big_store": 60},
 }
+SMALL_STORE = 50  # runs in the store `kmrun show` is compared against
 C_VALUES = [round(0.01 * 1.2**i, 6) for i in range(80)]  # distinct values: no cell is ever skipped
 BASE_TRIALS = 2  # the small run of the marginal-cost pair (a grid needs at least two cells)
 
@@ -195,8 +196,8 @@ def startup(base: Path, template: Path) -> dict[str, float]:
             "first_trial_seconds": round(first, 3), "first_trial_ratio": round(first / imports, 3)}
 
 
-def runs_query(base: Path, template: Path, n: int) -> float:
-    """`kmrun runs` top-10 by accuracy on a store of ``n`` finished runs (made with log_batch)."""
+def filled_store(base: Path, template: Path, n: int) -> Path:
+    """A workspace whose store holds ``n`` finished runs (made with log_batch)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -208,7 +209,44 @@ def runs_query(base: Path, template: Path, n: int) -> float:
         client.log_batch(run.info.run_id, params=[Param("model.C", str(C_VALUES[i % 80])), Param("split.seed", str(i))],
                          metrics=[Metric("accuracy", (i * 7919 % 1000) / 1000, 0, 0)])
         client.set_terminated(run.info.run_id, "FINISHED")
+    return ws
+
+
+def runs_query(base: Path, template: Path, n: int) -> float:
+    """`kmrun runs` top-10 by accuracy on a store of ``n`` finished runs, as a whole command."""
+    ws = filled_store(base, template, n)
     return statistics.median(kmrun(ws, "runs", "--limit", "10", "--sort", "metrics.accuracy") for _ in range(3))
+
+
+SHOW_TIMER = """
+import contextlib, io, statistics, sys, time
+from runner.cli import main
+args = ["show", sys.argv[1], "--tracking-uri", sys.argv[2]]
+times = []
+for _ in range(6):
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(args) == 0
+    times.append(time.perf_counter() - start)
+print(statistics.median(times[1:]))
+"""
+
+
+def show_lookup(base: Path, template: Path, small: int, big: int) -> dict[str, float]:
+    """`kmrun show` of one run by an id prefix, in-process after the first call (so that
+    imports and opening the store are out): on a store of ``small`` runs and of ``big``."""
+    from mlflow import MlflowClient
+
+    seconds = {}
+    for n in (small, big):
+        ws = filled_store(base, template, n)
+        uri = f"sqlite:///{ws / 'mlflow.db'}"
+        run = MlflowClient(uri).search_runs(["1"], max_results=1)[0]
+        done = subprocess.run([sys.executable, "-c", SHOW_TIMER, run.info.run_id[:8], uri], cwd=ws, env=ENV,
+                              capture_output=True, text=True, check=True)
+        seconds[n] = float(done.stdout.strip().splitlines()[-1])
+    return {"show_seconds_small_store": round(seconds[small], 4), "show_seconds_big_store": round(seconds[big], 4),
+            "show_big_store_runs": big, "show_ratio": round(seconds[big] / seconds[small], 3)}
 
 
 def template_store(base: Path) -> Path:
@@ -276,6 +314,7 @@ def main() -> None:
         results["runs_query_seconds_500" if n["store_runs"] == 500 else "runs_query_seconds_small"] = round(
             runs_query(base, template, n["store_runs"]), 3)
         results.setdefault("runs_query_seconds_500", results.get("runs_query_seconds_small"))
+        results.update(show_lookup(base, template, SMALL_STORE, n["big_store"]))
     results["bench_seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
