@@ -144,7 +144,7 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
     grid.start(tracker, parent_id, jobs_dir)
     return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo,
                     shared=[grid.specs[c.index] for c in grid.outcomes if c.status is Status.NOT_STARTED],
-                    jobs_dir=jobs_dir)
+                    jobs_dir=jobs_dir, best_model=_best_model(conf, jobs_dir, conf.sweep.register_best))
 
 
 def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str], command: str, echo: bool,
@@ -175,14 +175,15 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
             outcome.study = study.summary(export)
 
         return _execute(study, tracker, settings.n_jobs, verbose, settings.max_failures, outcome, redact, echo,
-                        summarise, shared=study.corners, jobs_dir=jobs_dir)
+                        summarise, shared=study.corners, jobs_dir=jobs_dir,
+                        best_model=_best_model(conf, jobs_dir, settings.register_best))
     finally:
         study.close()
 
 
 def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures: float | None,
              outcome: SweepOutcome, redact: Any, echo: bool, summarise: Any = None, shared: Any = (),
-             jobs_dir: Path | None = None) -> SweepOutcome:
+             jobs_dir: Path | None = None, best_model: Any = None) -> SweepOutcome:
     """The engine's loop inside the parent run, then the results on the parent, also when
     interrupted (without plots, so that an interrupt ends fast). Workers: no more than
     the jobs to run; before they fork, the nodes all jobs share run once here (``shared``:
@@ -213,7 +214,7 @@ def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures
                 for done in outcome.outcomes:
                     if progress is not None and done.status is Status.SKIPPED:
                         progress.update(done)
-                engine.drive(source, scheduler, policy, progress.update if progress else None)
+                engine.drive(source, scheduler, policy, _each(progress, best_model))
             interrupted = False
         except KeyboardInterrupt:
             if echo:
@@ -225,10 +226,33 @@ def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures
                 summarise()
             tracker.fail_stale_runs()  # runs of workers that died with their job
             results.log_parent(tracker, parent.run_id, outcome, redact, with_plots=not interrupted)
+            if best_model is not None:
+                best_model.finish(tracker, publish=not interrupted, note=lambda text: _note(outcome, text, echo))
         parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
     if echo:
         terminal.sweep_summary(outcome)
     return outcome
+
+
+def _best_model(conf: KmrunConf, jobs_dir: Path, register: str | None) -> Any:
+    """What keeps the best job's model in a sweep with ``model.runs: best``."""
+    from . import models
+
+    if not models.wanted(conf) or conf.model.runs != "best":
+        return None
+    direction = conf.objective.direction
+    return models.BestModel(models.staging(jobs_dir), direction[0] if isinstance(direction, list) else direction,
+                            register)
+
+
+def _each(progress: Any, best_model: Any) -> Any:
+    """What the engine calls with each finished job."""
+    def each(outcome: Any) -> None:
+        if progress is not None:
+            progress.update(outcome)
+        if best_model is not None:
+            best_model.offer(outcome)
+    return each
 
 
 def sweep_dir(conf: Any, base: Path) -> Path:

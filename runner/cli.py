@@ -292,7 +292,8 @@ def _leave_now(signum: int, frame: object) -> None:
     os._exit(130)
 
 
-SUBCOMMANDS = ("runs", "best", "show", "reproduce", "promote", "ui", "dashboard", "init", "cache")
+SUBCOMMANDS = ("runs", "best", "show", "reproduce", "promote", "register", "models", "serve", "ui", "dashboard", "init",
+               "cache")
 
 
 def subcommand(args: list[str]) -> int:
@@ -335,6 +336,16 @@ def subcommand(args: list[str]) -> int:
     p.add_argument("run_id")
     p.add_argument("--name", required=True)
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p = command("register", "Register a run's model in MLflow's Model Registry.")
+    p.add_argument("run_id", help="a run id (or a unique prefix) whose run logged a model")
+    p.add_argument("--name", required=True, help="the registered model's name")
+    p.add_argument("--alias", help="also point this alias (e.g. champion) at the new version")
+    p = command("models", "List registered models, their versions and aliases, and their runs' metrics.")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p = command("serve", "Serve a model over HTTP (MLflow's scoring server): POST /invocations.")
+    p.add_argument("model", help="NAME (latest version), NAME/VERSION, NAME@ALIAS, or a run id (prefix)")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
+    p.add_argument("--port", type=int, default=5001)
     for name, port in (("ui", 5000), ("dashboard", 8080)):
         about = "Start MLflow's UI on the store." if name == "ui" else "Start optuna-dashboard on the study storage."
         p = command(name, about)

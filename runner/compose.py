@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 CONFIG_NAME = "kmrun"
 
 
+GROUP_NAMES = ("model",)  # kmrun sections whose name is also a common config group (conf/model/)
+
+
 def hydra_args(argv: list[str]) -> list[str]:
     """The command line as Hydra should see it.
 
@@ -39,7 +42,8 @@ def hydra_args(argv: list[str]) -> list[str]:
     out = []
     for arg in argv:
         key = arg.split("=", 1)[0]
-        if "=" in arg and key.split(".", 1)[0] in SECTIONS and key[0] not in "+~":
+        whole = "." not in key and key in GROUP_NAMES  # `model=random_forest` picks a config group
+        if "=" in arg and key.split(".", 1)[0] in SECTIONS and key[:1] not in ("+", "~") and not whole:
             arg = "++" + arg
         out.append(arg)
     return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 import getpass
 import logging
 import math
+import shutil
+import tempfile
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -19,9 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, runtime
+from . import __version__, models, runtime
 from .compose import added_on_purpose, check_params, config_hash, origin_finder
-from .errors import JobFailed, KmrunBug, KmrunError, MetricError, ObjectiveMissing, ParamError, TrackingError
+from .errors import (
+    ConfigError,
+    JobFailed,
+    KmrunBug,
+    KmrunError,
+    MetricError,
+    ObjectiveMissing,
+    ParamError,
+    TrackingError,
+)
 from .kedro_bridge import KedroRun
 from .records import JobResult, Status
 from .schema import KmrunConf, parse
@@ -90,6 +101,12 @@ def prepare(
     project = rt.project(conf.kedro.project_path, conf.kedro.env)
     params = check_params(conf.params, project.parameters(), added_on_purpose(overrides), origin)
     project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
+    models.check(conf, project)
+    for name in conf.artifacts:
+        if project.filepath(name) is None:
+            files = sorted(k for k in project.catalog_config() if project.filepath(k))
+            raise ConfigError(f"artifacts: '{name}' is not a dataset with a file in the catalog of {project.root}. "
+                              f"Datasets with files: {', '.join(files) or 'none'}.")
     bad = rejected_names(flatten(deep_merge(project.parameters(), params)))
     if bad:
         raise ParamError(
@@ -128,9 +145,8 @@ def execute(spec: JobSpec) -> JobResult:
     conf = spec.conf
     project = rt.project(conf.kedro.project_path, conf.kedro.env)
     tracker = rt.tracker(spec.uri, spec.experiment_name)
-    record = KedroRun(
-        _kedro_run_id(), capture=set(conf.metrics), output_dir=Path(spec.output_dir) if spec.output_dir else None
-    )
+    record = KedroRun(_kedro_run_id(), capture=set(conf.metrics) | models.captured(conf, project),
+                      output_dir=Path(spec.output_dir) if spec.output_dir else None)
     if conf.cache.enabled:
         record.cache, record.plan = cache_plan(spec, project)
     tags = {
@@ -209,6 +225,8 @@ class _Job:
                     f"store. {name_rule()} Rename them in the node that returns them."
                 )
             self.objective = objective_of(spec.conf, self.metrics, self.series, self.record.datasets, self.record.saved)
+            self._model()
+            self._artifacts()
             self.status = Status.FINISHED
         except _Pruned as pruned:
             self.status, self.error = Status.PRUNED, None
@@ -231,6 +249,44 @@ class _Job:
             if isinstance(err, KmrunError):
                 raise
             raise JobFailed(_describe(err)) from err
+
+    def _model(self) -> None:
+        """Save the trained model: uploaded now, or kept for the sweep's end (``model.runs: best``)."""
+        spec = self.spec
+        if not models.wanted(spec.conf):
+            return
+        params = self.record.params if self.record.params is not None else deep_merge(
+            self.project.parameters(), spec.params)
+        later = spec.conf.model.runs == "best" and spec.parent_run_id and spec.output_dir
+        folder = models.staging(Path(spec.output_dir).parent) / self.run_id if later else \
+            Path(tempfile.mkdtemp(prefix="kmrun-model-"))  # type: ignore[arg-type]
+        try:
+            flavor = models.save(spec.conf, self.project, params, self.record.datasets, spec.redact,
+                                 folder / models.MODEL_PATH)
+            if later:
+                (folder / "flavor").write_text(flavor)
+            else:
+                models.publish_model(self.tracker, self.run_id, folder / models.MODEL_PATH, flavor)
+        except KmrunError:
+            raise
+        except Exception as err:
+            raise models.ModelError(f"Could not save the model ({spec.conf.model.dataset or spec.conf.model.pipeline})"
+                                    f": {type(err).__name__}: {err}") from err
+        finally:
+            if not later:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _artifacts(self) -> None:
+        """The files of the datasets listed in ``artifacts``, under the run's ``outputs/``."""
+        for name in self.spec.conf.artifacts:
+            path = self.record.written.get(name) or self.project.filepath(name)
+            if path is None or not Path(path).exists():
+                log.warning("artifacts: dataset '%s' wrote no file in this run; nothing to log.", name)
+                continue
+            if Path(path).is_dir():
+                self.tracker.client.log_artifacts(self.run_id, path, f"outputs/{name}")
+            else:
+                self.tracker.client.log_artifact(self.run_id, path, "outputs")
 
     def _failed(self, err: KmrunError) -> None:
         self.status = Status.FAILED
@@ -357,11 +413,16 @@ def read_metrics(
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Metrics from the captured datasets: a number is one metric named after its
     dataset, a dict gives one metric per numeric key, and a list (or a dict of lists)
-    is a per-step series."""
+    is a per-step series. kedro-mlflow's shape, ``{"value": v, "step": s}`` (or a list of
+    those), counts as the number ``v`` (or the series of values in step order)."""
     scalars: dict[str, float] = {}
     series: dict[str, list[float]] = {}
 
     def add(name: str, value: Any) -> None:
+        if _is_point(value):
+            value = value["value"]
+        elif isinstance(value, (list, tuple)) and value and all(_is_point(v) for v in value):
+            value = [v["value"] for v in sorted(value, key=lambda v: v.get("step") or 0)]
         if _number(value):
             scalars[name] = float(value)
         elif isinstance(value, (list, tuple)) and value and all(_number(v) for v in value):
@@ -373,7 +434,7 @@ def read_metrics(
         if name not in datasets:
             continue
         value = datasets[name]
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and not _is_point(value):
             for key, item in value.items():
                 add(str(key), item)
         else:
@@ -440,6 +501,11 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
 
 def _latest(metrics: Mapping[str, float], series: Mapping[str, list[float]]) -> dict[str, float]:
     return {**{k: v[-1] for k, v in series.items()}, **metrics}
+
+
+def _is_point(value: Any) -> bool:
+    """kedro-mlflow's metric shape: ``{"value": 0.9, "step": 0}`` (``step`` optional)."""
+    return isinstance(value, Mapping) and "value" in value and set(value) <= {"value", "step", "timestamp"}
 
 
 def _number(value: Any) -> bool:

@@ -258,6 +258,21 @@ class KedroProject:
             self._catalog = dict(self.session.load_context().config_loader["catalog"])
         return self._catalog
 
+    def filepath(self, name: str) -> str | None:
+        """Where a catalog dataset's file is (absolute), or None when it has none."""
+        entry = self.catalog_config().get(name)
+        if not isinstance(entry, dict):
+            return None
+        where = entry.get("filepath") or (entry.get("dataset") or {}).get("filepath") \
+            if isinstance(entry.get("dataset", {}), dict) else entry.get("filepath")
+        if not where or "://" in str(where):
+            return None
+        return str(self.root / where)
+
+    def load(self, name: str) -> Any:
+        """A catalog dataset's data, loaded as Kedro loads it."""
+        return self.session.load_context().catalog.load(name)
+
     def parameters(self) -> dict[str, Any]:
         """The project's parameters for this env, before any kmrun override."""
         if self._params is None:

@@ -54,6 +54,7 @@ class SweepConf:
     rerun: bool = False  # run every cell again, even those already FINISHED
     dry_run: bool = False  # print the jobs and exit; nothing runs, no MLflow run is created
     dir: Optional[str] = None  # where each job writes its datasets; None: multirun/DATE/TIME/<job>
+    register_best: Optional[str] = None  # register the best cell's model under this name when the grid ends
 
 
 @dataclass
@@ -69,6 +70,7 @@ class StudyConf:
     max_failures: Optional[float] = None  # stop after this many failed trials (<1: a fraction); None: n_trials
     search_space: Dict[str, Any] = field(default_factory=dict)  # key -> interval/int/range/choice/tag(log)
     export_best: Optional[str] = None  # also write the best params to conf/experiment/<this>.yaml
+    register_best: Optional[str] = None  # register the best trial's model under this name when the study ends
 
 
 @dataclass
@@ -76,6 +78,17 @@ class CacheConf:
     enabled: bool = True  # reuse node outputs whose inputs, params and code are unchanged (`cache: false`: off)
     dir: Optional[str] = None  # None: kmrun-cache/ beside an SQLite MLflow store, else ./.kmrun-cache
     max_gb: float = 2.0  # least recently used entries go beyond this size
+
+
+@dataclass
+class ModelConf:
+    dataset: Optional[str] = None  # the Kedro dataset holding the trained model; None: no model is logged
+    flavor: str = "auto"  # auto: from the model's library (scikit-learn, xgboost, ...), else pyfunc; or a flavor name
+    input_example: Optional[str] = None  # a Kedro dataset whose first rows are the input example (and signature)
+    example_rows: int = 5  # rows of it kept as the input example
+    pipeline: Optional[str] = None  # instead of a dataset: a Kedro pipeline packaged with the trained data as a model
+    pipeline_input: Optional[str] = None  # that pipeline's raw input dataset (what a caller sends)
+    runs: str = "best"  # in a sweep or study, which runs get a model: best, all or none
 
 
 @dataclass
@@ -89,9 +102,13 @@ class KmrunConf:
     sweep: SweepConf = field(default_factory=SweepConf)
     study: Optional[StudyConf] = None  # an Optuna study (+study=NAME), see docs/config.md
     cache: CacheConf = field(default_factory=CacheConf)  # the node cache
+    model: ModelConf = field(default_factory=ModelConf)  # log the trained model as an MLflow Model
+    artifacts: List[str] = field(default_factory=list)  # Kedro datasets whose files are logged with each run
 
 
-SECTIONS = ("kedro", "params", "mlflow", "objective", "metrics", "verbose", "sweep", "study", "cache")
+SECTIONS = ("kedro", "params", "mlflow", "objective", "metrics", "verbose", "sweep", "study", "cache", "model",
+            "artifacts")
+MODEL_RUNS = ("best", "all", "none")
 DIRECTIONS = ("minimize", "maximize")
 
 
@@ -140,7 +157,28 @@ def _parse(plain: dict[str, Any], origin: Callable[[str], str]) -> KmrunConf:
     conf: KmrunConf = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _check_objective(conf.objective)
     _check_bounds(conf)
+    _check_model(conf)
     return conf
+
+
+def _check_model(conf: KmrunConf) -> None:
+    model = conf.model
+    if model.runs not in MODEL_RUNS:
+        raise ConfigError(f"model.runs is {model.runs!r}; use one of: {', '.join(MODEL_RUNS)}.")
+    if model.dataset and model.pipeline:
+        raise ConfigError("model.dataset and model.pipeline are both set; give one: the dataset holding the "
+                          "trained model, or the inference pipeline to package with it.")
+    if model.pipeline and not model.pipeline_input:
+        raise ConfigError(f"model.pipeline is '{model.pipeline}' but model.pipeline_input is not set; name the "
+                          "dataset the pipeline takes as its raw input (what a caller of the model sends).")
+    if model.example_rows < 1:
+        raise ConfigError(f"model.example_rows is {model.example_rows}; use 1 or more.")
+    registering = (conf.sweep.register_best, conf.study.register_best if conf.study else None)
+    for key, name in zip(("sweep.register_best", "study.register_best"), registering, strict=True):
+        if name and not (model.dataset or model.pipeline):
+            raise ConfigError(f"{key} is '{name}' but no model is logged: set model.dataset (or model.pipeline).")
+        if name and model.runs == "none":
+            raise ConfigError(f"{key} is '{name}' but model.runs is none; use best or all.")
 
 
 def _check_bounds(conf: KmrunConf) -> None:
@@ -222,7 +260,7 @@ def unknown_key(key: str, source: str = "") -> str:
 
 def _fields_of(section: str) -> list[str]:
     classes = {"": KmrunConf, "kedro": KedroConf, "mlflow": MlflowConf, "objective": ObjectiveConf,
-               "sweep": SweepConf, "study": StudyConf, "cache": CacheConf}
+               "sweep": SweepConf, "study": StudyConf, "cache": CacheConf, "model": ModelConf}
     return list(classes[section].__dataclass_fields__)
 
 

@@ -44,6 +44,7 @@ SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"),
                           ("session", "key"), ("signing", "key"), ("conn", "str"), ("connection", "string")})
 COUNTS = frozenset({"max", "min", "num", "n", "total", "count", "top", "per", "limit", "size"})
 COMMON_VALUES = frozenset({"true", "false", "none", "null", "yes", "no", "on", "off"})
+NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})  # the shell's working folders: "pwd" here is not a password
 MIN_SECRET_LENGTH = 4  # shorter values (and COMMON_VALUES) would redact half of every text
 
 
@@ -124,7 +125,7 @@ class Redactor:
         numbers and list items), secret-named environment variables, and the passwords
         in ``urls`` (the tracking URI, the study storage)."""
         secrets = _leaves(credentials)
-        secrets += [v for k, v in os.environ.items() if is_secret_name(k)]
+        secrets += [v for k, v in os.environ.items() if is_secret_name(k) and k not in NOT_SECRET_ENV]
         secrets += [leaf for k, v in flatten(params).items() if is_secret_name(k) for leaf in _leaves(v)]
         secrets += [url_password(url) for url in urls]
         return cls(secrets)

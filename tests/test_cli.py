@@ -137,3 +137,39 @@ def test_kedro_mlflow_datasets_and_a_nodes_own_mlflow_calls_land_in_the_jobs_run
         assert len(list(ws.path.glob(f"multirun/*/*/{cell}/data/06_models/model.pkl"))) == 1  # kept apart
     assert not (ws.path / "examples/digits/data/06_models/model.pkl").exists()
     assert ws.running() == 0
+
+
+def test_kedro_mlflows_metric_datasets_feed_the_objective_in_a_run_a_parallel_grid_and_a_study(ws):
+    """A project that logs with kedro-mlflow's metric datasets, the {"value", "step"} shape:
+    the datasets log into the job's own run, and kmrun reads the shape as numbers."""
+    catalog = ws.path / "examples/digits/conf/base/catalog.yml"
+    catalog.write_text(catalog.read_text().replace(
+        "metrics:\n  type: json.JSONDataset\n  filepath: data/08_reporting/metrics.json",
+        "metrics:\n  type: kedro_mlflow.io.metrics.MlflowMetricsHistoryDataset"))
+    nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
+    source = nodes.read_text()
+    shaped = 'return {name: {"value": value, "step": 0} for name, value in {\n        "accuracy"'
+    nodes.write_text(source.replace('return {\n        "accuracy"', shaped).replace(
+        '"f1_macro": float(f1_score(y_test, predicted, average="macro")),\n    }',
+        '"f1_macro": float(f1_score(y_test, predicted, average="macro")),\n    }.items()}'))
+    assert nodes.read_text() != source
+    commands = [("+experiment=baseline",),
+                ("-m", "+experiment=baseline", "params.model.C=0.1,1", "sweep.n_jobs=2"),
+                ("-m", "+experiment=baseline", "+study=tune", "study.n_trials=3")]
+    for args in commands:
+        done = ws.kmrun(*args)
+        assert done.code == 0, (args, done.text)
+    runs = ws.runs()
+    assert all("kmrun.config_hash" in r.data.tags or r.data.tags.get("kmrun.role") == "parent" for r in runs)
+    jobs = [r for r in runs if r.data.tags.get("kmrun.role") != "parent"]  # (no stray run of kedro-mlflow's)
+    assert len(jobs) == 1 + 2 + 3
+    client = ws.client()
+    for run in jobs:
+        assert run.info.status == "FINISHED" and 0.5 < run.data.metrics["accuracy"] <= 1
+        assert "f1_macro" in run.data.metrics
+        history = client.get_metric_history(run.info.run_id, "accuracy")
+        assert {m.value for m in history} == {run.data.metrics["accuracy"]}  # kedro-mlflow's and kmrun's agree
+    study = next(r for r in runs if r.data.tags.get("kmrun.kind") == "study")
+    assert study.data.metrics["best_accuracy"] == max(
+        r.data.metrics["accuracy"] for r in jobs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id)
+    assert ws.running() == 0

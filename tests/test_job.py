@@ -18,6 +18,11 @@ from runner.schema import KmrunConf, ObjectiveConf
         ({"m": {"loss": [3, 2], "acc": 0.7}}, ["m"], {"acc": 0.7}, {"loss": [3.0, 2.0]}),
         ({"m": {"name": "x", "ok": True}}, ["m"], {}, {}),
         ({"other": 1.0}, ["m"], {}, {}),
+        # kedro-mlflow's shapes: MlflowMetricDataset, MlflowMetricsHistoryDataset, a history
+        ({"r2": {"value": 0.38, "step": 0}}, ["r2"], {"r2": 0.38}, {}),
+        ({"m": {"r2_score": {"value": 0.4, "step": 0}, "mae": {"value": 2}}}, ["m"], {"r2_score": 0.4, "mae": 2.0}, {}),
+        ({"m": {"loss": [{"value": 2, "step": 1}, {"value": 3, "step": 0}]}}, ["m"], {}, {"loss": [3.0, 2.0]}),
+        ({"m": {"value": "x", "step": 0}}, ["m"], {}, {}),
     ],
 )
 def test_read_metrics(datasets, names, scalars, series):

@@ -29,8 +29,17 @@ def load_digits() -> pd.DataFrame:
     return bunch.frame
 
 
+def features(images: pd.DataFrame) -> np.ndarray:
+    """The 64 pixel columns (0-16) scaled to [0, 1]; a ``target`` column is left out."""
+    return images.drop(columns="target", errors="ignore").to_numpy(dtype=np.float64) / 16.0
+
+
+def predict(estimator: ClassifierMixin, X: np.ndarray) -> np.ndarray:
+    return estimator.predict(X)
+
+
 def split_data(data: pd.DataFrame, split: dict[str, Any]):
-    X = data.drop(columns="target").to_numpy(dtype=np.float64) / 16.0
+    X = features(data)
     y = data["target"].to_numpy()
     return train_test_split(
         X, y, test_size=split["test_size"], random_state=split["seed"], stratify=y
