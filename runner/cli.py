@@ -381,6 +381,10 @@ def _subcommand(options: Any) -> int:
         return 0
     from . import commands
 
+    if options.command in ("register", "models", "serve"):
+        from . import registry
+
+        return int(getattr(registry, options.command)(options))
     return int(getattr(commands, options.command)(options))
 
 

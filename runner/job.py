@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import getpass
 import logging
-import math
 import shutil
 import tempfile
 import traceback
@@ -29,11 +28,11 @@ from .errors import (
     KmrunBug,
     KmrunError,
     MetricError,
-    ObjectiveMissing,
     ParamError,
     TrackingError,
 )
 from .kedro_bridge import KedroRun
+from .metrics import is_number, latest, objective_of, read_metrics
 from .records import JobResult, Status
 from .schema import KmrunConf, parse
 from .tracking import Redactor, flatten, name_rule, rejected_names, resolve_uri
@@ -312,7 +311,7 @@ class _Job:
             log.warning("Could not store the params and metrics of run %s: %s", self.run_id, err)
         self.tracker.finish(self.run_id, self.status.run_status)
         plan = self.record.plan
-        return JobResult(self.run_id, self.status, _latest(self.metrics, self.series), self.objective,
+        return JobResult(self.run_id, self.status, latest(self.metrics, self.series), self.objective,
                          self.error, dict(self.record.written), plan.sources if plan else {})
 
 
@@ -408,84 +407,6 @@ def _is_pruned(err: BaseException) -> bool:
     return isinstance(err, optuna.TrialPruned)
 
 
-def read_metrics(
-    datasets: Mapping[str, Any], names: list[str]
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Metrics from the captured datasets: a number is one metric named after its
-    dataset, a dict gives one metric per numeric key, and a list (or a dict of lists)
-    is a per-step series. kedro-mlflow's shape, ``{"value": v, "step": s}`` (or a list of
-    those), counts as the number ``v`` (or the series of values in step order)."""
-    scalars: dict[str, float] = {}
-    series: dict[str, list[float]] = {}
-
-    def add(name: str, value: Any) -> None:
-        if _is_point(value):
-            value = value["value"]
-        elif isinstance(value, (list, tuple)) and value and all(_is_point(v) for v in value):
-            value = [v["value"] for v in sorted(value, key=lambda v: v.get("step") or 0)]
-        if _number(value):
-            scalars[name] = float(value)
-        elif isinstance(value, (list, tuple)) and value and all(_number(v) for v in value):
-            series[name] = [float(v) for v in value]
-        else:
-            log.warning("Metric '%s' is not a number or a list of numbers; it is not logged.", name)
-
-    for name in names:
-        if name not in datasets:
-            continue
-        value = datasets[name]
-        if isinstance(value, Mapping) and not _is_point(value):
-            for key, item in value.items():
-                add(str(key), item)
-        else:
-            add(name, value)
-    return scalars, series
-
-
-def objective_of(
-    conf: KmrunConf,
-    metrics: Mapping[str, float],
-    series: Mapping[str, list[float]],
-    datasets: Mapping[str, Any],
-    saved: list[str],
-) -> float | list[float] | None:
-    """The value(s) of ``objective.metric``; a ``MetricError`` when missing or not finite."""
-    wanted = conf.objective.metric
-    if wanted is None:
-        return None
-    values = []
-    for name in wanted if isinstance(wanted, list) else [wanted]:
-        value = metrics.get(name, series[name][-1] if name in series else None)
-        raw = _raw_value(datasets, name)
-        if value is None and raw is not None:
-            raise MetricError(
-                f"objective.metric '{name}' is {raw!r} ({type(raw).__name__}), not a number. "
-                "Make the node return a number (or a list of numbers, one per step)."
-            )
-        if value is None:
-            produced = ", ".join(sorted({*metrics, *series})) or "none"
-            raise ObjectiveMissing(
-                f"objective.metric '{name}' was not produced by the pipeline.\n"
-                f"Metrics read from the datasets in `metrics` ({', '.join(conf.metrics)}): {produced}.\n"
-                f"Datasets the pipeline saved: {', '.join(dict.fromkeys(saved)) or 'none'}.\n"
-                "Fix objective.metric, or add the dataset that holds it to `metrics`."
-            )
-        if not math.isfinite(value):
-            raise MetricError(f"objective.metric '{name}' is {value}, not a finite number.")
-        values.append(value)
-    return values if isinstance(wanted, list) else values[0]
-
-
-def _raw_value(datasets: Mapping[str, Any], name: str) -> Any:
-    """What a metrics dataset held under ``name``, when it was not a number."""
-    for key, value in datasets.items():
-        if key == name:
-            return value
-        if isinstance(value, Mapping) and name in value:
-            return value[name]
-    return None
-
-
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """Kedro's runtime-params merge: nested dicts merge, everything else replaces."""
     merged = dict(base)
@@ -497,19 +418,6 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
         else:
             merged[key] = value
     return merged
-
-
-def _latest(metrics: Mapping[str, float], series: Mapping[str, list[float]]) -> dict[str, float]:
-    return {**{k: v[-1] for k, v in series.items()}, **metrics}
-
-
-def _is_point(value: Any) -> bool:
-    """kedro-mlflow's metric shape: ``{"value": 0.9, "step": 0}`` (``step`` optional)."""
-    return isinstance(value, Mapping) and "value" in value and set(value) <= {"value", "step", "timestamp"}
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _describe(err: BaseException) -> str:
@@ -539,7 +447,7 @@ def report_step(value: float, step: int, name: str = "intermediate") -> None:
     the trial, raising ``optuna.TrialPruned`` when the pruner stops it. Outside a kmrun
     job, nothing happens."""
     tracker, run_id, trial = _current.get("tracker"), _current.get("run_id"), _current.get("trial")
-    if tracker is None or not _number(value):
+    if tracker is None or not is_number(value):
         return
     tracker.log_step(run_id, name, float(value), int(step))
     if trial is not None:

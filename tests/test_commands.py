@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -175,8 +176,11 @@ def test_ui_answers_on_localhost(store):
                 pass
         assert status == 200
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        proc.send_signal(signal.SIGTERM)  # to kmrun alone: it stops MLflow's server and its workers
+        assert proc.wait(timeout=30) == 0
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # nothing of the server's process group is left
 
 
 NODES = '''

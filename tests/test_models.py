@@ -52,7 +52,8 @@ def wait_for(url: str, seconds: float = 120) -> bool:
 
 
 def test_a_study_registers_its_best_model_and_kmrun_serve_predicts_like_the_pipeline(ws):
-    done = ws.kmrun("-m", "+experiment=packaged", "+study=tune", "study.n_trials=3", "study.register_best=digits")
+    done = ws.kmrun("-m", "+experiment=packaged", "+study=tune", "study.n_trials=4", "study.n_jobs=2",
+                    "study.register_best=digits")
     assert done.code == 0, done.text
     assert "Registered as digits version 1" in done.out
     _, trials = ws.family("trial")

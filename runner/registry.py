@@ -1,0 +1,130 @@
+"""kmrun register, models and serve: MLflow's Model Registry and scoring server, on the
+store conf/kmrun.yaml names. Models are logged by jobs (``models``); these commands only
+read them, register them and serve them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from .commands import _serve, open_store, resolve_run
+from .errors import KmrunError
+from .tracking import hide_password
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from .commands import Store
+
+
+def register(args: argparse.Namespace) -> int:
+    from . import terminal
+    from .models import register as register_model
+    from .runtime import current
+
+    store = open_store(args)
+    client = store.client()
+    run = resolve_run(client, store, args.run_id)
+    experiment = client.get_experiment(run.info.experiment_id).name
+    version = register_model(current().tracker(store.uri, experiment), run.info.run_id, args.name, args.alias)
+    alias = f", alias {args.alias}" if args.alias else ""
+    terminal.say(f"Registered run {run.info.run_id} as {args.name} version {version}{alias}.\n"
+                 f"serve it: kmrun serve {args.name}/{version}")
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    import json
+
+    from . import terminal
+
+    store = open_store(args)
+    client = store.client()
+    rows = []
+    for model in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in client.search_model_versions(f"name = '{model.name}'"):
+            metrics = {}
+            if version.run_id:
+                try:
+                    metrics = client.get_run(version.run_id).data.metrics
+                except Exception:  # the run was deleted: the version stays listed
+                    metrics = {}
+            rows.append({"name": model.name, "version": int(version.version),
+                         "aliases": ",".join(aliases.get(str(version.version), [])), "run_id": version.run_id or "",
+                         "status": version.status, "metric": metrics.get(store.metric or ""),
+                         "metrics": metrics})
+    rows.sort(key=lambda r: (r["name"], -r["version"]))
+    if not rows:
+        raise KmrunError(f"No registered models in {hide_password(store.uri)}. Register one with: "
+                         "kmrun register RUN --name NAME (or study.register_best: NAME)")
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    metric = store.metric or "metric"
+    terminal.say("\n".join(
+        [f"{'name':<20} {'version':>7}  {'aliases':<12} {metric:>10}  run"]
+        + [f"{r['name']:<20} {r['version']:>7}  {r['aliases']:<12} "
+           f"{'' if r['metric'] is None else format(r['metric'], '.4g'):>10}  {r['run_id']}" for r in rows]))
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    import socket
+
+    from . import terminal
+    from .models import MODEL_PATH, MODEL_TAG
+
+    store = open_store(args)
+    client = store.client()
+    uri = _model_uri(client, store, args.model, MODEL_PATH, MODEL_TAG)
+    with socket.socket() as probe:
+        if probe.connect_ex((args.host, args.port)) == 0:
+            raise KmrunError(f"--port {args.port}: something already listens on {args.host}:{args.port}. "
+                             "Pick another port: kmrun serve ... --port 5002")
+    terminal.say(f"Serving {uri} on http://{args.host}:{args.port}/invocations (Ctrl-C stops it)")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+               "--host", args.host, "--port", str(args.port)]
+    return _serve(command, env)
+
+
+def _model_uri(client: MlflowClient, store: Store, given: str, path: str, tag: str) -> str:
+    """``models:/...`` for a registered name (checked), ``runs:/<id>/model`` for a run."""
+    from mlflow.exceptions import MlflowException
+
+    name = given.split("@", 1)[0].split("/", 1)[0]
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        registered = None
+    if registered is not None:
+        if "@" in given:
+            alias = given.split("@", 1)[1]
+            if alias not in (registered.aliases or {}):
+                raise KmrunError(f"Model {name} has no alias '{alias}'. Its aliases: "
+                                 f"{', '.join(registered.aliases or {}) or 'none'}. Set one: kmrun register RUN "
+                                 f"--name {name} --alias {alias}")
+            return f"models:/{given}"
+        if "/" in given:
+            version = given.split("/", 1)[1]
+            known = [v.version for v in client.search_model_versions(f"name = '{name}'")]
+            if version not in [str(v) for v in known]:
+                raise KmrunError(f"Model {name} has no version {version}. Its versions: "
+                                 f"{', '.join(str(v) for v in sorted(known, key=int))}.")
+            return f"models:/{given}"
+        latest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        return f"models:/{name}/{latest}"
+    try:
+        run = resolve_run(client, store, given)
+    except KmrunError:
+        raise KmrunError(f"'{given}' is neither a registered model nor a run id in {hide_password(store.uri)}. "
+                         "List them: kmrun models, kmrun runs") from None
+    if tag not in run.data.tags:
+        raise KmrunError(f"Run {run.info.run_id} has no model. Set model.dataset (or model.pipeline) in the "
+                         "config and run again.")
+    return f"runs:/{run.info.run_id}/{path}"
