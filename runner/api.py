@@ -235,10 +235,10 @@ def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures
 
 
 def _best_model(conf: KmrunConf, jobs_dir: Path, register: str | None) -> Any:
-    """What keeps the best job's model in a sweep with ``model.runs: best``."""
+    """What keeps the best job's model (``model.runs: best``) and registers it."""
     from . import models
 
-    if not models.wanted(conf) or conf.model.runs != "best":
+    if not models.wanted(conf) or (conf.model.runs != "best" and not register):
         return None
     direction = conf.objective.direction
     return models.BestModel(models.staging(jobs_dir), direction[0] if isinstance(direction, list) else direction,

@@ -148,16 +148,17 @@ def staging(sweep_dir: Path) -> Path:
 
 
 class BestModel:
-    """In a sweep with ``model.runs: best``: every job saves its model into its own folder
-    here; only the best job's is kept as the sweep goes, and uploaded when it ends (then
-    registered under ``register``, if given)."""
+    """The best job of a sweep, as results come in. With ``model.runs: best`` every job
+    saves its model into its own folder here; only the best one's is kept, and uploaded
+    when the sweep ends. Then the best job's model is registered under ``register``, if
+    given (with ``model.runs: all`` it was uploaded by its job)."""
 
     def __init__(self, folder: Path, direction: str, register: str | None = None) -> None:
         self.folder, self.sign, self.register = folder, (1 if direction == "maximize" else -1), register
         self.best: Outcome | None = None
 
     def offer(self, outcome: Outcome) -> None:
-        if outcome.run_id is None or not (self.folder / outcome.run_id).exists():
+        if outcome.run_id is None:
             return
         score = outcome.score()
         if score is not None and (self.best is None or self.sign * score > self.sign * (self.best.score() or 0.0)):
@@ -168,19 +169,21 @@ class BestModel:
             shutil.rmtree(self.folder / loser.run_id, ignore_errors=True)
 
     def finish(self, tracker: Tracker, publish: bool, note: Any) -> None:
-        """Upload the best job's model (unless the sweep was interrupted), register it, and
-        drop the folder. A failure here is said, and does not undo the sweep's results."""
+        """Upload the best job's saved model (unless the sweep was interrupted), register it,
+        and drop the folder. A failure here is said, and does not undo the sweep's results."""
         try:
-            if publish and self.best is not None and self.best.run_id is not None:
-                saved = self.folder / self.best.run_id
+            best = self.best.run_id if self.best is not None else None
+            saved = self.folder / best if best else None
+            if publish and best and saved is not None and saved.exists():
                 flavor = (saved / "flavor").read_text()
-                publish_model(tracker, self.best.run_id, saved / MODEL_PATH, flavor)
-                note(f"The best run's model: runs:/{self.best.run_id}/{MODEL_PATH} ({flavor}).")
-                if self.register:
-                    version = register(tracker, self.best.run_id, self.register)
+                publish_model(tracker, best, saved / MODEL_PATH, flavor)
+                note(f"The best run's model: runs:/{best}/{MODEL_PATH} ({flavor}).")
+            if publish and self.register:
+                if best is None:
+                    note(f"No job finished with a model, so nothing was registered as {self.register}.")
+                else:
+                    version = register(tracker, best, self.register)
                     note(f"Registered as {self.register} version {version}: kmrun serve {self.register}/{version}")
-            elif publish and self.register:
-                note(f"No job finished with a model, so nothing was registered as {self.register}.")
         except Exception as err:
             log.error("The best run's model could not be stored or registered: %s", err)
             note(f"The best run's model could not be stored or registered: {err}")

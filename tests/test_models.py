@@ -117,7 +117,8 @@ def test_the_packaged_pipeline_loads_in_a_fresh_process_and_holds_no_secret(ws, 
 
 def test_a_grid_with_model_runs_all_logs_a_sklearn_model_per_cell_and_dataset_files(ws):
     done = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.1,1", "model.dataset=model",
-                    "model.runs=all", "model.input_example=sample_images", "artifacts=[training_curve]")
+                    "model.runs=all", "model.input_example=sample_images", "artifacts=[training_curve]",
+                    "sweep.register_best=digits-grid")
     assert done.code == 0, done.text
     _, children = ws.family()
     assert len(children) == 2
@@ -129,6 +130,8 @@ def test_a_grid_with_model_runs_all_logs_a_sklearn_model_per_cell_and_dataset_fi
         assert "model/MLmodel" in listed and "model/input_example.json" in listed
         assert {a.path for a in client.list_artifacts(child.info.run_id, "outputs")} == {
             "outputs/training_curve.json"}
+    best = max(children, key=lambda r: r.data.metrics["accuracy"])
+    assert [v.run_id for v in client.search_model_versions("name = 'digits-grid'")] == [best.info.run_id]
     register = ws.kmrun("register", children[0].info.run_id[:10], "--name", "digits-lr", "--alias", "champion")
     assert register.code == 0, register.text
     model = ws.client().get_registered_model("digits-lr")
