@@ -110,11 +110,13 @@ class Composer:
         self.parse(overrides)  # an error names the override
         _restore_env_resolver()
         try:
-            return compose(self.config_name, hydra_args(overrides) + self.extra, return_hydra_config=True)
+            cfg = compose(self.config_name, hydra_args(overrides) + self.extra, return_hydra_config=True)
         except Exception as err:
             if is_config_error(err):
                 raise hydra_error(err) from err
             raise
+        _check_hydra_plugins(choices_of(cfg))
+        return cfg
 
     def parse(self, lines: list[str]) -> list[Override]:
         """Hydra's own override parser, one line at a time, so that an error names its line."""
@@ -195,6 +197,23 @@ class JobComposer:
     def _is_value(self, override: Override) -> bool:
         key = override.key_or_group
         return "." in key and key.split(".", 1)[0] in self.sections and not override.is_delete()
+
+
+def _check_hydra_plugins(choices: dict[str, Any]) -> None:
+    """Hydra's launchers and other sweepers would be ignored: kmrun runs jobs itself."""
+    launcher, sweeper = choices.get("hydra/launcher"), choices.get("hydra/sweeper")
+    if launcher not in (None, "basic"):
+        raise ConfigError(
+            f"hydra/launcher={launcher}: kmrun runs its jobs itself and does not use Hydra's launchers.\n"
+            "Jobs in parallel on this machine: sweep.n_jobs=N (or study.n_jobs=N); on several machines: start "
+            "kmrun on each with the same stores (README, Many machines). Remove hydra/launcher from the command "
+            "line or the defaults list."
+        )
+    if sweeper not in (None, "basic", "kmrun"):
+        raise ConfigError(
+            f"hydra/sweeper={sweeper}: kmrun sweeps itself: a grid with -m, an Optuna study with -m +study=NAME. "
+            "Remove hydra/sweeper from the command line or the defaults list."
+        )
 
 
 def _without_hydra(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:

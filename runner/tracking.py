@@ -228,8 +228,8 @@ class Tracker:
                 first += " (another process holds it; try again when that process is done)"
             raise TrackingError(
                 f"mlflow.tracking_uri: cannot open the MLflow store '{hide_password(uri)}': "
-                f"{Redactor([url_password(uri)]).text(first)}\n"
-                "Use sqlite:///PATH/mlflow.db, http(s)://HOST:PORT of an MLflow server, or "
+                f"{Redactor([url_password(uri)]).text(first)}{driver_hint(first)}\n"
+                "Use sqlite:///PATH/mlflow.db, postgresql://USER@HOST/DB, http(s)://HOST:PORT of an MLflow server, or "
                 "leave it null for the embedded store (mlflow.db in the working directory)."
             ) from None
 
@@ -454,12 +454,25 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 grace_period=GRACE_SECONDS,
             )
     except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrackingError(
             f"study.storage: cannot open the Optuna storage '{hide_password(url)}': "
-            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}\n"
+            f"{Redactor([url_password(url)]).text(first)}{driver_hint(first)}\n"
             "Use null (optuna.db beside the MLflow store), an SQLAlchemy URL such as "
             "sqlite:///optuna.db or postgresql://HOST/DB, or a file ending in .journal."
         ) from None
+
+
+def driver_hint(message: str) -> str:
+    """What to install when SQLAlchemy lacks the database driver a URL names."""
+    if "No module named 'psycopg'" in message:
+        return (" (postgresql:// means psycopg 3 to SQLAlchemy 2: pip install 'kmrun[postgres]', or write "
+                "postgresql+psycopg2://... to use an installed psycopg2)")
+    if "No module named 'psycopg2'" in message:
+        return " (pip install psycopg2-binary, or write postgresql+psycopg://... for psycopg 3)"
+    if "No module named 'pymysql'" in message or "No module named 'MySQLdb'" in message:
+        return " (pip install pymysql, and write mysql+pymysql://...)"
+    return ""
 
 
 def hide_password(url: str) -> str:

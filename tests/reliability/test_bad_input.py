@@ -27,6 +27,7 @@ def patch_node(returned: str):
 
 def write(relative: str, text: str):
     def setup(ws):
+        (ws.path / relative).parent.mkdir(parents=True, exist_ok=True)
         (ws.path / relative).write_text(text)
 
     return setup
@@ -48,6 +49,12 @@ PARAMS = "examples/digits/conf/base/parameters.yml"
 CATALOGUE = [
     # (id, args, setup, exit code, fragments of the message)
     ("unknown-param", B + ["params.modle.C=5"], None, 2, ["params.modle", "Did you mean params.model"]),
+    ("db-driver-missing", B + ["mlflow.tracking_uri=mysql://u:hunter22@127.0.0.1:1/db"], None, 2,
+     ["No module named 'MySQLdb'", "pip install pymysql", "u:***@127.0.0.1"]),
+    ("hydra-launcher", G + ["hydra/launcher=pool"], write("conf/hydra/launcher/pool.yaml", "n_jobs: 2\n"), 2,
+     ["hydra/launcher=pool", "does not use Hydra's launchers", "sweep.n_jobs"]),
+    ("hydra-sweeper", G + ["hydra/sweeper=other"], write("conf/hydra/sweeper/other.yaml", "x: 1\n"), 2,
+     ["hydra/sweeper=other", "kmrun sweeps itself"]),
     ("param-type-float", B + ["params.model.C=abc"], None, 2, ["'abc' (str) does not fit the parameter's float"]),
     ("param-type-int", B + ["params.split.seed=1.5"], None, 2, ["1.5 (float) does not fit the parameter's int"]),
     ("param-section-scalar", B + ["params.model=3"], None, 2, ["replaces a whole section"]),
@@ -147,6 +154,7 @@ def test_bad_input(ws, args, setup, code, fragments):
     for fragment in fragments:
         assert fragment in done.err, (fragment, done.err)
     assert "Traceback" not in done.text
+    assert "hunter22" not in done.text  # a password in a URL is never shown
     assert len(done.err.strip().splitlines()) <= 12, done.err  # one paragraph, not a log
     assert ws.running() == 0
 
