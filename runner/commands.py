@@ -413,8 +413,10 @@ def dashboard(args: argparse.Namespace) -> int:
         raise KmrunError("kmrun dashboard needs optuna-dashboard, which is not installed. "
                          "Install it: pip install optuna-dashboard")
     store = open_store(args)
-    storage = args.storage or (f"sqlite:///{Path(store.uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
-                               if store.uri.startswith("sqlite:///") else f"sqlite:///{Path.cwd() / 'optuna.db'}")
+    if not args.storage and not store.uri.startswith("sqlite:///"):
+        raise KmrunError("kmrun dashboard: the MLflow store is not a local file, so the study storage has no "
+                         "default; pass it: --storage postgresql://USER@HOST/DB (your study.storage)")
+    storage = args.storage or f"sqlite:///{Path(store.uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
     command = [sys.executable, "-m", "optuna_dashboard", storage, "--host", args.host, "--port", str(args.port)]
     return _serve(command)
 

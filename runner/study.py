@@ -409,8 +409,14 @@ def _corners(distributions: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _beside(uri: str) -> str:
-    """The default storage: ``optuna.db`` next to an SQLite MLflow store, else in the cwd."""
+    """The default storage: ``optuna.db`` next to an SQLite MLflow store. A shared store
+    (a server, a database) has no default: a study kept in a file on one machine would
+    silently split a many-machine study into one study per machine."""
     if uri.startswith("sqlite:///"):
         return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
-    return f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    raise ConfigError(
+        f"study.storage is not set, and the MLflow store ({hide_password(uri)}) is shared, not a local file. "
+        "Set study.storage to a database every machine reaches (study.storage=postgresql://USER@HOST/DB), "
+        "or to sqlite:///optuna.db to keep the study on this machine only."
+    )
 

@@ -1,0 +1,85 @@
+"""kmrun against a real `mlflow server` (started here, stopped here): a run, a grid, a
+study and the subcommands, with artifacts served by the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """An MLflow tracking server on 127.0.0.1 with its own database and proxied artifacts."""
+    home = tmp_path_factory.mktemp("server")
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'server.db'}",
+               "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(command, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("mlflow server did not start: " + (home / "server.log").read_text()[-2000:])
+    yield url, home
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    log.close()
+
+
+def test_a_run_a_grid_and_a_study_against_an_mlflow_server(ws, server):
+    url, home = server
+    store = ["mlflow.tracking_uri=" + url, "mlflow.experiment_name=server-" + ws.path.name]
+    done = ws.kmrun("+experiment=baseline", *store)
+    assert done.code == 0, done.text
+    grid = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.1,1", "sweep.n_jobs=2", *store)
+    assert grid.code == 0, grid.text
+    no_storage = ws.kmrun("-m", "+experiment=baseline", "+study=tune", "study.n_trials=2", *store)
+    assert no_storage.code == 2 and "study.storage is not set" in no_storage.err, no_storage.text
+    study = ws.kmrun("-m", "+experiment=baseline", "+study=tune", "study.n_trials=3",
+                     f"study.storage=sqlite:///{ws.path / 'optuna.db'}", *store)
+    assert study.code == 0, study.text
+
+    runs = ws.runs(url)
+    mine = [r for r in runs if r.data.tags.get("kmrun.config_hash")]
+    assert len(mine) == 1 + 2 + 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)  # served by the server
+    assert list(home.glob("artifacts/*/*/artifacts/config.yaml"))  # ...and stored where it keeps them
+    assert not (ws.path / "mlruns").exists() and not (ws.path / "mlflow.db.lock").exists()
+
+    env = {"MLFLOW_TRACKING_URI": url}
+    experiment = ["--experiment", "server-" + ws.path.name]
+    listed = ws.kmrun("runs", *experiment, "--format", "json", env=env)
+    assert listed.code == 0 and mine[0].info.run_id in listed.out, listed.text
+    best = ws.kmrun("best", *experiment, env=env)
+    assert best.code == 0, best.text
+    shown = ws.kmrun("show", mine[0].info.run_id[:10], env=env)
+    assert shown.code == 0 and "config.yaml" in shown.out, shown.text
+    again = ws.kmrun("reproduce", mine[0].info.run_id, env=env)
+    assert again.code == 0, again.text
+    promoted = ws.kmrun("promote", mine[0].info.run_id, "--name", "from_server", env=env)
+    assert promoted.code == 0 and (ws.path / "conf/experiment/from_server.yaml").is_file(), promoted.text
+    assert not [r for r in ws.runs(url) if r.info.status == "RUNNING"]
+    assert ws.runs() == []  # nothing went to the local store
