@@ -338,9 +338,15 @@ class Study:
         failed = 0
         now = datetime.datetime.now()
         if hasattr(self.storage, "record_heartbeat"):
+            running = {t._trial_id: t.user_attrs.get("mlflow_run_id")
+                       for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
+            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+                if running.get(trial._trial_id):  # its process stopped beating, on any host
+                    failed += 1
+                    self._end_orphan(running[trial._trial_id])
         stale_runs = set(self.tracker.fail_stale_runs())
         host = process_tags()["kmrun.host"]
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -356,6 +362,17 @@ class Study:
                 if run_id and run_id not in stale_runs:
                     self.tracker.finish(run_id, "FAILED")
         return failed
+
+    def _end_orphan(self, run_id: str) -> None:
+        """The MLflow run of a trial whose process died (its heartbeat stopped), and that
+        process's parent run: FAILED, tagged kmrun.stale, never left RUNNING."""
+        client = self.tracker.client
+        run = client.get_run(run_id)
+        parent = run.data.tags.get("mlflow.parentRunId")
+        for orphan in (run_id, parent):
+            if orphan and client.get_run(orphan).info.status == "RUNNING":
+                client.set_tag(orphan, "kmrun.stale", "true")
+                self.tracker.finish(orphan, "FAILED")
 
     def _surplus(self, trial: optuna.Trial) -> bool:
         """Another process may have asked at the same time: only the first ``target``

@@ -325,7 +325,7 @@ class Tracker:
         """Runs of this host left RUNNING by a process that no longer exists (killed
         with -9, or a crashed machine's reboot) are marked FAILED, tagged kmrun.stale."""
         stale = []
-        host = socket.gethostname()
+        host = host_name()
         for run in self.search(f"attributes.status = 'RUNNING' and tags.`kmrun.host` = '{host}'"):
             pid = int(run.data.tags.get("kmrun.pid", "0") or 0)
             if pid and not alive(pid):
@@ -356,14 +356,24 @@ class Tracker:
 
 @contextmanager
 def creation_lock(url: str) -> Iterator[None]:
-    """Hold an exclusive lock beside a local SQLite file while it is created or migrated:
-    concurrent migrations of one new file corrupt it."""
-    if not url.startswith("sqlite:///"):
+    """Hold an exclusive lock while a store is created or migrated, so that processes
+    starting at once on an empty store do not race each other's schema creation: a file
+    lock beside a local SQLite file, an advisory lock in a PostgreSQL database (every host
+    sees it). Other URLs take no lock."""
+    if url.startswith("sqlite:///"):
+        with _file_lock(Path(url.removeprefix("sqlite:///").split("?", 1)[0])):
+            yield
+    elif url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
+        with _advisory_lock(url):
+            yield
+    else:
         yield
-        return
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
     import fcntl
 
-    path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -371,6 +381,26 @@ def creation_lock(url: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+CREATION_LOCK_KEY = 0x6B6D72756E  # "kmrun": one advisory lock id, shared by every kmrun process
+
+
+@contextmanager
+def _advisory_lock(url: str) -> Iterator[None]:
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": CREATION_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": CREATION_LOCK_KEY})
+    finally:
+        engine.dispose()
 
 
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -391,14 +421,19 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def host_name() -> str:
+    """This machine's name in kmrun's records: $KMRUN_HOST, else the host name."""
+    return os.environ.get("KMRUN_HOST") or socket.gethostname()
+
+
 def process_tags() -> dict[str, str]:
     """Which process owns a run, so that a later kmrun can tell a dead one from a live one."""
-    return {"kmrun.host": socket.gethostname(), "kmrun.pid": str(os.getpid())}
+    return {"kmrun.host": host_name(), "kmrun.pid": str(os.getpid())}
 
 
 def _owner_alive(tags: Mapping[str, str]) -> bool:
     """Whether the process that owns a RUNNING run lives (another host's: assumed so)."""
-    if tags.get("kmrun.host") != socket.gethostname():
+    if tags.get("kmrun.host") != host_name():
         return True
     pid = int(tags.get("kmrun.pid", "0") or 0)
     return bool(pid) and alive(pid)

@@ -1,0 +1,155 @@
+"""Many processes and "hosts" on PostgreSQL: a real server, started here and stopped here.
+
+Hosts are simulated honestly: separate working copies and separate ``KMRUN_HOST``
+identities, all reaching PostgreSQL on loopback, so that a process cannot tell another
+host's process is dead by its PID and must rely on Optuna's heartbeats.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_workspace
+
+pytestmark = pytest.mark.slow
+
+
+def _bindir() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return str(Path(found[-1]).parent) if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL cluster in a temp dir, on 127.0.0.1 with trust auth; stopped at the end."""
+    pytest.importorskip("psycopg", reason="the postgres extra (psycopg 3) is not installed")
+    bindir = _bindir()
+    if bindir is None or shutil.which("runuser") is None or os.geteuid() != 0:
+        pytest.skip("PostgreSQL's server is not installed (apt-get install -y postgresql), or not root to run it")
+    data = tempfile.mkdtemp(prefix="kmrun-pg-")
+    shutil.chown(data, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def as_postgres(*args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, text=True)
+
+    as_postgres(f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres")
+    as_postgres(f"{bindir}/pg_ctl", "-D", data, "-l", f"{data}/server.log", "-w", "start",
+                "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=300")
+    made = []
+
+    def database(name: str) -> str:
+        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q", "-c",
+                        f"create database {name}"], check=True, capture_output=True)
+        made.append(name)
+        return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+    yield database
+    as_postgres(f"{bindir}/pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def host(tmp_path_factory, template_store, name: str):
+    """A working copy of its own: one simulated host."""
+    return make_workspace(tmp_path_factory.mktemp(name), template_store)
+
+
+def optuna_study(storage: str, name: str = "tune"):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def trial_runs(uri: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, max_results=1000)
+
+
+def test_a_study_with_two_workers_on_postgresql_five_times_in_a_row(ws, postgres):
+    track, storage = postgres("track_twice"), postgres("optuna_twice")
+    for i in range(1, 6):
+        done = ws.kmrun("-m", "+experiment=baseline", "+study=tune", f"study.n_trials={2 * i}", "study.n_jobs=2",
+                        f"study.storage={storage}", f"mlflow.tracking_uri={track}", timeout=300)
+        assert done.code == 0, (i, done.text[-3000:])
+    import optuna
+
+    states = [t.state for t in optuna_study(storage).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 10 and len(states) == 10
+    runs = trial_runs(track)
+    children = [r for r in runs if r.data.tags.get("kmrun.kind") == "trial"]
+    assert len(children) == 10 and all(r.info.status == "FINISHED" for r in children)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_four_hosts_start_at_once_on_empty_databases_and_share_one_study(tmp_path_factory, template_store, postgres):
+    track, storage = postgres("track_four"), postgres("optuna_four")
+    args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=16", f"study.storage={storage}",
+            f"mlflow.tracking_uri={track}"]
+    hosts = [host(tmp_path_factory, template_store, f"host{i}") for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=h.path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KMRUN_HOST": f"host{i}"})
+             for i, h in enumerate(hosts)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n---\n".join(o[-2000:] for o in outputs)
+    import optuna
+
+    trials = optuna_study(storage).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 16 and len({t.number for t in trials}) == len(trials)
+    runs = trial_runs(track)
+    finished = {r.info.run_id for r in runs if r.data.tags.get("kmrun.kind") == "trial" and r.info.status == "FINISHED"}
+    assert finished == {t.user_attrs["mlflow_run_id"] for t in complete}
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert len([r for r in runs if r.data.tags.get("kmrun.role") == "parent"]) == 4
+
+
+def test_a_host_killed_mid_trial_is_failed_by_heartbeat_and_leaves_nothing_running(
+        tmp_path_factory, template_store, postgres):
+    import optuna
+
+    track, storage = postgres("track_kill"), postgres("optuna_kill")
+    args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=4", f"study.storage={storage}",
+            f"mlflow.tracking_uri={track}", "params.model.max_iter=5000", "params.model.C=tag(log, interval(100, 1000))"]
+    a, b = host(tmp_path_factory, template_store, "host_a"), host(tmp_path_factory, template_store, "host_b")
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
+    victim = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=a.path, env={**env, "KMRUN_HOST": "a"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while True:
+        assert time.time() < deadline, "host a never had a trial running"
+        time.sleep(0.5)
+        try:
+            trials = optuna_study(storage).trials
+        except Exception:  # not created yet
+            continue
+        if any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in trials):
+            break
+    os.killpg(victim.pid, signal.SIGKILL)  # the whole host: kmrun and its workers
+    victim.wait()
+    dead = next(t for t in optuna_study(storage).trials if t.state == optuna.trial.TrialState.RUNNING)
+
+    done = b.kmrun(*args, env={"KMRUN_HOST": "b"}, timeout=600)  # host b cannot see a's PIDs
+    assert done.code == 0, done.text[-3000:]
+    trials = optuna_study(storage).trials
+    assert [t.state for t in trials].count(optuna.trial.TrialState.COMPLETE) == 4
+    assert next(t for t in trials if t.number == dead.number).state == optuna.trial.TrialState.FAIL
+    runs = trial_runs(track)
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # a's trial run and a's parent too
+    orphan = next(r for r in runs if r.info.run_id == dead.user_attrs["mlflow_run_id"])
+    assert orphan.info.status == "FAILED" and orphan.data.tags.get("kmrun.stale") == "true"
