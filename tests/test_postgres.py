@@ -153,3 +153,21 @@ def test_a_host_killed_mid_trial_is_failed_by_heartbeat_and_leaves_nothing_runni
     assert not [r for r in runs if r.info.status == "RUNNING"]  # a's trial run and a's parent too
     orphan = next(r for r in runs if r.info.run_id == dead.user_attrs["mlflow_run_id"])
     assert orphan.info.status == "FAILED" and orphan.data.tags.get("kmrun.stale") == "true"
+
+
+def test_two_hosts_with_two_workers_share_one_grid_each_cell_once(tmp_path_factory, template_store, postgres):
+    track = postgres("track_grid")
+    values = ",".join(str(round(0.05 * 1.5**i, 5)) for i in range(12))
+    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "sweep.n_jobs=2", f"mlflow.tracking_uri={track}"]
+    hosts = [host(tmp_path_factory, template_store, f"grid{i}") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=h.path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KMRUN_HOST": f"grid{i}"})
+             for i, h in enumerate(hosts)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
+    runs = trial_runs(track)
+    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    assert len(children) == 12 and all(r.info.status == "FINISHED" for r in children)
+    assert len({r.data.params["model.C"] for r in children}) == 12  # each cell exactly once
+    assert not [r for r in runs if r.info.status == "RUNNING"]
