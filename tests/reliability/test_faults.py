@@ -21,12 +21,18 @@ SLOW_GRID = ["-m", "+experiment=forest", "params.model.n_estimators=range(200,14
 
 
 def start(ws, args, **kwargs):
-    # A shell without job control starts background commands with SIGINT ignored, and the
-    # child would inherit that; give it the default, as a terminal would.
+    # A shell without job control starts background commands with SIGINT ignored, and
+    # nohup ignores SIGHUP; the child would inherit that. Give it the defaults, as a
+    # terminal would (kmrun keeps an ignored SIGHUP ignored: nohup means stay running).
     return subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}, preexec_fn=_terminal_signals,
+                            **kwargs)
+
+
+def _terminal_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def wait_for(ws, sql, at_least=1, timeout=120):
