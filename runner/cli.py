@@ -27,6 +27,9 @@ Subcommands (kmrun SUBCOMMAND --help for their options):
   show        one run: params, metrics, tags, artifacts, config, reproduce command
   reproduce   rerun a run with its exact composed config and compare metrics
   promote     write a run's params to conf/experiment/NAME.yaml
+  register    register a run's model in MLflow's Model Registry (--name, --alias)
+  models      registered models, their versions and aliases, and their runs' metric
+  serve       serve a model over HTTP on 127.0.0.1: NAME, NAME/VERSION, NAME@ALIAS or a run
   ui          start MLflow's UI on the store (127.0.0.1)
   dashboard   start optuna-dashboard on the study storage
   init        add kmrun's config to the Kedro project in this directory
