@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,6 +157,8 @@ class Grid:
                 tags={"kmrun.role": "child", "kmrun.cell": str(cell.index), "kmrun.sweep_key": self.key},
             )
         self._queue = iter(self._todo)
+        self._elsewhere: dict[int, str] = {}  # cell index -> the run another process runs it in
+        self._again: list[Outcome] = []  # cells whose other process died: to claim again
 
     # the engine's Source protocol
     @property
@@ -163,29 +166,60 @@ class Grid:
         return len(self._todo)
 
     def next(self) -> Job | None:
-        """The next cell no other process has taken; its child run is started here."""
+        """The next cell no other process has taken; its child run is started here. A cell
+        another process runs now is waited for (``wait_outside``), not skipped."""
+        while self._again:
+            job = self._claim(self._again.pop(0))
+            if job is not None:
+                return job
         for cell in self._queue:
-            spec = self.specs[cell.index]
-            tags = {**spec.tags, **(spec.fingerprint.tags() if spec.fingerprint else {})}  # others compare them
-            run_id, other = self.tracker.claim(spec.config_hash, spec.run_name, tags, spec.parent_run_id or "",
-                                               rerun=self.conf.sweep.rerun,
-                                               fingerprint=spec.fingerprint.value if spec.fingerprint else None)
-            if run_id is None:  # another sweep ran it, or another kmrun runs it now
-                cell.status, cell.run_id, self.taken = Status.SKIPPED, other.info.run_id, self.taken + 1
-                cell.metrics = dict(other.data.metrics)
-                cell.objective = objective_from(self.conf, cell.metrics) if other.info.status == "FINISHED" else None
-                continue
-            self.specs[cell.index] = spec = replace(spec, run_id=run_id)
-            return Job(spec, cell)
+            job = self._claim(cell)
+            if job is not None:
+                return job
         return None
+
+    def _claim(self, cell: Outcome) -> Job | None:
+        spec = self.specs[cell.index]
+        tags = {**spec.tags, **(spec.fingerprint.tags() if spec.fingerprint else {})}  # others compare them
+        run_id, other = self.tracker.claim(spec.config_hash, spec.run_name, tags, spec.parent_run_id or "",
+                                           rerun=self.conf.sweep.rerun,
+                                           fingerprint=spec.fingerprint.value if spec.fingerprint else None)
+        if run_id is None and other.info.status == "RUNNING":  # another kmrun runs it now
+            self._elsewhere[cell.index] = other.info.run_id
+            return None
+        if run_id is None:  # another sweep (or kmrun) finished it
+            self._done_elsewhere(cell, other)
+            return None
+        self.specs[cell.index] = spec = replace(spec, run_id=run_id)
+        return Job(spec, cell)
+
+    def _done_elsewhere(self, cell: Outcome, run: Any) -> None:
+        cell.status, cell.run_id, self.taken = Status.SKIPPED, run.info.run_id, self.taken + 1
+        cell.metrics = dict(run.data.metrics)
+        cell.objective = objective_from(self.conf, cell.metrics) if run.info.status == "FINISHED" else None
 
     def exhausted(self) -> bool:
-        return True  # the cells are all known up front
+        return not self._elsewhere and not self._again  # every cell known up front is done or ours
 
     def wait_outside(self) -> None:
-        return None
+        """Only other processes' cells are left: wait for them to end. A cell whose process
+        died (on this host by its PID; on another, through PostgreSQL) is claimed again."""
+        time.sleep(1.0)
+        for index, run_id in list(self._elsewhere.items()):
+            run = self.tracker.client.get_run(run_id)
+            if run.info.status == "RUNNING" and self.tracker.owner_alive(run):
+                continue
+            del self._elsewhere[index]
+            cell = next(c for c in self.outcomes if c.index == index)
+            run = self.tracker.client.get_run(run_id)
+            if run.info.status == "FINISHED":
+                self._done_elsewhere(cell, run)
+            else:  # it died with its process, or failed there: this grid runs it
+                self._again.append(cell)
 
     def record(self, job: Job, result: JobResult) -> None:
+        if job.spec.run_id:
+            self.tracker.release(job.spec.run_id)
         if not result.run_id and job.spec.run_id:  # its worker died before it could end the run
             result.run_id = job.spec.run_id
             if self.tracker.client.get_run(job.spec.run_id).info.status == "RUNNING":
@@ -194,6 +228,8 @@ class Grid:
 
     def abandon(self, job: Job) -> None:
         job.outcome.status = Status.KILLED
+        if job.spec.run_id:
+            self.tracker.release(job.spec.run_id)
 
 
 def objective_from(conf: KmrunConf, metrics: dict[str, float]) -> Any:

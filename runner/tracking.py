@@ -212,6 +212,7 @@ class Tracker:
     def __init__(self, uri: str, experiment_name: str) -> None:
         self.uri = uri
         self.experiment_name = experiment_name
+        self._run_locks: RunLocks | None = None
         _quiet_store_logs()
         _check_reachable(uri)
         try:
@@ -232,6 +233,14 @@ class Tracker:
                 "Use sqlite:///PATH/mlflow.db, postgresql://USER@HOST/DB, http(s)://HOST:PORT of an MLflow server, or "
                 "leave it null for the embedded store (mlflow.db in the working directory)."
             ) from None
+
+    @property
+    def _locks(self) -> RunLocks | None:
+        if self.uri.split(":", 1)[0].split("+", 1)[0] not in ("postgresql", "postgres"):
+            return None
+        if self._run_locks is None:
+            self._run_locks = RunLocks(self.uri)
+        return self._run_locks
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -272,9 +281,38 @@ class Tracker:
             for run in found:
                 same = fingerprint is None or run.data.tags.get("kmrun.fingerprint") == fingerprint
                 if same and ((run.info.status == "FINISHED" and not rerun) or (
-                        run.info.status == "RUNNING" and _owner_alive(run.data.tags))):
+                        run.info.status == "RUNNING" and self.owner_alive(run))):
                     return None, run
-            return self.start(run_name, {**tags, "kmrun.config_hash": config_hash}, parent_id), None
+            run_id = self.start(run_name, {**tags, "kmrun.config_hash": config_hash}, parent_id)
+            self.hold(run_id)
+            return run_id, None
+
+    def owner_alive(self, run: Any) -> bool:
+        """Whether the process that owns a RUNNING run lives. On its own host, by its PID.
+        On another host, through PostgreSQL: the owner holds an advisory lock on the run
+        for as long as it lives (PostgreSQL drops it with the owner's connection); other
+        stores cannot tell, so the owner is taken to live. A dead owner's run is marked
+        FAILED (kmrun.stale) here."""
+        tags = run.data.tags
+        if tags.get("kmrun.host") == host_name():
+            alive_now = _owner_alive(tags)
+        elif self._locks is None:
+            return True
+        else:
+            alive_now = not self._locks.free(run.info.run_id)
+        if not alive_now:
+            self.client.set_tag(run.info.run_id, "kmrun.stale", "true")
+            self.finish(run.info.run_id, "FAILED")
+        return alive_now
+
+    def hold(self, run_id: str) -> None:
+        """Say, for as long as this process lives, that it owns ``run_id`` (PostgreSQL only)."""
+        if self._locks is not None:
+            self._locks.hold(run_id)
+
+    def release(self, run_id: str) -> None:
+        if self._locks is not None:
+            self._locks.release(run_id)
 
     def adopt(self, run_id: str) -> None:
         """Take over a run started for this job (``claim``): a worker process now owns it,
@@ -368,6 +406,47 @@ def creation_lock(url: str) -> Iterator[None]:
             yield
     else:
         yield
+
+
+class RunLocks:
+    """Session-level PostgreSQL advisory locks, one per run a process owns. PostgreSQL
+    releases them when the owner's connection ends (its process died, on any host), which
+    is how another host tells a dead owner from a live one without heartbeats of its own."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        self._engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=NullPool)
+        self._held: dict[str, Any] = {}
+
+    @staticmethod
+    def _key(run_id: str) -> int:
+        return int(run_id[:15], 16)  # 60 bits: a bigint
+
+    def hold(self, run_id: str) -> None:
+        import sqlalchemy
+
+        connection = self._engine.connect()
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._key(run_id)})
+        connection.commit()
+        self._held[run_id] = connection
+
+    def release(self, run_id: str) -> None:
+        connection = self._held.pop(run_id, None)
+        if connection is not None:
+            connection.close()  # the session ends, and its lock with it
+
+    def free(self, run_id: str) -> bool:
+        """Whether nobody holds the run's lock (its owner is gone)."""
+        import sqlalchemy
+
+        key = {"key": self._key(run_id)}
+        with self._engine.connect() as connection:
+            got = connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), key).scalar()
+            if got:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
+        return bool(got)
 
 
 @contextmanager

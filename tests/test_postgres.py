@@ -171,3 +171,37 @@ def test_two_hosts_with_two_workers_share_one_grid_each_cell_once(tmp_path_facto
     assert len(children) == 12 and all(r.info.status == "FINISHED" for r in children)
     assert len({r.data.params["model.C"] for r in children}) == 12  # each cell exactly once
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_host_killed_mid_cell_has_its_cell_run_again_by_the_other(tmp_path_factory, template_store, postgres):
+    track = postgres("track_grid_kill")
+    values = ",".join(str(100 + 50 * i) for i in range(4))
+    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=5000",
+            f"mlflow.tracking_uri={track}"]
+    a, b = host(tmp_path_factory, template_store, "cells_a"), host(tmp_path_factory, template_store, "cells_b")
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
+    victim = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=a.path, env={**env, "KMRUN_HOST": "a"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while True:
+        assert time.time() < deadline, "host a never had a cell running"
+        time.sleep(0.3)
+        try:
+            running = [r for r in trial_runs(track) if r.data.tags.get("kmrun.role") == "child"
+                       and r.info.status == "RUNNING"]
+        except Exception:  # the store is not created yet
+            continue
+        if running:
+            break
+    os.killpg(victim.pid, signal.SIGKILL)  # the whole host, mid-cell
+    victim.wait()
+
+    done = b.kmrun(*args, env={"KMRUN_HOST": "b"}, timeout=600)  # b cannot see a's PIDs
+    assert done.code == 0, done.text[-3000:]
+    runs = trial_runs(track)
+    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(float(r.data.params["model.C"]) for r in finished) == [100, 150, 200, 250]  # each cell once
+    orphan = next(r for r in children if r.info.run_id == running[0].info.run_id)
+    assert orphan.info.status == "FAILED" and orphan.data.tags.get("kmrun.stale") == "true"
+    assert not [r for r in runs if r.info.status == "RUNNING"]
