@@ -27,6 +27,7 @@ Subcommands (kmrun SUBCOMMAND --help for their options):
   show        one run: params, metrics, tags, artifacts, config, reproduce command
   reproduce   rerun a run with its exact composed config and compare metrics
   promote     write a run's params to conf/experiment/NAME.yaml
+  join        join a sweep started elsewhere (its parent run id): share its cells or trials
   register    register a run's model in MLflow's Model Registry (--name, --alias)
   models      registered models, their versions and aliases, and their runs' metric
   serve       serve a model over HTTP on 127.0.0.1: NAME, NAME/VERSION, NAME@ALIAS or a run
@@ -295,8 +296,8 @@ def _leave_now(signum: int, frame: object) -> None:
     os._exit(130)
 
 
-SUBCOMMANDS = ("runs", "best", "show", "reproduce", "promote", "register", "models", "serve", "ui", "dashboard", "init",
-               "cache")
+SUBCOMMANDS = ("runs", "best", "show", "reproduce", "promote", "join", "register", "models", "serve", "ui", "dashboard",
+               "init", "cache")
 
 
 def subcommand(args: list[str]) -> int:
@@ -339,6 +340,8 @@ def subcommand(args: list[str]) -> int:
     p.add_argument("run_id")
     p.add_argument("--name", required=True)
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p = command("join", "Join a sweep started elsewhere: run its recorded command here, sharing its jobs.")
+    p.add_argument("run_id", help="the sweep's parent run id (or a unique prefix)")
     p = command("register", "Register a run's model in MLflow's Model Registry.")
     p.add_argument("run_id", help="a run id (or a unique prefix) whose run logged a model")
     p.add_argument("--name", required=True, help="the registered model's name")
@@ -384,6 +387,8 @@ def _subcommand(options: Any) -> int:
         return 0
     from . import commands
 
+    if options.command == "join":  # the sweep's own command, run as if typed here
+        return main(commands.join(options))
     if options.command in ("register", "models", "serve"):
         from . import registry
 

@@ -147,6 +147,31 @@ def resolve_run(client: MlflowClient, store: Store, prefix: str) -> Run:
     )
 
 
+# --- join -----------------------------------------------------------------------------
+
+
+def join(args: argparse.Namespace) -> list[str]:
+    """The command of a sweep another machine (or terminal) started, to run here with this
+    checkout and these stores (the CLI runs it). Cells and trials are shared, each runs once."""
+    import shlex
+
+    from . import terminal
+
+    store = open_store(args)
+    client = store.client()
+    run = resolve_run(client, store, args.run_id)
+    tags = run.data.tags
+    command = tags.get("kmrun.sweep")
+    if tags.get("kmrun.role") != "parent" or not command:
+        raise KmrunError(f"Run {run.info.run_id} is not a sweep's parent run. Give the id kmrun printed after "
+                         "\"parent run\" (or find it: kmrun runs).")
+    if "***" in command:
+        raise KmrunError(f"The sweep's command holds a secret, recorded as ***: type the command itself here, "
+                         f"with the value: {command}")
+    terminal.say(f"Joining the {tags.get('kmrun.kind', 'sweep')} of run {run.info.run_id}:\n  {command}")
+    return shlex.split(command)[1:]
+
+
 # --- runs -----------------------------------------------------------------------------
 
 

@@ -184,6 +184,23 @@ def test_two_identical_grids_started_together_run_each_cell_once(ws):
     assert len(children) == 4 and ws.running() == 0
 
 
+def test_kmrun_join_shares_a_running_grid_by_its_parent_run_id(ws):
+    first = start(ws, SLOW_GRID)
+    wait_for(ws, RUNNING_CHILD, 1)
+    parent = next(r for r in ws.runs() if r.data.tags.get("kmrun.role") == "parent")
+    joined = ws.kmrun("join", parent.info.run_id[:12])
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, out + err
+    assert joined.code == 0 and "Joining the grid of run" in joined.out, joined.text
+    children = [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    finished = Counter(r.data.tags["kmrun.config_hash"] for r in children if r.info.status == "FINISHED")
+    assert len(finished) == 6 and set(finished.values()) == {1}, finished  # each cell once
+    assert len({r.data.tags["kmrun.pid"] for r in children}) == 2  # both processes ran cells
+    assert ws.running() == 0
+    not_parent = ws.kmrun("join", children[0].info.run_id)
+    assert not_parent.code == 2 and "is not a sweep's parent run" in not_parent.err
+
+
 def test_a_killed_worker_fails_its_job_and_the_sweep_goes_on(ws):
     proc = start(ws, SLOW_GRID + ["sweep.n_jobs=2"])
     wait_for(ws, FINISHED_CHILD, 1)
