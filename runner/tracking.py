@@ -250,8 +250,21 @@ class Tracker:
                     f"mlflow.experiment_name: experiment '{name}' is deleted in {hide_password(self.uri)}. "
                     f"Restore it (mlflow experiments restore) or pick another name."
                 )
+            self._warn_local_artifacts(found.artifact_location)
             return str(found.experiment_id)
-        return str(self.client.create_experiment(name, artifact_location=self._artifact_root(name)))
+        experiment_id = str(self.client.create_experiment(name, artifact_location=self._artifact_root(name)))
+        self._warn_local_artifacts(self.client.get_experiment(experiment_id).artifact_location)
+        return experiment_id
+
+    def _warn_local_artifacts(self, location: str) -> None:
+        """A store other machines share, with artifacts on this machine's disk: say so."""
+        shared = not self.uri.startswith(("sqlite:", "file:")) and not self.uri.startswith(("http:", "https:"))
+        if shared and (location.startswith("file:") or location.startswith("/") or "://" not in location):
+            log.warning(
+                "The MLflow store %s is shared, but this experiment's artifacts go to %s on this machine: other "
+                "machines cannot read them (kmrun show, reproduce). Serve them with an MLflow server "
+                "(mlflow server --artifacts-destination ...; mlflow.tracking_uri=http://...), or give the "
+                "experiment a shared artifact location.", hide_password(self.uri), location)
 
     def _artifact_root(self, name: str) -> str | None:
         """Beside an SQLite file, artifacts go to ``mlartifacts/`` next to it."""
