@@ -205,3 +205,11 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_by_the_other(tmp_path_fac
     orphan = next(r for r in children if r.info.run_id == running[0].info.run_id)
     assert orphan.info.status == "FAILED" and orphan.data.tags.get("kmrun.stale") == "true"
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_shared_store_whose_artifacts_stay_on_this_disk_is_warned_about(ws, postgres):
+    track = postgres("track_warn")
+    done = ws.kmrun("+experiment=baseline", f"mlflow.tracking_uri={track}", env={"COLUMNS": "1000"})
+    assert done.code == 0, done.text
+    assert "is shared, but this experiment's artifacts go to" in done.text
+    assert "other machines cannot read them" in done.text and str(ws.path) in done.text
