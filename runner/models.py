@@ -18,7 +18,8 @@ import os
 import pickle
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from difflib import get_close_matches
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,9 +112,13 @@ def save(conf: KmrunConf, project: KedroProject, params: Mapping[str, Any], data
     if folder.exists():
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    wanted = {model.dataset} if model.dataset else trained_inputs(project, model)
+    missing = sorted(name for name in wanted if name not in datasets)
+    if missing:
+        raise ModelError(f"The model needs {', '.join(missing)}, which this run did not produce (were its nodes "
+                         "left out by kedro.tags?).")
     example = _example(model, datasets, project)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per job on the terminal
-    with warnings.catch_warnings(record=True) as caught:
+    with _no_progress_bars(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if model.pipeline:
             flavor = "pyfunc"
@@ -135,9 +140,24 @@ def save(conf: KmrunConf, project: KedroProject, params: Mapping[str, Any], data
     return flavor
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar while it copies a model's files: not one per job."""
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+
+
 def publish_model(tracker: Tracker, run_id: str, folder: Path, flavor: str) -> None:
     """Upload a saved model as the run's ``model`` artifact, and drop the folder."""
-    tracker.client.log_artifacts(run_id, str(folder), MODEL_PATH)
+    with _no_progress_bars():
+        tracker.client.log_artifacts(run_id, str(folder), MODEL_PATH)
     tracker.client.set_tag(run_id, MODEL_TAG, flavor)
     shutil.rmtree(folder, ignore_errors=True)
 
