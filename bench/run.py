@@ -21,6 +21,9 @@ Contenders, on the same trials (logistic regression on the digits, C varied):
       costs far more than the model fitted on it): a kmrun study with the cache (the
       default) and with `cache=false`, against a hand loop of the same nodes. (b) runs
       with `cache=false` so that it measures kmrun's own overhead on equal work.
+  (e) many machines' stores (when PostgreSQL's server can be started here): the parallel
+      grid of (b)'s throughput figure with PostgreSQL as the tracking store, and the
+      per-trial cost of a grid against `mlflow server` on PostgreSQL over the SQLite file.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
@@ -166,23 +170,86 @@ def naive(base: Path, template: Path, n: int) -> float:
     return sum(times) / n
 
 
-def parallel(base: Path, template: Path, jobs: int) -> dict[str, float]:
+def parallel(base: Path, template: Path, jobs: int, store: Any = None) -> dict[str, float]:
     """Throughput of a CPU-bound grid (random forests) with 2 workers against 1, timed on
-    the jobs themselves (first child start to last child end)."""
+    the jobs themselves (first child start to last child end). ``store(name)`` gives a
+    fresh tracking URI per sweep (default: the workspace's SQLite file)."""
     from mlflow import MlflowClient
 
     spans = {}
     for workers in (1, 2):
         ws = workspace(base, template)
+        uri = store(f"parallel{workers}") if store else f"sqlite:///{ws / 'mlflow.db'}"
         kmrun(ws, "-m", "+experiment=forest", f"params.model.n_estimators=range(100,{100 + 25 * jobs},25)",
-              f"sweep.n_jobs={workers}")
-        client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+              f"sweep.n_jobs={workers}", f"mlflow.tracking_uri={uri}")
+        client = MlflowClient(uri)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   "tags.`kmrun.role` = 'child'", max_results=10_000)
         assert len(runs) == jobs, (len(runs), jobs)
         spans[workers] = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
     return {"parallel_jobs": jobs, "parallel_seconds_1": round(spans[1], 3),
             "parallel_seconds_2": round(spans[2], 3), "parallel_speedup": round(spans[1] / spans[2], 3)}
+
+
+def postgres(base: Path, template: Path, jobs: int, n: int) -> dict[str, Any]:
+    """(e) Many machines' stores: the parallel grid with PostgreSQL as the tracking store,
+    and the marginal per-trial cost of a grid against `mlflow server` on PostgreSQL over
+    the local SQLite file. Left out (with the reason) when PostgreSQL cannot start here."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import pgcluster
+
+    why = pgcluster.unavailable()
+    if why:
+        return {"postgres": f"not measured: {why}"}
+    cluster = pgcluster.Cluster()
+    server = None
+    try:
+        figures = parallel(base, template, jobs, store=cluster.database)
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", cluster.database("server"),
+             "--artifacts-destination", str(base / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health")
+
+        def grid(uri: str, cells: int) -> float:
+            return kmrun(workspace(base, template), "-m", "+experiment=baseline", f"params.model.C={values(cells)}",
+                         "cache=false", f"mlflow.tracking_uri={uri}", f"mlflow.experiment_name=e{time.time_ns()}")
+
+        remote = (grid(url, BASE_TRIALS + n) - grid(url, BASE_TRIALS)) / n
+        local = (grid("null", BASE_TRIALS + n) - grid("null", BASE_TRIALS)) / n
+        return {"postgres_parallel_seconds_1": figures["parallel_seconds_1"],
+                "postgres_parallel_seconds_2": figures["parallel_seconds_2"],
+                "postgres_workers_speedup": figures["parallel_speedup"],
+                "server_seconds_per_trial": round(remote, 4), "sqlite_seconds_per_trial": round(local, 4),
+                "server_overhead_ratio": round(remote / local, 3)}
+    finally:
+        if server is not None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+        cluster.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, seconds: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"{url} did not answer in {seconds} s")
 
 
 def startup(base: Path, template: Path) -> dict[str, float]:
@@ -315,6 +382,7 @@ def main() -> None:
             runs_query(base, template, n["store_runs"]), 3)
         results.setdefault("runs_query_seconds_500", results.get("runs_query_seconds_small"))
         results.update(show_lookup(base, template, SMALL_STORE, n["big_store"]))
+        results.update(postgres(base, template, n["parallel_jobs"], n["trials"]))
     results["bench_seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -2,63 +2,39 @@
 
 Hosts are simulated honestly: separate working copies and separate ``KMRUN_HOST``
 identities, all reaching PostgreSQL on loopback, so that a process cannot tell another
-host's process is dead by its PID and must rely on Optuna's heartbeats.
+host's process is dead by its PID and must rely on Optuna's heartbeats (studies) or
+PostgreSQL's advisory locks (grids).
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from conftest import make_workspace
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import pgcluster
+
 pytestmark = pytest.mark.slow
-
-
-def _bindir() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return str(Path(found[-1]).parent) if found else None
 
 
 @pytest.fixture(scope="module")
 def postgres():
-    """A PostgreSQL cluster in a temp dir, on 127.0.0.1 with trust auth; stopped at the end."""
+    """A PostgreSQL cluster in a temp dir, on 127.0.0.1 with trust auth; stopped at the end.
+    ``postgres(name)`` makes a database and returns its URL."""
     pytest.importorskip("psycopg", reason="the postgres extra (psycopg 3) is not installed")
-    bindir = _bindir()
-    if bindir is None or shutil.which("runuser") is None or os.geteuid() != 0:
-        pytest.skip("PostgreSQL's server is not installed (apt-get install -y postgresql), or not root to run it")
-    data = tempfile.mkdtemp(prefix="kmrun-pg-")
-    shutil.chown(data, "postgres", "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    def as_postgres(*args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, text=True)
-
-    as_postgres(f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres")
-    as_postgres(f"{bindir}/pg_ctl", "-D", data, "-l", f"{data}/server.log", "-w", "start",
-                "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=300")
-    made = []
-
-    def database(name: str) -> str:
-        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q", "-c",
-                        f"create database {name}"], check=True, capture_output=True)
-        made.append(name)
-        return f"postgresql://postgres@127.0.0.1:{port}/{name}"
-
-    yield database
-    as_postgres(f"{bindir}/pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
-    shutil.rmtree(data, ignore_errors=True)
+    why = pgcluster.unavailable()
+    if why:
+        pytest.skip(why)
+    cluster = pgcluster.Cluster()
+    yield cluster.database
+    cluster.stop()
 
 
 def host(tmp_path_factory, template_store, name: str):
