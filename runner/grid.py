@@ -90,6 +90,8 @@ class Grid:
         self._compose = JobComposer(composer, base)
         self._conf_dir, self._base_dir = composer.config_dir, composer.base_dir
         self._todo: list[Outcome] = []
+        self._elsewhere: dict[int, str] = {}  # cell index -> the run another process runs it in
+        self._again: list[Outcome] = []  # cells whose other process died: to claim again
 
     def check(self, open_store: bool) -> None:
         """Compose and check every cell before any runs; report every distinct problem once."""
@@ -157,8 +159,7 @@ class Grid:
                 tags={"kmrun.role": "child", "kmrun.cell": str(cell.index), "kmrun.sweep_key": self.key},
             )
         self._queue = iter(self._todo)
-        self._elsewhere: dict[int, str] = {}  # cell index -> the run another process runs it in
-        self._again: list[Outcome] = []  # cells whose other process died: to claim again
+        self._elsewhere, self._again = {}, []
 
     # the engine's Source protocol
     @property

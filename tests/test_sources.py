@@ -22,14 +22,31 @@ class StoreStub:
                  tags: dict[str, str] | None = None) -> None:
         self.finished = finished or {}  # config hash -> run id
         self.tags = tags or {}  # more tags of each finished run (its fingerprint)
-        self.taken = taken  # config hashes another process is running
+        self.taken = set(taken)  # config hashes another process is running
         self.ended: list[tuple[str, str]] = []
+        self.elsewhere = "RUNNING"  # how the other process's run stands when looked at again
+        self.owner_lives = True
+        self.client = SimpleNamespace(get_run=lambda run_id: self._run(run_id.removeprefix("elsewhere-"),
+                                                                       self.elsewhere))
+
+    @staticmethod
+    def _run(config_hash, status):
+        return SimpleNamespace(info=SimpleNamespace(run_id=f"elsewhere-{config_hash}", status=status),
+                               data=SimpleNamespace(metrics={"accuracy": 0.7} if status == "FINISHED" else {}))
 
     def claim(self, config_hash, run_name, tags, parent_id, rerun=False, fingerprint=None):
         if config_hash in self.taken:
-            return None, SimpleNamespace(info=SimpleNamespace(run_id="elsewhere", status="RUNNING"),
-                                         data=SimpleNamespace(metrics={}))
+            return None, self._run(config_hash, "RUNNING")
         return f"run-{config_hash[:4]}", None
+
+    def owner_alive(self, run) -> bool:
+        if not self.owner_lives:  # the real store marks the run FAILED: the cell is free again
+            self.taken.discard(run.info.run_id.removeprefix("elsewhere-"))
+            self.elsewhere = "FAILED"
+        return self.owner_lives
+
+    def release(self, run_id: str) -> None:
+        return None
 
     def search(self, filter_string: str, max_results: int = 0) -> list:
         if "'child'" not in filter_string:
@@ -93,9 +110,12 @@ def test_resume_skips_finished_cells_and_the_rest_get_parent_and_own_dirs(compos
     assert grid.outcomes[1].status is Status.SKIPPED and grid.outcomes[1].run_id == "done-run"
     grid.start(store, "parent-1", tmp_path)
     jobs = [grid.next(), grid.next(), grid.next()]
-    assert jobs[2] is None and grid.exhausted()
+    assert jobs[2] is None and not grid.exhausted()  # cell 3 runs in another process: waited for
     assert [j.outcome.index for j in jobs[:2]] == [0, 2]
-    assert grid.outcomes[3].status is Status.SKIPPED and grid.taken == 1  # another process has it
+    store.elsewhere = "FINISHED"
+    grid.wait_outside()  # ... which finished it
+    assert grid.exhausted() and grid.outcomes[3].status is Status.SKIPPED and grid.taken == 1
+    assert grid.outcomes[3].metrics == {"accuracy": 0.7}
     assert jobs[0].spec.run_id == f"run-{grid.specs[0].config_hash[:4]}"
     assert {j.spec.parent_run_id for j in jobs[:2]} == {"parent-1"}
     assert [Path(j.spec.output_dir) for j in jobs[:2]] == [tmp_path / "0", tmp_path / "2"]
@@ -105,6 +125,20 @@ def test_resume_skips_finished_cells_and_the_rest_get_parent_and_own_dirs(compos
     stale = StoreStub({grid.specs[1].config_hash: "old-run"}, tags={**grid.specs[1].fingerprint.tags(),
                                                                       "kmrun.fp.code": "0", "kmrun.fingerprint": "0"})
     assert grid.resume(stale, rerun=False) == (0, None) and grid.stale == ["code"]  # code changed: runs again
+
+
+def test_a_cell_whose_other_process_died_is_claimed_again(composer, tmp_path):
+    grid = grid_of(composer, ["+experiment=baseline", "params.model.C=0.1,1"])
+    grid.check(open_store=False)
+    store = StoreStub(taken={grid.specs[1].config_hash})
+    grid.resume(store, rerun=False)
+    grid.start(store, "parent-1", tmp_path)
+    first, second = grid.next(), grid.next()
+    assert first.outcome.index == 0 and second is None and not grid.exhausted()
+    store.owner_lives = False
+    grid.wait_outside()  # its owner is gone: the cell is this grid's again
+    again = grid.next()
+    assert again is not None and again.outcome.index == 1 and grid.exhausted()
 
 
 def test_a_study_asks_until_its_target_and_records_trials(composer, tmp_path):
