@@ -1,7 +1,7 @@
 """kmrun's benchmark: per-trial overhead, parallel throughput and start-up.
 
-    python bench/run.py            # the full run (about 5 minutes here)
-    python bench/run.py --quick    # under 3 minutes
+    python bench/run.py            # the full run (about 7 minutes here)
+    python bench/run.py --quick    # under 4 minutes
     python bench/run.py --tiny     # a smoke run for the test suite; its figures mean nothing
 
 Every figure is a ratio or a time measured within this one run, on this machine. The
@@ -334,7 +334,7 @@ def _version(package: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer trials: under 3 minutes")
+    mode.add_argument("--quick", action="store_true", help="fewer trials: under 4 minutes")
     mode.add_argument("--tiny", action="store_true", help="one trial each: a smoke test, figures mean nothing")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args()
