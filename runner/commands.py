@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -316,24 +314,11 @@ def recorded_config(args: argparse.Namespace, run_id: str) -> tuple[Store, Run, 
 
 def _config_text(client: MlflowClient, run: Run) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        with _no_progress_bar():
+        from .models import no_progress_bars
+
+        with no_progress_bars():
             path = client.download_artifacts(run.info.run_id, "config.yaml", tmp)
         return Path(path).read_text(encoding="utf-8")
-
-
-@contextmanager
-def _no_progress_bar() -> Iterator[None]:
-    """MLflow's download progress bar (on stderr, even without a terminal) has no other
-    switch than this variable; it is set for the download only."""
-    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
 
 
 # --- reproduce, promote ---------------------------------------------------------------

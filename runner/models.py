@@ -118,7 +118,7 @@ def save(conf: KmrunConf, project: KedroProject, params: Mapping[str, Any], data
         raise ModelError(f"The model needs {', '.join(missing)}, which this run did not produce (were its nodes "
                          "left out by kedro.tags?).")
     example = _example(model, datasets, project)
-    with _no_progress_bars(), warnings.catch_warnings(record=True) as caught:
+    with no_progress_bars(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if model.pipeline:
             flavor = "pyfunc"
@@ -141,8 +141,9 @@ def save(conf: KmrunConf, project: KedroProject, params: Mapping[str, Any], data
 
 
 @contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """MLflow draws a progress bar while it copies a model's files: not one per job."""
+def no_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar (on stderr, even without a terminal) while it copies
+    artifacts, and has no other switch than this variable: it is set for the copy only."""
     saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
@@ -156,7 +157,7 @@ def _no_progress_bars() -> Iterator[None]:
 
 def publish_model(tracker: Tracker, run_id: str, folder: Path, flavor: str) -> None:
     """Upload a saved model as the run's ``model`` artifact, and drop the folder."""
-    with _no_progress_bars():
+    with no_progress_bars():
         tracker.client.log_artifacts(run_id, str(folder), MODEL_PATH)
     tracker.client.set_tag(run_id, MODEL_TAG, flavor)
     shutil.rmtree(folder, ignore_errors=True)

@@ -15,12 +15,12 @@ import socket
 import subprocess
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from .errors import TrackingError
+from .locks import RunLocks, creation_lock
 
 if TYPE_CHECKING:
     import optuna
@@ -285,8 +285,9 @@ class Tracker:
               rerun: bool = False, fingerprint: str | None = None) -> tuple[str | None, Any]:
         """Start the child run of a grid cell, unless another process has it: a FINISHED
         child of the same config hash, or a RUNNING one whose process lives. Checked and
-        started under one lock beside an SQLite store, so that two identical grids started
-        together run each cell once (with ``rerun``, only a RUNNING one counts). Returns the
+        started under one lock (a file beside SQLite, an advisory lock in PostgreSQL), so
+        that two grids started together run each cell once (with ``rerun``, only a RUNNING
+        one counts). Returns the
         new run's id, or None and the run that has the cell."""
         with creation_lock(self.uri):
             found = self.search(
@@ -403,96 +404,6 @@ class Tracker:
 
     def run_url(self, run_id: str) -> str:
         return f"#/experiments/{self.experiment_id}/runs/{run_id}"
-
-
-@contextmanager
-def creation_lock(url: str) -> Iterator[None]:
-    """Hold an exclusive lock while a store is created or migrated, so that processes
-    starting at once on an empty store do not race each other's schema creation: a file
-    lock beside a local SQLite file, an advisory lock in a PostgreSQL database (every host
-    sees it). Other URLs take no lock."""
-    if url.startswith("sqlite:///"):
-        with _file_lock(Path(url.removeprefix("sqlite:///").split("?", 1)[0])):
-            yield
-    elif url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
-        with _advisory_lock(url):
-            yield
-    else:
-        yield
-
-
-class RunLocks:
-    """Session-level PostgreSQL advisory locks, one per run a process owns. PostgreSQL
-    releases them when the owner's connection ends (its process died, on any host), which
-    is how another host tells a dead owner from a live one without heartbeats of its own."""
-
-    def __init__(self, url: str) -> None:
-        import sqlalchemy
-        from sqlalchemy.pool import NullPool
-
-        self._engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=NullPool)
-        self._held: dict[str, Any] = {}
-
-    @staticmethod
-    def _key(run_id: str) -> int:
-        return int(run_id[:15], 16)  # 60 bits: a bigint
-
-    def hold(self, run_id: str) -> None:
-        import sqlalchemy
-
-        connection = self._engine.connect()
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._key(run_id)})
-        connection.commit()
-        self._held[run_id] = connection
-
-    def release(self, run_id: str) -> None:
-        connection = self._held.pop(run_id, None)
-        if connection is not None:
-            connection.close()  # the session ends, and its lock with it
-
-    def free(self, run_id: str) -> bool:
-        """Whether nobody holds the run's lock (its owner is gone)."""
-        import sqlalchemy
-
-        key = {"key": self._key(run_id)}
-        with self._engine.connect() as connection:
-            got = connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), key).scalar()
-            if got:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
-        return bool(got)
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-CREATION_LOCK_KEY = 0x6B6D72756E  # "kmrun": one advisory lock id, shared by every kmrun process
-
-
-@contextmanager
-def _advisory_lock(url: str) -> Iterator[None]:
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=NullPool)
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": CREATION_LOCK_KEY})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": CREATION_LOCK_KEY})
-    finally:
-        engine.dispose()
 
 
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
