@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -88,6 +89,13 @@ class Workspace:
             if "not a database" in str(err):  # a test damaged it on purpose: it holds no run at all
                 return 0
             raise
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on, on 127.0.0.1 (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_workspace(tmp_path: Path, template_store: Path) -> Workspace:

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, make_workspace
+from conftest import Workspace, free_port, make_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -154,12 +153,6 @@ def test_bad_subcommand_input_exits_2_with_guidance(store, tmp_path):
 def test_an_empty_store_says_so(ws):
     done = ws.kmrun("runs")
     assert done.code == 2 and "No runs in" in done.err and "kmrun +experiment=baseline" in done.err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ui_answers_on_localhost(store):

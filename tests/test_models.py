@@ -15,14 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def images(ws) -> pd.DataFrame:

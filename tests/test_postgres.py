@@ -42,6 +42,29 @@ def host(tmp_path_factory, template_store, name: str):
     return make_workspace(tmp_path_factory.mktemp(name), template_store)
 
 
+def launch(ws, args: list[str], host_name: str, **kwargs) -> subprocess.Popen:
+    """kmrun in that working copy, as that host."""
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KMRUN_HOST": host_name}
+    return subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path, env=env, **kwargs)
+
+
+def kill_host_when(ws, args: list[str], ready, what: str) -> None:
+    """Start kmrun as host "a", wait until ``ready()`` is true, then kill -9 its whole
+    process tree (the host dies mid-job)."""
+    victim = launch(ws, args, "a", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while True:
+        assert time.time() < deadline, f"host a never had {what} running"
+        time.sleep(0.3)
+        try:
+            if ready():
+                break
+        except Exception:  # the store or the study is not created yet
+            continue
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+
+
 def optuna_study(storage: str, name: str = "tune"):
     import optuna
 
@@ -77,9 +100,7 @@ def test_four_hosts_start_at_once_on_empty_databases_and_share_one_study(tmp_pat
     args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=16", f"study.storage={storage}",
             f"mlflow.tracking_uri={track}"]
     hosts = [host(tmp_path_factory, template_store, f"host{i}") for i in range(4)]
-    procs = [subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=h.path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KMRUN_HOST": f"host{i}"})
+    procs = [launch(h, args, f"host{i}", text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i, h in enumerate(hosts)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n---\n".join(o[-2000:] for o in outputs)
@@ -103,21 +124,15 @@ def test_a_host_killed_mid_trial_is_failed_by_heartbeat_and_leaves_nothing_runni
     args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=4", f"study.storage={storage}",
             f"mlflow.tracking_uri={track}", "params.model.max_iter=5000", "params.model.C=tag(log, interval(100, 1000))"]
     a, b = host(tmp_path_factory, template_store, "host_a"), host(tmp_path_factory, template_store, "host_b")
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
-    victim = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=a.path, env={**env, "KMRUN_HOST": "a"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while True:
-        assert time.time() < deadline, "host a never had a trial running"
-        time.sleep(0.5)
-        try:
-            trials = optuna_study(storage).trials
-        except Exception:  # not created yet
-            continue
-        if any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in trials):
-            break
-    os.killpg(victim.pid, signal.SIGKILL)  # the whole host: kmrun and its workers
-    victim.wait()
+
+    from mlflow import MlflowClient
+
+    def running_trial() -> bool:  # a trial mid-pipeline: its MLflow run, too, is still RUNNING
+        return any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+                   and MlflowClient(track).get_run(t.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
+                   for t in optuna_study(storage).trials)
+
+    kill_host_when(a, args, running_trial, "a trial")  # the whole host: kmrun and its workers
     dead = next(t for t in optuna_study(storage).trials if t.state == optuna.trial.TrialState.RUNNING)
 
     done = b.kmrun(*args, env={"KMRUN_HOST": "b"}, timeout=600)  # host b cannot see a's PIDs
@@ -136,9 +151,7 @@ def test_two_hosts_with_two_workers_share_one_grid_each_cell_once(tmp_path_facto
     values = ",".join(str(round(0.05 * 1.5**i, 5)) for i in range(12))
     args = ["-m", "+experiment=baseline", f"params.model.C={values}", "sweep.n_jobs=2", f"mlflow.tracking_uri={track}"]
     hosts = [host(tmp_path_factory, template_store, f"grid{i}") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=h.path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KMRUN_HOST": f"grid{i}"})
+    procs = [launch(h, args, f"grid{i}", text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i, h in enumerate(hosts)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
@@ -155,22 +168,14 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_by_the_other(tmp_path_fac
     args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=5000",
             f"mlflow.tracking_uri={track}"]
     a, b = host(tmp_path_factory, template_store, "cells_a"), host(tmp_path_factory, template_store, "cells_b")
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
-    victim = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=a.path, env={**env, "KMRUN_HOST": "a"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while True:
-        assert time.time() < deadline, "host a never had a cell running"
-        time.sleep(0.3)
-        try:
-            running = [r for r in trial_runs(track) if r.data.tags.get("kmrun.role") == "child"
-                       and r.info.status == "RUNNING"]
-        except Exception:  # the store is not created yet
-            continue
-        if running:
-            break
-    os.killpg(victim.pid, signal.SIGKILL)  # the whole host, mid-cell
-    victim.wait()
+    running: list = []
+
+    def running_cell() -> bool:
+        running[:] = [r for r in trial_runs(track) if r.data.tags.get("kmrun.role") == "child"
+                      and r.info.status == "RUNNING"]
+        return bool(running)
+
+    kill_host_when(a, args, running_cell, "a cell")  # the whole host, mid-cell
 
     done = b.kmrun(*args, env={"KMRUN_HOST": "b"}, timeout=600)  # b cannot see a's PIDs
     assert done.code == 0, done.text[-3000:]
