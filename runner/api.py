@@ -126,6 +126,8 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
     tracker = runtime.current().tracker(grid.first.uri, grid.first.experiment_name)
     tracker.fail_stale_runs()
     skipped, previous = grid.resume(tracker, conf.sweep.rerun)
+    if conf.sweep.storage:
+        grid.share(conf.sweep.storage)
     if skipped or grid.stale:
         why = f": {' and '.join(grid.stale)} changed since the finished runs" if grid.stale else ""
         if grid.stale == ["unrecorded"]:
@@ -142,9 +144,12 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
         tracker.log_text(parent_id, redact.text(outcome.command + "\n\n" + definition + "\n"), "sweep.txt")
     outcome.parent_run_id = parent_id
     grid.start(tracker, parent_id, jobs_dir)
-    return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo,
-                    shared=[grid.specs[c.index] for c in grid.outcomes if c.status is Status.NOT_STARTED],
-                    jobs_dir=jobs_dir, best_model=_best_model(conf, jobs_dir, conf.sweep.register_best))
+    try:
+        return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo,
+                        shared=[grid.specs[c.index] for c in grid.outcomes if c.status is Status.NOT_STARTED],
+                        jobs_dir=jobs_dir, best_model=_best_model(conf, jobs_dir, conf.sweep.register_best))
+    finally:
+        grid.close()
 
 
 def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str], command: str, echo: bool,

@@ -8,9 +8,11 @@ so running the same command again resumes the sweep.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import itertools
 import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,13 +23,17 @@ from .engine import Job
 from .errors import ConfigError, KmrunError
 from .job import JobSpec, prepare
 from .records import JobResult, Outcome, Status
+from .tracking import process_tags
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
 
+    from .board import Board
     from .compose import Composer
     from .schema import KmrunConf
     from .tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 NOT_SWEEPABLE = ("mlflow", "sweep", "study", "objective", "metrics", "verbose", "cache",
                  "kedro.project_path", "kedro.env", "hydra")
@@ -92,6 +98,9 @@ class Grid:
         self._todo: list[Outcome] = []
         self._elsewhere: dict[int, str] = {}  # cell index -> the run another process runs it in
         self._again: list[Outcome] = []  # cells whose other process died: to claim again
+        self.board: Board | None = None  # with sweep.storage: the cells, shared through Optuna
+        self._open: dict[str, list[Outcome]] = {}  # on the board: cells not yet ended, by identity
+        self._unknown: set[int] = set()  # cells of another host whose liveness no lock tells
 
     def check(self, open_store: bool) -> None:
         """Compose and check every cell before any runs; report every distinct problem once."""
@@ -125,6 +134,7 @@ class Grid:
         it is claimed). Returns how many, and the parent run this grid had before (None for
         a new one). ``stale`` says what changed for cells that ran before but run again."""
         self._todo, self.stale = list(self.outcomes), []
+        self.since = datetime.datetime.now()  # what a board's trials ended after, this store has not seen
         if rerun:
             return 0, None
         done: dict[str, list[Any]] = {}
@@ -160,6 +170,19 @@ class Grid:
             )
         self._queue = iter(self._todo)
         self._elsewhere, self._again = {}, []
+        if self.board is not None:
+            from .board import cell_of
+
+            self._open = {}
+            for cell in self._todo:
+                self._open.setdefault(cell_of(self.specs[cell.index]), []).append(cell)
+            self.board.queue(self._open)
+
+    def share(self, url: str) -> None:
+        """Share the cells through the Optuna storage at ``url`` (``sweep.storage``)."""
+        from .board import Board
+
+        self.board = Board(url, self.key, self.since)
 
     # the engine's Source protocol
     @property
@@ -169,6 +192,8 @@ class Grid:
     def next(self) -> Job | None:
         """The next cell no other process has taken; its child run is started here. A cell
         another process runs now is waited for (``wait_outside``), not skipped."""
+        if self.board is not None:
+            return self._take()
         while self._again:
             job = self._claim(self._again.pop(0))
             if job is not None:
@@ -194,21 +219,42 @@ class Grid:
         self.specs[cell.index] = spec = replace(spec, run_id=run_id)
         return Job(spec, cell)
 
+    def _take(self) -> Job | None:
+        """A cell off the board (one no other process took), with its child run started."""
+        taken = self.board.take(self._open) if self.board is not None else None
+        if taken is None:
+            return None
+        trial_id, identity = taken
+        cell = self._open[identity][0]
+        spec = self.specs[cell.index]
+        tags = {**spec.tags, **(spec.fingerprint.tags() if spec.fingerprint else {}),
+                "kmrun.config_hash": spec.config_hash}
+        run_id = self.tracker.start(spec.run_name, tags, spec.parent_run_id)
+        self.board.attach(trial_id, run_id)
+        self.specs[cell.index] = spec = replace(spec, run_id=run_id)
+        return Job(spec, cell, token=(trial_id, identity))
+
     def _done_elsewhere(self, cell: Outcome, run: Any) -> None:
         cell.status, cell.run_id, self.taken = Status.SKIPPED, run.info.run_id, self.taken + 1
         cell.metrics = dict(run.data.metrics)
         cell.objective = objective_from(self.conf, cell.metrics) if run.info.status == "FINISHED" else None
 
     def exhausted(self) -> bool:
+        if self.board is not None:
+            return not self._open
         return not self._elsewhere and not self._again  # every cell known up front is done or ours
 
     def wait_outside(self) -> None:
         """Only other processes' cells are left: wait for them to end. A cell whose process
-        died (on this host by its PID; on another, through PostgreSQL) is claimed again."""
+        died (on this host by its PID; on another, through PostgreSQL, or the board's
+        heartbeats) is claimed again."""
         time.sleep(1.0)
+        if self.board is not None:
+            return self._wait_board()
         for index, run_id in list(self._elsewhere.items()):
             run = self.tracker.client.get_run(run_id)
             if run.info.status == "RUNNING" and self.tracker.owner_alive(run):
+                self._warn_unknown(index, run)
                 continue
             del self._elsewhere[index]
             cell = next(c for c in self.outcomes if c.index == index)
@@ -218,7 +264,39 @@ class Grid:
             else:  # it died with its process, or failed there: this grid runs it
                 self._again.append(cell)
 
+    def _wait_board(self) -> None:
+        """Fail the cells of dead processes (their runs end FAILED) and queue them again;
+        take in the cells others ended."""
+        assert self.board is not None
+        for trial in self.board.fail_dead():
+            if trial.user_attrs.get("mlflow_run_id"):
+                self.tracker.end_stale(trial.user_attrs["mlflow_run_id"])
+        self.board.queue(self._open)
+        for identity, trial in self.board.settled(self._open).items():
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            for cell in self._open.pop(identity):
+                if run_id:
+                    self._done_elsewhere(cell, self.tracker.client.get_run(run_id))
+                else:
+                    cell.status, self.taken = Status.SKIPPED, self.taken + 1
+
+    def _warn_unknown(self, index: int, run: Any) -> None:
+        """Once per cell: another host runs it, and this store cannot tell if that host lives."""
+        if index in self._unknown or run.data.tags.get("kmrun.host") == process_tags()["kmrun.host"]:
+            return
+        self._unknown.add(index)
+        log.warning(
+            "Waiting for cell %s, which host %s runs (run %s). On this MLflow store kmrun cannot tell whether "
+            "that host is alive; if it is gone, this wait does not end. Share grids across machines through "
+            "an Optuna storage instead: sweep.storage=postgresql://USER@HOST/DB.",
+            index, run.data.tags.get("kmrun.host", "?"), run.info.run_id)
+
     def record(self, job: Job, result: JobResult) -> None:
+        twins: list[Outcome] = []  # on the board: cells of the same config, settled by this job
+        if self.board is not None and job.token is not None:
+            trial_id, identity = job.token
+            self.board.end(trial_id, result.status)
+            twins = [c for c in self._open.pop(identity, []) if c is not job.outcome]
         if job.spec.run_id:
             self.tracker.release(job.spec.run_id)
         if not result.run_id and job.spec.run_id:  # its worker died before it could end the run
@@ -226,11 +304,21 @@ class Grid:
             if self.tracker.client.get_run(job.spec.run_id).info.status == "RUNNING":
                 self.tracker.finish(job.spec.run_id, "FAILED")
         job.outcome.take(result)
+        for twin in twins:
+            twin.status, twin.run_id, twin.metrics = Status.SKIPPED, result.run_id, dict(result.metrics)
+            twin.objective = job.outcome.objective
 
     def abandon(self, job: Job) -> None:
         job.outcome.status = Status.KILLED
+        if self.board is not None and job.token is not None:
+            self.board.end(job.token[0], Status.KILLED)  # another process may run it again
         if job.spec.run_id:
             self.tracker.release(job.spec.run_id)
+
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def objective_from(conf: KmrunConf, metrics: dict[str, float]) -> Any:

@@ -46,12 +46,12 @@ class Runtime:
             self._trackers[(uri, experiment_name)] = Tracker(uri, experiment_name)
         return self._trackers[(uri, experiment_name)]
 
-    def storage(self, url: str) -> Any:
-        """The Optuna storage at ``url``."""
+    def storage(self, url: str, key: str = "study.storage") -> Any:
+        """The Optuna storage at ``url`` (``key``: the setting that names it, for errors)."""
         from .tracking import open_storage
 
         if url not in self._storages:
-            self._storages[url] = open_storage(url)
+            self._storages[url] = open_storage(url, key)
         return self._storages[url]
 
     def git_tags(self, path: Path) -> dict[str, str]:

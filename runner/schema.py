@@ -55,6 +55,7 @@ class SweepConf:
     dry_run: bool = False  # print the jobs and exit; nothing runs, no MLflow run is created
     dir: Optional[str] = None  # where each job writes its datasets; None: multirun/DATE/TIME/<job>
     register_best: Optional[str] = None  # register the best cell's model under this name when the grid ends
+    storage: Optional[str] = None  # Optuna storage URL sharing the cells among processes/machines; None: MLflow store
 
 
 @dataclass

@@ -9,7 +9,6 @@ failed.
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import math
@@ -27,8 +26,8 @@ from .errors import ConfigError
 from .grid import split
 from .job import JobSpec, prepare
 from .records import BestTrial, JobResult, Outcome, Status, StudySummary
-from .tracking import alive, hide_password, is_secret_name, process_tags
-from .trial import Heartbeat, TrialRef, build_from_config, make_pruner
+from .tracking import hide_password, is_secret_name
+from .trial import Heartbeat, TrialRef, build_from_config, fail_dead, make_pruner, own
 
 if TYPE_CHECKING:
     import optuna
@@ -47,7 +46,6 @@ SAMPLERS = {
     "qmc": "QMCSampler",
     "grid": "GridSampler",
 }
-UNCLAIMED_SECONDS = 10
 NEEDS = {"cmaes": "cmaes", "gp": "torch"}  # samplers whose package Optuna imports only when sampling
 TELL = {Status.FINISHED: "COMPLETE", Status.PRUNED: "PRUNED", Status.FAILED: "FAIL", Status.KILLED: "FAIL"}
 
@@ -246,8 +244,7 @@ class Study:
             self.study.tell(trial, state=_state("FAIL"))
             self._stopped = True
             return None
-        owner = process_tags()
-        trial.set_user_attr("kmrun.owner", f"{owner['kmrun.host']}:{owner['kmrun.pid']}")
+        own(self.storage, trial._trial_id)
         self._heartbeat.add(trial._trial_id)
         outcome = Outcome(trial.number, [f"{k}={_literal(v)}" for k, v in trial.params.items()])
         self.outcomes.append(outcome)
@@ -328,51 +325,15 @@ class Study:
         return len(self.study.get_trials(deepcopy=False, states=tuple(_state(s) for s in states)))
 
     def _fail_stale(self) -> int:
-        """Trials (and MLflow runs) of dead processes: failed, never left RUNNING.
-
-        A trial's owner is recorded right after it is asked for. A trial still without
-        one after ``UNCLAIMED_SECONDS`` was asked for by a process that died at once."""
-        import optuna
-        from optuna.trial import TrialState
-
-        failed = 0
-        now = datetime.datetime.now()
-        if hasattr(self.storage, "record_heartbeat"):
-            running = {t._trial_id: t.user_attrs.get("mlflow_run_id")
-                       for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self.study)
-            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-                if running.get(trial._trial_id):  # its process stopped beating, on any host
-                    failed += 1
-                    self._end_orphan(running[trial._trial_id])
-        stale_runs = set(self.tracker.fail_stale_runs())
-        host = process_tags()["kmrun.host"]
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        """Trials (and MLflow runs) of dead processes: failed, never left RUNNING. A dead
+        trial's MLflow run and its process's parent run end FAILED, tagged kmrun.stale."""
+        stale_runs = set(self.tracker.fail_stale_runs())  # this host's, by PID
+        dead = fail_dead(self.study, self.storage)
+        for trial in dead:
             run_id = trial.user_attrs.get("mlflow_run_id")
-            owner = trial.user_attrs.get("kmrun.owner")
-            owner_host, _, pid = str(owner or "").rpartition(":")
-            dead = owner_host == host and pid and not alive(int(pid))
-            unclaimed = owner is None and trial.datetime_start is not None and (
-                now - trial.datetime_start).total_seconds() > UNCLAIMED_SECONDS
-            if dead or unclaimed:
-                self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                failed += 1
-                if run_id and run_id not in stale_runs:
-                    self.tracker.finish(run_id, "FAILED")
-        return failed
-
-    def _end_orphan(self, run_id: str) -> None:
-        """The MLflow run of a trial whose process died (its heartbeat stopped), and that
-        process's parent run: FAILED, tagged kmrun.stale, never left RUNNING."""
-        client = self.tracker.client
-        run = client.get_run(run_id)
-        parent = run.data.tags.get("mlflow.parentRunId")
-        for orphan in (run_id, parent):
-            if orphan and client.get_run(orphan).info.status == "RUNNING":
-                client.set_tag(orphan, "kmrun.stale", "true")
-                self.tracker.finish(orphan, "FAILED")
+            if run_id and run_id not in stale_runs:
+                self.tracker.end_stale(run_id, with_parent=True)
+        return len(dead)
 
     def _surplus(self, trial: optuna.Trial) -> bool:
         """Another process may have asked at the same time: only the first ``target``

@@ -386,6 +386,16 @@ class Tracker:
                 stale.append(run.info.run_id)
         return stale
 
+    def end_stale(self, run_id: str, with_parent: bool = False) -> None:
+        """The run of a job whose process died (on any host): FAILED, tagged kmrun.stale,
+        unless it ended already; ``with_parent``: that process's parent run too."""
+        run = self.client.get_run(run_id)
+        parent = run.data.tags.get("mlflow.parentRunId") if with_parent else None
+        for orphan in (run_id, parent):
+            if orphan and self.client.get_run(orphan).info.status == "RUNNING":
+                self.client.set_tag(orphan, "kmrun.stale", "true")
+                self.finish(orphan, "FAILED")
+
     def reopen(self, run_id: str) -> None:
         """Mark a run RUNNING again, to add to it (a resumed sweep's parent)."""
         self.client.update_run(run_id, status="RUNNING")
@@ -472,7 +482,7 @@ GRACE_SECONDS = 20
 SQLITE_LOCK_TIMEOUT = 60  # seconds a writer waits for SQLite's lock before failing
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, key: str = "study.storage") -> optuna.storages.BaseStorage:
     """An Optuna storage: a ``*.journal`` file, or any SQLAlchemy URL (with heartbeats,
     so that trials of a killed process can be failed)."""
     import optuna
@@ -494,11 +504,15 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrackingError(
-            f"study.storage: cannot open the Optuna storage '{hide_password(url)}': "
+            f"{key}: cannot open the Optuna storage '{hide_password(url)}': "
             f"{Redactor([url_password(url)]).text(first)}{driver_hint(first)}\n"
-            "Use null (optuna.db beside the MLflow store), an SQLAlchemy URL such as "
+            f"Use {NULL_STORAGE.get(key, 'null')}, an SQLAlchemy URL such as "
             "sqlite:///optuna.db or postgresql://HOST/DB, or a file ending in .journal."
         ) from None
+
+
+NULL_STORAGE = {"study.storage": "null (optuna.db beside the MLflow store)",
+                "sweep.storage": "null (the MLflow store coordinates the grid)"}
 
 
 def driver_hint(message: str) -> str:

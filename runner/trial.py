@@ -7,16 +7,18 @@ worker on another machine, needs only this and ``job``.
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import threading
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from . import runtime
 from .errors import ConfigError
-from .tracking import HEARTBEAT_SECONDS
+from .tracking import HEARTBEAT_SECONDS, alive, process_tags
 
 if TYPE_CHECKING:
     import optuna
@@ -30,6 +32,8 @@ PRUNERS = {
     "successive_halving": "SuccessiveHalvingPruner",
     "hyperband": "HyperbandPruner",
 }
+OWNER = "kmrun.owner"  # a trial's user attribute: HOST:PID of the process that runs it
+UNCLAIMED_SECONDS = 10  # a RUNNING trial with no owner after this: its taker died at once
 
 
 @dataclass(frozen=True)
@@ -128,3 +132,45 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def own(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """Record this process as the trial's owner (``fail_dead`` reads it)."""
+    owner = process_tags()
+    storage.set_trial_user_attr(trial_id, OWNER, f"{owner['kmrun.host']}:{owner['kmrun.pid']}")
+
+
+def fail_dead(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[optuna.trial.FrozenTrial]:
+    """Fail the RUNNING trials whose process died, and return them as they were: on any
+    host once their heartbeat stopped (Optuna's ``fail_stale_trials``); on this host as
+    soon as their owner's PID is gone; and a trial no process owned ``UNCLAIMED_SECONDS``
+    after it was taken (its taker died at once)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    if hasattr(storage, "record_heartbeat"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    now_state = {t._trial_id: t.state for t in study.get_trials(deepcopy=False)}
+    host, now = process_tags()["kmrun.host"], datetime.datetime.now()
+    dead = []
+    for trial in running:
+        if now_state.get(trial._trial_id) == TrialState.FAIL:  # its heartbeat stopped
+            dead.append(trial)
+            continue
+        owner = trial.user_attrs.get(OWNER)
+        owner_host, _, pid = str(owner or "").rpartition(":")
+        gone = owner_host == host and pid.isdigit() and not alive(int(pid))
+        unclaimed = owner is None and trial.datetime_start is not None and (
+            now - trial.datetime_start).total_seconds() > UNCLAIMED_SECONDS
+        if now_state.get(trial._trial_id) == TrialState.RUNNING and (gone or unclaimed):
+            try:
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # it ended meanwhile
+            dead.append(trial)
+    return dead
