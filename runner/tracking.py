@@ -252,7 +252,12 @@ class Tracker:
                 )
             self._warn_local_artifacts(found.artifact_location)
             return str(found.experiment_id)
-        experiment_id = str(self.client.create_experiment(name, artifact_location=self._artifact_root(name)))
+        try:
+            experiment_id = str(self.client.create_experiment(name, artifact_location=self._artifact_root(name)))
+        except Exception as err:  # another process created it first (a server takes no creation lock)
+            if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
+                raise
+            return self._experiment(name)
         self._warn_local_artifacts(self.client.get_experiment(experiment_id).artifact_location)
         return experiment_id
 

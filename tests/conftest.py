@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +100,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(home: Path, backend: str):
+    """A real ``mlflow server`` on 127.0.0.1 over ``backend``, serving artifacts kept in
+    ``home/artifacts``; yields its URL, and stops it (its whole process group) after."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+               "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                        break
+                except OSError:
+                    if time.time() > deadline or proc.poll() is not None:
+                        pytest.fail("mlflow server did not start: " + (home / "server.log").read_text()[-2000:])
+                    time.sleep(1)
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 def make_workspace(tmp_path: Path, template_store: Path) -> Workspace:

@@ -3,7 +3,7 @@
 Hosts are simulated honestly: separate working copies and separate ``KMRUN_HOST``
 identities, all reaching PostgreSQL on loopback, so that a process cannot tell another
 host's process is dead by its PID and must rely on Optuna's heartbeats (studies) or
-PostgreSQL's advisory locks (grids).
+PostgreSQL's advisory locks (grids), or the grid's Optuna storage (``sweep.storage``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_workspace
+from conftest import make_workspace, mlflow_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import pgcluster
@@ -35,6 +35,13 @@ def postgres():
     cluster = pgcluster.Cluster()
     yield cluster.database
     cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, postgres):
+    """A real ``mlflow server`` whose backend is a PostgreSQL database, artifacts proxied."""
+    with mlflow_server(tmp_path_factory.mktemp("pg_server"), postgres("server_store")) as url:
+        yield url
 
 
 def host(tmp_path_factory, template_store, name: str):
@@ -71,11 +78,11 @@ def optuna_study(storage: str, name: str = "tune"):
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def trial_runs(uri: str) -> list:
+def trial_runs(uri: str, experiment: str | None = None) -> list:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
+    ids = [e.experiment_id for e in client.search_experiments() if experiment in (None, e.name)]
     return client.search_runs(ids, max_results=1000)
 
 
@@ -128,6 +135,8 @@ def test_a_host_killed_mid_trial_is_failed_by_heartbeat_and_leaves_nothing_runni
     from mlflow import MlflowClient
 
     def running_trial() -> bool:  # a trial mid-pipeline: its MLflow run, too, is still RUNNING
+        if not any(r.info.status == "RUNNING" for r in trial_runs(track)):
+            return False  # opening the storage before host a has made it would race a's schema creation
         return any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
                    and MlflowClient(track).get_run(t.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
                    for t in optuna_study(storage).trials)
@@ -194,3 +203,63 @@ def test_a_shared_store_whose_artifacts_stay_on_this_disk_is_warned_about(ws, po
     assert done.code == 0, done.text
     assert "is shared, but this experiment's artifacts go to" in done.text
     assert "other machines cannot read them" in done.text and str(ws.path) in done.text
+
+
+def board_trials(storage: str) -> list:
+    import optuna
+
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+def test_two_hosts_share_a_grid_on_an_mlflow_server_through_an_optuna_storage(
+        tmp_path_factory, template_store, postgres, server):
+    board = postgres("board_grid")
+    values = ",".join(str(round(0.05 * 1.5**i, 5)) for i in range(12))
+    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "sweep.n_jobs=2", f"sweep.storage={board}",
+            f"mlflow.tracking_uri={server}", "mlflow.experiment_name=board-grid"]
+    hosts = [host(tmp_path_factory, template_store, f"board{i}") for i in range(2)]
+    procs = [launch(h, args, f"board{i}", text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i, h in enumerate(hosts)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
+    runs = trial_runs(server, "board-grid")
+    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    assert len(children) == 12 and all(r.info.status == "FINISHED" for r in children)
+    assert len({r.data.params["model.C"] for r in children}) == 12  # each cell exactly once
+    assert {r.data.tags["kmrun.host"] for r in children} == {"board0", "board1"}  # both hosts worked
+    trials = board_trials(board)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 12
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_host_killed_mid_cell_has_its_cell_run_again_through_the_optuna_storage(
+        tmp_path_factory, template_store, postgres, server):
+    board = postgres("board_kill")
+    values = ",".join(str(100 + 50 * i) for i in range(4))
+    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=5000",
+            f"sweep.storage={board}", f"mlflow.tracking_uri={server}", "mlflow.experiment_name=board-kill"]
+    a, b = host(tmp_path_factory, template_store, "board_a"), host(tmp_path_factory, template_store, "board_b")
+
+    def running_cell() -> bool:  # a cell mid-pipeline on host a
+        if not any(r.data.tags.get("kmrun.role") == "child" and r.info.status == "RUNNING"
+                   for r in trial_runs(server, "board-kill")):
+            return False  # opening the storage before host a has made it would race a's schema creation
+        return any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in board_trials(board))
+
+    kill_host_when(a, args, running_cell, "a cell")  # the whole host: kmrun and its workers
+    dead = next(t for t in board_trials(board) if t.state.name == "RUNNING")
+
+    done = b.kmrun(*args, env={"KMRUN_HOST": "b"}, timeout=600)  # b learns of a's death by heartbeat only
+    assert done.code == 0, done.text[-3000:]
+    runs = trial_runs(server, "board-kill")
+    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(float(r.data.params["model.C"]) for r in finished) == [100, 150, 200, 250]  # each cell once
+    orphan = next(r for r in children if r.info.run_id == dead.user_attrs["mlflow_run_id"])
+    assert orphan.info.status == "FAILED" and orphan.data.tags.get("kmrun.stale") == "true"
+    trials = board_trials(board)
+    again = [t for t in trials if t.user_attrs["kmrun.cell"] == dead.user_attrs["kmrun.cell"]]
+    assert [t.state.name for t in again] == ["FAIL", "COMPLETE"]
+    assert not [r for r in runs if r.info.status == "RUNNING"]

@@ -3,15 +3,8 @@ study and the subcommands, with artifacts served by the server."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
-from conftest import free_port
+from conftest import mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -20,27 +13,8 @@ pytestmark = pytest.mark.slow
 def server(tmp_path_factory):
     """An MLflow tracking server on 127.0.0.1 with its own database and proxied artifacts."""
     home = tmp_path_factory.mktemp("server")
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'server.db'}",
-               "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(command, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("mlflow server did not start: " + (home / "server.log").read_text()[-2000:])
-    yield url, home
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    log.close()
+    with mlflow_server(home, f"sqlite:///{home / 'server.db'}") as url:
+        yield url, home
 
 
 def test_a_run_a_grid_and_a_study_against_an_mlflow_server(ws, server):
