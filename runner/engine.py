@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import KmrunBug, KmrunError
+from .errors import KmrunBug, KmrunError, WorkerLost
 from .records import JobResult, Outcome, Status
 
 if TYPE_CHECKING:
@@ -107,6 +107,8 @@ def drive(source: Source, scheduler: Scheduler, policy: FailurePolicy,
             for future in done:
                 job = running.pop(future)
                 source.record(job, _result(future))
+                if job.outcome.status is Status.NOT_STARTED:
+                    continue  # the source queued it again (its worker died)
                 policy.count(job.outcome)
                 if on_outcome is not None:
                     on_outcome(job.outcome)
@@ -123,7 +125,7 @@ def _result(future: Future[JobResult]) -> JobResult:
     except KeyboardInterrupt:
         raise
     except BrokenProcessPool as err:
-        return JobResult("", Status.FAILED, {}, None, KmrunBug(f"The worker process running this job died: {err}"))
+        return JobResult("", Status.FAILED, {}, None, WorkerLost(f"The worker process running this job died: {err}"))
     except KmrunError as err:
         return JobResult("", Status.FAILED, {}, None, err)
     except Exception as err:

@@ -43,6 +43,13 @@ class JobFailed(KmrunError):
     exit_code = 1
 
 
+class WorkerLost(KmrunError):
+    """The worker process running a job died (killed, out of memory): the job did not fail
+    on its own. A grid runs such a cell again, once."""
+
+    exit_code = 1
+
+
 class KmrunBug(KmrunError):
     """An error in kmrun's own code, not in the pipeline or the input. Please report it."""
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .compose import JobComposer, as_typed, first_of
 from .engine import Job
-from .errors import ConfigError, KmrunError
+from .errors import ConfigError, KmrunError, WorkerLost
 from .job import JobSpec, prepare
 from .records import JobResult, Outcome, Status
 from .tracking import process_tags
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LOST_RETRIES = 1  # runs again of a cell whose worker process died (an OOM kill may recur)
 NOT_SWEEPABLE = ("mlflow", "sweep", "study", "objective", "metrics", "verbose", "cache",
                  "kedro.project_path", "kedro.env", "hydra")
 
@@ -101,6 +102,7 @@ class Grid:
         self.board: Board | None = None  # with sweep.storage: the cells, shared through Optuna
         self._open: dict[str, list[Outcome]] = {}  # on the board: cells not yet ended, by identity
         self._unknown: set[int] = set()  # cells of another host whose liveness no lock tells
+        self._lost: dict[int, int] = {}  # cell index -> times its worker died under it
 
     def check(self, open_store: bool) -> None:
         """Compose and check every cell before any runs; report every distinct problem once."""
@@ -292,17 +294,30 @@ class Grid:
             index, run.data.tags.get("kmrun.host", "?"), run.info.run_id)
 
     def record(self, job: Job, result: JobResult) -> None:
-        twins: list[Outcome] = []  # on the board: cells of the same config, settled by this job
-        if self.board is not None and job.token is not None:
-            trial_id, identity = job.token
-            self.board.end(trial_id, result.status)
-            twins = [c for c in self._open.pop(identity, []) if c is not job.outcome]
         if job.spec.run_id:
             self.tracker.release(job.spec.run_id)
         if not result.run_id and job.spec.run_id:  # its worker died before it could end the run
             result.run_id = job.spec.run_id
             if self.tracker.client.get_run(job.spec.run_id).info.status == "RUNNING":
                 self.tracker.finish(job.spec.run_id, "FAILED")
+        index = job.outcome.index
+        lost = isinstance(result.error, WorkerLost) and self._lost.get(index, 0) < LOST_RETRIES
+        twins: list[Outcome] = []  # on the board: cells of the same config, settled by this job
+        if self.board is not None and job.token is not None:
+            trial_id, identity = job.token
+            self.board.end(trial_id, Status.KILLED if lost else result.status)  # KILLED: queued again
+            if lost:
+                self.board.queue([identity])
+            else:
+                twins = [c for c in self._open.pop(identity, []) if c is not job.outcome]
+        if lost:
+            self._lost[index] = self._lost.get(index, 0) + 1
+            log.warning("Cell %s: its worker process died (killed, or out of memory); it runs again.",
+                        job.outcome.label)
+            if self.board is None:
+                self._again.append(job.outcome)
+            job.outcome.status = Status.NOT_STARTED
+            return
         job.outcome.take(result)
         for twin in twins:
             twin.status, twin.run_id, twin.metrics = Status.SKIPPED, result.run_id, dict(result.metrics)

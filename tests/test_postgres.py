@@ -51,7 +51,7 @@ def host(tmp_path_factory, template_store, name: str):
 
 def launch(ws, args: list[str], host_name: str, **kwargs) -> subprocess.Popen:
     """kmrun in that working copy, as that host."""
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KMRUN_HOST": host_name}
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KMRUN_HOST": host_name, "COLUMNS": "200"}
     return subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path, env=env, **kwargs)
 
 
@@ -262,4 +262,35 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_through_the_optuna_storag
     trials = board_trials(board)
     again = [t for t in trials if t.user_attrs["kmrun.cell"] == dead.user_attrs["kmrun.cell"]]
     assert [t.state.name for t in again] == ["FAIL", "COMPLETE"]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_two_hosts_share_a_grid_and_a_killed_worker_has_its_cell_run_again(
+        tmp_path_factory, template_store, postgres):
+    track, board = postgres("track_worker"), postgres("board_worker")
+    values = ",".join(str(100 + 25 * i) for i in range(12))
+    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=3000", "sweep.n_jobs=2",
+            f"sweep.storage={board}", f"mlflow.tracking_uri={track}"]
+    hosts = [host(tmp_path_factory, template_store, f"worker{i}") for i in range(2)]
+    procs = [launch(h, args, f"worker{i}", text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i, h in enumerate(hosts)]
+    deadline = time.time() + 300
+    while True:  # a cell mid-pipeline in one of host worker0's worker processes
+        assert time.time() < deadline and procs[0].poll() is None, "host worker0 never ran a cell in a worker"
+        running = [r for r in trial_runs(track) if r.data.tags.get("kmrun.role") == "child"
+                   and r.info.status == "RUNNING" and r.data.tags.get("kmrun.host") == "worker0"
+                   and r.data.tags.get("kmrun.pid") != str(procs[0].pid)]
+        if running:
+            break
+        time.sleep(0.3)
+    os.kill(int(running[0].data.tags["kmrun.pid"]), signal.SIGKILL)  # one worker, not its host
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
+    assert "its worker process died" in outputs[0]
+    runs = trial_runs(track)
+    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(float(r.data.params["model.C"]) for r in finished) == [100 + 25 * i for i in range(12)]
+    lost = next(r for r in children if r.info.run_id == running[0].info.run_id)
+    assert lost.info.status == "FAILED"
     assert not [r for r in runs if r.info.status == "RUNNING"]
