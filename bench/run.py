@@ -102,7 +102,7 @@ def hand_loop(uri: str, n: int, features: bool = False) -> float:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from runner.tracking import flatten
+    from runner.redact import flatten
 
     client = MlflowClient(uri)
     experiment = client.create_experiment(f"hand-{time.time_ns()}")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import runtime
 from .errors import ConfigError, JobFailed, KmrunError
-from .tracking import Redactor
+from .redact import Redactor
 
 if TYPE_CHECKING:
     from .compose import Composer

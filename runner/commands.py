@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import KmrunError, TrackingError
+from .redact import Redactor, hide_password
 from .results import without_redacted
 from .schema import check_experiment_name
-from .tracking import Redactor, git_tags, hide_password, resolve_uri
+from .tracking import git_tags, resolve_uri
 
 if TYPE_CHECKING:
     import argparse

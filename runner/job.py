@@ -34,8 +34,9 @@ from .errors import (
 from .kedro_bridge import KedroRun
 from .metrics import is_number, latest, objective_of, read_metrics
 from .records import JobResult, Status
+from .redact import Redactor, flatten
 from .schema import KmrunConf, parse
-from .tracking import Redactor, flatten, name_rule, rejected_names, resolve_uri
+from .tracking import name_rule, rejected_names, resolve_uri
 from .trial import TrialRef, attach, report
 
 if TYPE_CHECKING:

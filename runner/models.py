@@ -29,8 +29,9 @@ from .errors import ConfigError, KmrunError, ProjectError
 if TYPE_CHECKING:
     from .kedro_bridge import KedroProject
     from .records import Outcome
+    from .redact import Redactor
     from .schema import KmrunConf, ModelConf
-    from .tracking import Redactor, Tracker
+    from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 

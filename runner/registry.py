@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .commands import _serve, open_store, resolve_run
 from .errors import KmrunError
-from .tracking import hide_password
+from .redact import hide_password
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

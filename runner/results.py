@@ -9,11 +9,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .records import counts
-from .tracking import REDACTED
+from .redact import REDACTED
 
 if TYPE_CHECKING:
     from .records import StudySummary, SweepOutcome
-    from .tracking import Redactor, Tracker
+    from .redact import Redactor
+    from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .grid import split
 from .job import JobSpec, prepare
 from .records import BestTrial, JobResult, Outcome, Status, StudySummary
-from .tracking import hide_password, is_secret_name
+from .redact import hide_password, is_secret_name
 from .trial import Heartbeat, TrialRef, build_from_config, fail_dead, make_pruner, own
 
 if TYPE_CHECKING:

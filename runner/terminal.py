@@ -15,7 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .tracking import hide_password, ui_command
+from .redact import hide_password
+from .tracking import ui_command
 
 if TYPE_CHECKING:
     from .records import JobResult, Objective, Outcome, SweepOutcome

@@ -2,15 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from runner.tracking import (
-    MAX_PARAM_VALUE,
-    REDACTED,
-    Redactor,
-    Tracker,
-    flatten,
-    is_secret_name,
-    resolve_uri,
-)
+from runner.redact import MAX_PARAM_VALUE, REDACTED, Redactor, flatten, is_secret_name
+from runner.tracking import Tracker, resolve_uri
 
 
 @pytest.mark.parametrize(

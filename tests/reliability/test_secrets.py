@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.tracking import REDACTED
+from runner.redact import REDACTED
 
 pytestmark = pytest.mark.slow
 
