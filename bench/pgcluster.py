@@ -44,6 +44,11 @@ class Cluster:
                         f"create database {name}"], check=True, capture_output=True)
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
+    def through_socket(self, url: str) -> str:
+        """The same database through the server's Unix socket: reachable from another
+        network namespace, where 127.0.0.1 is that namespace's own loopback."""
+        return url.replace(f"@127.0.0.1:{self.port}/", "@/") + f"?host={self.data}&port={self.port}"
+
     def stop(self) -> None:
         self._as_postgres(f"{self.bin}/pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
         shutil.rmtree(self.data, ignore_errors=True)

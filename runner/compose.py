@@ -131,9 +131,13 @@ class Composer:
             try:
                 parsed.append(parser.parse_override(line))
             except HydraException as err:
+                typed = as_typed([line])[0]
+                key, _, value = typed.partition("=")
+                hint = (f"\nA value holding '=' (a URL's query, say) must be quoted: {key}='{value}'"
+                        if "=" in value and value[:1] not in "'\"" else "")
                 raise ConfigError(
-                    f"Bad override or sweep expression '{as_typed([line])[0]}': "
-                    f"{str(err).strip().splitlines()[0]}\n{SYNTAX_HELP}"
+                    f"Bad override or sweep expression '{typed}': "
+                    f"{str(err).strip().splitlines()[0]}{hint}\n{SYNTAX_HELP}"
                 ) from None
         return parsed
 

@@ -71,7 +71,8 @@ class Workers:
         import multiprocessing
 
         context = multiprocessing.get_context(method)
-        return ProcessPoolExecutor(self.size, mp_context=context, initializer=_worker_init, initargs=(self.verbose,))
+        return ProcessPoolExecutor(self.size, mp_context=context, initializer=_worker_init,
+                                   initargs=(self.verbose, os.getpid()))
 
     def submit(self, spec: JobSpec) -> Future[JobResult]:
         try:
@@ -106,20 +107,22 @@ def make_scheduler(n_jobs: int, verbose: bool = False) -> Scheduler:
     return Workers(n_jobs, verbose) if n_jobs > 1 else Inline()
 
 
-def _worker_init(verbose: bool) -> None:
+def _worker_init(verbose: bool, parent: int) -> None:
     from . import runtime
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _worker_interrupt)
-    _die_with_parent()
+    _die_with_parent(parent)
     if not verbose:
         logging.disable(logging.INFO)
     runtime.current().after_fork()
 
 
-def _die_with_parent() -> None:
-    """Linux: a worker gets SIGTERM when the kmrun that started it dies (even by kill -9),
-    so it ends its run KILLED and leaves, instead of waiting forever for jobs."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: a worker gets SIGTERM when the kmrun that started it (``parent``) dies (even
+    by kill -9), so it ends its run KILLED and leaves, instead of waiting forever for jobs.
+    kmrun may itself be process 1 (a container's entry point): only a parent other than
+    ``parent`` means it died."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -128,7 +131,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent died before the line above
+    if os.getppid() != parent:  # the parent died before the line above
         os._exit(130)
 
 

@@ -1,13 +1,18 @@
 """Many processes and "hosts" on PostgreSQL: a real server, started here and stopped here.
 
-Hosts are simulated honestly: separate working copies and separate ``KMRUN_HOST``
-identities, all reaching PostgreSQL on loopback, so that a process cannot tell another
-host's process is dead by its PID and must rely on Optuna's heartbeats (studies) or
-PostgreSQL's advisory locks (grids), or the grid's Optuna storage (``sweep.storage``).
+A host is a separate working copy whose kmrun runs in Linux namespaces of its own
+(``unshare``, as root): its own host name (UTS), its own process ids (PID), and, where
+both stores are PostgreSQL, its own network, reaching the database only through the
+server's Unix socket. So no host can see another's processes: a dead host's work must
+be found through Optuna's heartbeats (studies, and grids with ``sweep.storage``) or
+PostgreSQL's advisory locks (grids on a PostgreSQL tracking store). Hosts that talk to
+an MLflow server share the loopback network. Where namespaces cannot be made, a host is
+a separate ``KMRUN_HOST`` identity instead (``namespaces()`` says which).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -22,18 +27,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import pgcluster
 
 pytestmark = pytest.mark.slow
+NAMESPACES = ["unshare", "--uts", "--pid", "--fork", "--mount-proc"]
+
+
+class Databases:
+    """``postgres(name)`` makes a database and returns its URL on 127.0.0.1."""
+
+    def __init__(self, cluster: pgcluster.Cluster) -> None:
+        self.cluster = cluster
+
+    def __call__(self, name: str) -> str:
+        return self.cluster.database(name)
+
+    def through_socket(self, argument: str) -> str:
+        """An override holding a URL of this cluster, with the URL through its socket."""
+        if f"@127.0.0.1:{self.cluster.port}/" not in argument:
+            return argument
+        key, _, url = argument.partition("=")
+        return f"{key}='{self.cluster.through_socket(url)}'"  # quoted: the URL's query holds '='
 
 
 @pytest.fixture(scope="module")
 def postgres():
-    """A PostgreSQL cluster in a temp dir, on 127.0.0.1 with trust auth; stopped at the end.
-    ``postgres(name)`` makes a database and returns its URL."""
+    """A PostgreSQL cluster in a temp dir, on 127.0.0.1 and a Unix socket, with trust
+    auth; stopped at the end."""
     pytest.importorskip("psycopg", reason="the postgres extra (psycopg 3) is not installed")
     why = pgcluster.unavailable()
     if why:
         pytest.skip(why)
     cluster = pgcluster.Cluster()
-    yield cluster.database
+    yield Databases(cluster)
     cluster.stop()
 
 
@@ -44,24 +67,69 @@ def server(tmp_path_factory, postgres):
         yield url
 
 
+@functools.cache
+def namespaces() -> bool:
+    """Whether this machine lets the tests give a host namespaces of its own."""
+    probe = [*NAMESPACES, "--net", "sh", "-c", "hostname probe && test $$ = 1"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def host(tmp_path_factory, template_store, name: str):
     """A working copy of its own: one simulated host."""
     return make_workspace(tmp_path_factory.mktemp(name), template_store)
 
 
-def launch(ws, args: list[str], host_name: str, **kwargs) -> subprocess.Popen:
-    """kmrun in that working copy, as that host."""
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KMRUN_HOST": host_name, "COLUMNS": "200"}
-    return subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path, env=env, **kwargs)
+def launch(ws, args: list[str], host_name: str, own_network: Databases | None = None,
+           **kwargs) -> subprocess.Popen:
+    """kmrun in that working copy, as that host: in its own namespaces (``own_network``:
+    its own network too, reaching those databases through their socket)."""
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
+    env.pop("KMRUN_HOST", None)
+    command = [sys.executable, "-m", "runner.cli", *args]
+    if not namespaces():
+        env["KMRUN_HOST"] = host_name
+    elif own_network is not None:
+        command = [*NAMESPACES, "--net", "sh", "-c", 'hostname "$0" && exec "$@"', host_name,
+                   *command[:3], *(own_network.through_socket(a) for a in args)]
+    else:
+        command = [*NAMESPACES, "sh", "-c", 'hostname "$0" && exec "$@"', host_name, *command]
+    return subprocess.Popen(command, cwd=ws.path, env=env, **kwargs)
 
 
-def kill_host_when(ws, args: list[str], ready, what: str) -> None:
+def run_host(ws, args: list[str], host_name: str, own_network: Databases | None = None, timeout: float = 600):
+    """kmrun as that host, to its end: (exit code, output)."""
+    proc = launch(ws, args, host_name, own_network, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.communicate(timeout=timeout)[0]
+    return proc.returncode, output
+
+
+def outer_pid(session: int, local: int) -> int:
+    """The process id, as seen here, of the process ``local`` inside a host's PID
+    namespace (of the host started with ``start_new_session``: ``session``)."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            line = next(x for x in status.read_text().splitlines() if x.startswith("NSpid:"))
+            pids = [int(x) for x in line.split()[1:]]
+            if pids[-1] == local and os.getsid(pids[0]) == session:
+                return pids[0]
+        except (OSError, StopIteration, ValueError):
+            continue
+    raise LookupError(f"no process {local} in session {session}")
+
+
+def kill_host_when(ws, args: list[str], ready, what: str, own_network: Databases | None = None) -> None:
     """Start kmrun as host "a", wait until ``ready()`` is true, then kill -9 its whole
     process tree (the host dies mid-job)."""
-    victim = launch(ws, args, "a", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = ws.path / "host_a.log"
+    with open(log, "w") as out:
+        victim = launch(ws, args, "a", own_network, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 180
     while True:
-        assert time.time() < deadline, f"host a never had {what} running"
+        assert time.time() < deadline and victim.poll() is None, (
+            f"host a never had {what} running (exit {victim.poll()}):\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
         try:
             if ready():
@@ -107,7 +175,7 @@ def test_four_hosts_start_at_once_on_empty_databases_and_share_one_study(tmp_pat
     args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=16", f"study.storage={storage}",
             f"mlflow.tracking_uri={track}"]
     hosts = [host(tmp_path_factory, template_store, f"host{i}") for i in range(4)]
-    procs = [launch(h, args, f"host{i}", text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs = [launch(h, args, f"host{i}", postgres, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i, h in enumerate(hosts)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n---\n".join(o[-2000:] for o in outputs)
@@ -141,11 +209,11 @@ def test_a_host_killed_mid_trial_is_failed_by_heartbeat_and_leaves_nothing_runni
                    and MlflowClient(track).get_run(t.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
                    for t in optuna_study(storage).trials)
 
-    kill_host_when(a, args, running_trial, "a trial")  # the whole host: kmrun and its workers
+    kill_host_when(a, args, running_trial, "a trial", postgres)  # the whole host: kmrun and its workers
     dead = next(t for t in optuna_study(storage).trials if t.state == optuna.trial.TrialState.RUNNING)
 
-    done = b.kmrun(*args, env={"KMRUN_HOST": "b"}, timeout=600)  # host b cannot see a's PIDs
-    assert done.code == 0, done.text[-3000:]
+    code, output = run_host(b, args, "b", postgres)  # host b cannot see a's processes
+    assert code == 0, output[-3000:]
     trials = optuna_study(storage).trials
     assert [t.state for t in trials].count(optuna.trial.TrialState.COMPLETE) == 4
     assert next(t for t in trials if t.number == dead.number).state == optuna.trial.TrialState.FAIL
@@ -160,7 +228,7 @@ def test_two_hosts_with_two_workers_share_one_grid_each_cell_once(tmp_path_facto
     values = ",".join(str(round(0.05 * 1.5**i, 5)) for i in range(12))
     args = ["-m", "+experiment=baseline", f"params.model.C={values}", "sweep.n_jobs=2", f"mlflow.tracking_uri={track}"]
     hosts = [host(tmp_path_factory, template_store, f"grid{i}") for i in range(2)]
-    procs = [launch(h, args, f"grid{i}", text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs = [launch(h, args, f"grid{i}", postgres, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i, h in enumerate(hosts)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
@@ -184,10 +252,10 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_by_the_other(tmp_path_fac
                       and r.info.status == "RUNNING"]
         return bool(running)
 
-    kill_host_when(a, args, running_cell, "a cell")  # the whole host, mid-cell
+    kill_host_when(a, args, running_cell, "a cell", postgres)  # the whole host, mid-cell
 
-    done = b.kmrun(*args, env={"KMRUN_HOST": "b"}, timeout=600)  # b cannot see a's PIDs
-    assert done.code == 0, done.text[-3000:]
+    code, output = run_host(b, args, "b", postgres)  # b cannot see a's processes
+    assert code == 0, output[-3000:]
     runs = trial_runs(track)
     children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -251,8 +319,8 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_through_the_optuna_storag
     kill_host_when(a, args, running_cell, "a cell")  # the whole host: kmrun and its workers
     dead = next(t for t in board_trials(board) if t.state.name == "RUNNING")
 
-    done = b.kmrun(*args, env={"KMRUN_HOST": "b"}, timeout=600)  # b learns of a's death by heartbeat only
-    assert done.code == 0, done.text[-3000:]
+    code, output = run_host(b, args, "b")  # b learns of a's death by heartbeat only
+    assert code == 0, output[-3000:]
     runs = trial_runs(server, "board-kill")
     children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -272,18 +340,19 @@ def test_two_hosts_share_a_grid_and_a_killed_worker_has_its_cell_run_again(
     args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=3000", "sweep.n_jobs=2",
             f"sweep.storage={board}", f"mlflow.tracking_uri={track}"]
     hosts = [host(tmp_path_factory, template_store, f"worker{i}") for i in range(2)]
-    procs = [launch(h, args, f"worker{i}", text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i, h in enumerate(hosts)]
+    procs = [launch(h, args, f"worker{i}", postgres, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    start_new_session=True) for i, h in enumerate(hosts)]
+    main = 1 if namespaces() else procs[0].pid  # kmrun's own process id on host worker0
     deadline = time.time() + 300
     while True:  # a cell mid-pipeline in one of host worker0's worker processes
         assert time.time() < deadline and procs[0].poll() is None, "host worker0 never ran a cell in a worker"
         running = [r for r in trial_runs(track) if r.data.tags.get("kmrun.role") == "child"
                    and r.info.status == "RUNNING" and r.data.tags.get("kmrun.host") == "worker0"
-                   and r.data.tags.get("kmrun.pid") != str(procs[0].pid)]
+                   and r.data.tags.get("kmrun.pid") != str(main)]
         if running:
             break
         time.sleep(0.3)
-    os.kill(int(running[0].data.tags["kmrun.pid"]), signal.SIGKILL)  # one worker, not its host
+    os.kill(outer_pid(procs[0].pid, int(running[0].data.tags["kmrun.pid"])), signal.SIGKILL)  # a worker, not its host
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
     assert "its worker process died" in outputs[0]

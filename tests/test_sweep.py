@@ -248,3 +248,22 @@ def test_a_job_whose_early_nodes_are_cached_and_later_ones_are_not_reads_them_fr
     children = [r for r in ws.runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["kmrun.cache.hits"] for r in children) == ["load,split,train"] * 2
     assert all(r.info.status == "FINISHED" and r.data.metrics["accuracy"] > 0.9 for r in children)
+
+
+def test_parallel_workers_run_when_kmrun_is_process_1_as_in_a_container(ws):
+    """A container's entry point is process 1: a worker must not take its parent for dead."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a PID namespace of its own needs root and unshare (util-linux)")
+    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "runner.cli", "-m",
+               "+experiment=baseline", "params.model.C=0.1,1", "sweep.n_jobs=2"]
+    done = subprocess.run(command, cwd=ws.path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    _, children = ws.family()
+    assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
+    assert {r.data.tags["kmrun.pid"] for r in children} - {"1"}  # they ran in workers, beside process 1

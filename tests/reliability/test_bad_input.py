@@ -102,6 +102,8 @@ CATALOGUE = [
     ("grid-sampler-continuous", S + ["study.sampler.name=grid"], None, 2, ["grid needs discrete values", "params.model.C"]),
     ("unreachable-storage", S + ["study.storage=postgresql://u:pw@127.0.0.1:1/db"], None, 2,
      ["cannot open the Optuna storage 'postgresql://u:***@127.0.0.1:1/db'"]),
+    ("unquoted-url-query", B + ["mlflow.tracking_uri=postgresql://u@/db?host=/tmp/x&port=5"], None, 2,
+     ["must be quoted: mlflow.tracking_uri='postgresql://u@/db?host=/tmp/x&port=5'"]),
     ("unreachable-grid-storage", G + ["sweep.storage=postgresql://u:pw@127.0.0.1:1/db"], None, 2,
      ["sweep.storage: cannot open the Optuna storage 'postgresql://u:***@127.0.0.1:1/db'",
       "null (the MLflow store coordinates the grid)"]),
