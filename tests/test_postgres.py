@@ -120,6 +120,12 @@ def outer_pid(session: int, local: int) -> int:
     raise LookupError(f"no process {local} in session {session}")
 
 
+def just_started(run, seconds: float = 1.5) -> bool:
+    """A RUNNING job's run that began moments ago: its pipeline (seconds long) is surely
+    mid-way, so a kill now cannot land after it ended."""
+    return run.info.status == "RUNNING" and time.time() * 1000 - run.info.start_time < seconds * 1000
+
+
 def kill_host_when(ws, args: list[str], ready, what: str, own_network: Databases | None = None) -> None:
     """Start kmrun as host "a", wait until ``ready()`` is true, then kill -9 its whole
     process tree (the host dies mid-job)."""
@@ -206,7 +212,7 @@ def test_a_host_killed_mid_trial_is_failed_by_heartbeat_and_leaves_nothing_runni
         if not any(r.info.status == "RUNNING" for r in trial_runs(track)):
             return False  # opening the storage before host a has made it would race a's schema creation
         return any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
-                   and MlflowClient(track).get_run(t.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
+                   and just_started(MlflowClient(track).get_run(t.user_attrs["mlflow_run_id"]))
                    for t in optuna_study(storage).trials)
 
     kill_host_when(a, args, running_trial, "a trial", postgres)  # the whole host: kmrun and its workers
@@ -249,7 +255,7 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_by_the_other(tmp_path_fac
 
     def running_cell() -> bool:
         running[:] = [r for r in trial_runs(track) if r.data.tags.get("kmrun.role") == "child"
-                      and r.info.status == "RUNNING"]
+                      and just_started(r)]
         return bool(running)
 
     kill_host_when(a, args, running_cell, "a cell", postgres)  # the whole host, mid-cell
@@ -311,7 +317,7 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_through_the_optuna_storag
     a, b = host(tmp_path_factory, template_store, "board_a"), host(tmp_path_factory, template_store, "board_b")
 
     def running_cell() -> bool:  # a cell mid-pipeline on host a
-        if not any(r.data.tags.get("kmrun.role") == "child" and r.info.status == "RUNNING"
+        if not any(r.data.tags.get("kmrun.role") == "child" and just_started(r)
                    for r in trial_runs(server, "board-kill")):
             return False  # opening the storage before host a has made it would race a's schema creation
         return any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in board_trials(board))
