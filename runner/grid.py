@@ -4,6 +4,12 @@ The grid comes from the command line's sweep expressions and ``sweep.params``, i
 Hydra's sweep grammar. Every cell is composed and checked before anything runs. A cell
 that already has a FINISHED run of the same config hash in the experiment is skipped,
 so running the same command again resumes the sweep.
+
+Processes started on the same grid share its cells, each cell once. By default the
+tracking store says who runs what: a cell's child run is claimed under a lock (a file
+beside SQLite, an advisory lock in PostgreSQL). With ``sweep.storage``, an Optuna storage
+does (``board``): a cell is a queued trial that one process takes, kept alive by heartbeats.
+A cell whose worker process died runs again, once.
 """
 
 from __future__ import annotations
@@ -223,7 +229,8 @@ class Grid:
 
     def _take(self) -> Job | None:
         """A cell off the board (one no other process took), with its child run started."""
-        taken = self.board.take(self._open) if self.board is not None else None
+        assert self.board is not None
+        taken = self.board.take(self._open)
         if taken is None:
             return None
         trial_id, identity = taken
