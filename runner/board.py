@@ -101,7 +101,7 @@ class Board:
             done = status in (Status.FINISHED, Status.SKIPPED)
             self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE if done else TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # failed by another process that took this one for dead: its cell runs again there
+            return  # another process took this one for dead and failed the trial: the cell runs again there
 
     def fail_dead(self) -> list[FrozenTrial]:
         """The RUNNING trials of dead processes, failed (the next ``queue`` queues them again)."""

@@ -46,6 +46,24 @@ def wait_for(url: str, seconds: float = 120) -> bool:
     return False
 
 
+def serve(ws, model: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """``kmrun serve MODEL`` in its own process group, on a free port."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", model, "--port", str(port)],
+                              cwd=ws.path, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", **(env or {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return server, port
+
+
+def served_predictions(ws, server: subprocess.Popen, port: int) -> list:
+    """What the served model answers for the sample images, once it is up."""
+    assert wait_for(f"http://127.0.0.1:{port}/ping"), server.stdout.read1().decode() if server.stdout else ""
+    body = json.dumps({"dataframe_split": images(ws).to_dict(orient="split")}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+
+
 def test_a_study_registers_its_best_model_and_kmrun_serve_predicts_like_the_pipeline(ws):
     done = ws.kmrun("-m", "+experiment=packaged", "+study=tune", "study.n_trials=4", "study.n_jobs=2",
                     "study.register_best=digits")
@@ -64,17 +82,9 @@ def test_a_study_registers_its_best_model_and_kmrun_serve_predicts_like_the_pipe
     listed = ws.kmrun("models")
     assert listed.code == 0 and "digits" in listed.out and best.info.run_id in listed.out
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", "digits", "--port", str(port)],
-                              cwd=ws.path, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    server, port = serve(ws, "digits")
     try:
-        assert wait_for(f"http://127.0.0.1:{port}/ping"), server.stdout.read1().decode() if server.stdout else ""
-        body = json.dumps({"dataframe_split": images(ws).to_dict(orient="split")}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
-        assert answer["predictions"] == expected
+        assert served_predictions(ws, server, port) == expected
     finally:
         server.send_signal(signal.SIGTERM)  # to kmrun alone: it stops MLflow's server and its workers
         assert server.wait(timeout=30) == 0

@@ -55,15 +55,9 @@ def test_a_run_a_grid_and_a_study_against_an_mlflow_server(ws, server):
 
 def test_register_models_and_serve_against_an_mlflow_server(ws, server):
     """The model commands on a server's registry, with the model's files fetched from it."""
-    import json
-    import os
     import signal
-    import subprocess
-    import sys
-    import urllib.request
 
-    from conftest import free_port
-    from test_models import images, kedro_predictions, wait_for
+    from test_models import kedro_predictions, serve, served_predictions
 
     url, _ = server
     env = {"MLFLOW_TRACKING_URI": url}
@@ -77,16 +71,9 @@ def test_register_models_and_serve_against_an_mlflow_server(ws, server):
     assert listed.code == 0 and "digits-server" in listed.out and run.info.run_id in listed.out, listed.text
 
     expected = kedro_predictions(ws, ws.path / "examples/digits/data/06_models/model.pkl")  # a run writes in place
-    port = free_port()
-    serving = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", "digits-server@live", "--port", str(port)],
-                               cwd=ws.path, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", **env},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    serving, port = serve(ws, "digits-server@live", env)
     try:
-        assert wait_for(f"http://127.0.0.1:{port}/ping"), serving.stdout.read1().decode() if serving.stdout else ""
-        body = json.dumps({"dataframe_split": images(ws).to_dict(orient="split")}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
-        assert json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"] == expected
+        assert served_predictions(ws, serving, port) == expected
     finally:
         serving.send_signal(signal.SIGTERM)
         assert serving.wait(timeout=30) == 0
