@@ -316,14 +316,20 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_through_the_optuna_storag
             f"sweep.storage={board}", f"mlflow.tracking_uri={server}", "mlflow.experiment_name=board-kill"]
     a, b = host(tmp_path_factory, template_store, "board_a"), host(tmp_path_factory, template_store, "board_b")
 
-    def running_cell() -> bool:  # a cell mid-pipeline on host a
+    from mlflow import MlflowClient
+
+    chosen: list = []
+
+    def running_cell() -> bool:  # a cell mid-pipeline on host a: its trial RUNNING, its run just started
         if not any(r.data.tags.get("kmrun.role") == "child" and just_started(r)
                    for r in trial_runs(server, "board-kill")):
             return False  # opening the storage before host a has made it would race a's schema creation
-        return any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in board_trials(board))
+        chosen[:] = [t for t in board_trials(board) if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs
+                     and just_started(MlflowClient(server).get_run(t.user_attrs["mlflow_run_id"]))]
+        return bool(chosen)
 
     kill_host_when(a, args, running_cell, "a cell")  # the whole host: kmrun and its workers
-    dead = next(t for t in board_trials(board) if t.state.name == "RUNNING")
+    dead = chosen[0]
 
     code, output = run_host(b, args, "b")  # b learns of a's death by heartbeat only
     assert code == 0, output[-3000:]
