@@ -1,11 +1,15 @@
 """The node cache: a node's outputs, keyed by everything they depend on, reused by every
 job of a sweep and by later calls.
 
-A node's key hashes its function's source (and the same-module functions it calls),
-the values of the parameters it reads, the catalog entries of its inputs and outputs,
-and, for each input, either the key of the node that produced it or the state of the
-file it is read from. Change any of these and the key changes, for that node and
-everything downstream; nothing else moves. A node tagged ``kmrun_nocache``, one reading
+A node's key hashes the project code its function reaches (``deps``: followed across
+modules, classes, constants and sibling packages), the project's hooks and dataset
+classes, the environment (Python, and the versions of the distributions the project
+uses), the values of the parameters it reads, the catalog entries of its inputs and
+outputs as resolved for the job (runtime params, dataset factories), and, for each input,
+either the key of the node that produced it or the state of the file or folder it is read
+from. Change any of these and the key changes, for that node and everything downstream;
+nothing else moves. Each entry leaves the named parts of its key beside it, so that the
+next miss of that node can say what changed. A node tagged ``kmrun_nocache``, one reading
 a dataset kmrun cannot fingerprint, and one whose outputs cannot be pickled are never
 cached (nor is anything downstream of them).
 
@@ -16,22 +20,21 @@ and, once read or written, in this process's memory too, which forked workers in
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
 import pickle
 import time
-import types
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache as memoize
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kedro.pipeline import Pipeline
+
+    from .datasets import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,12 @@ class Plan:
 
     keys: dict[str, str | None]  # node -> cache key (None: not cacheable)
     reasons: dict[str, str]  # node -> why it is not cached
+    parts: dict[str, dict[str, str]]  # node -> the named parts its key hashes
     hits: dict[str, Entry] = field(default_factory=dict)  # nodes served from the cache
     run: list[str] = field(default_factory=list)  # nodes to run, in order
     inject: dict[str, Any] = field(default_factory=dict)  # dataset -> cached value, for nodes that run
+    why: dict[str, str] = field(default_factory=dict)  # node that runs -> what changed since its last entry
+    serve: bool = True  # False (cache=false): nothing is served, every node runs and refreshes its entry
 
     @property
     def sources(self) -> dict[str, str]:
@@ -101,8 +107,22 @@ class NodeCache:
         self._remember(key, entry)
         return entry
 
-    def put(self, key: str, node: str, outputs: dict[str, Any], run_id: str) -> str | None:
-        """Store a node's outputs; returns why not, when they cannot be stored."""
+    def why(self, node: str, parts: Mapping[str, str]) -> str:
+        """What differs between ``parts`` and the parts of the last entry stored for
+        ``node``, in words ("code of pkg.helpers.make_model; param model.C")."""
+        try:
+            last = json.loads(self._last(node).read_text())
+        except (OSError, ValueError):
+            return "no earlier entry of this node"
+        return differences(last, parts) or "its entry was evicted or cleared"
+
+    def _last(self, node: str) -> Path:
+        return self.root / "nodes" / f"{hashlib.sha256(node.encode()).hexdigest()[:24]}.json"
+
+    def put(self, key: str, node: str, outputs: dict[str, Any], run_id: str,
+            parts: Mapping[str, str] | None = None) -> str | None:
+        """Store a node's outputs (and the parts of their key, to explain the next miss);
+        returns why not, when they cannot be stored."""
         entry = Entry(node, dict(outputs), run_id, time.time())
         try:
             data = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
@@ -117,6 +137,14 @@ class NodeCache:
         except OSError as err:
             temporary.unlink(missing_ok=True)
             return f"the cache folder cannot be written ({err.strerror})"
+        if parts is not None:
+            try:
+                last = self._last(node)
+                last.parent.mkdir(parents=True, exist_ok=True)
+                last.with_suffix(f".{os.getpid()}.tmp").write_text(json.dumps(parts, sort_keys=True))
+                last.with_suffix(f".{os.getpid()}.tmp").replace(last)
+            except OSError:  # only an explanation is lost
+                pass
         self._remember(key, entry)
         self._written += len(data)
         if self._written > self.max_bytes / 20:  # look at the whole folder now and then, not at every write
@@ -163,25 +191,28 @@ class NodeCache:
 
     def clear(self) -> int:
         files = self.files()
-        for path in files:
+        for path in [*files, *(self.root / "nodes").glob("*.json")]:
             path.unlink(missing_ok=True)
         self.memory.clear()
         return len(files)
 
 
-def plan(pipeline: Pipeline, params: Mapping[str, Any], catalog: Mapping[str, Any], root: Path,
-         store: NodeCache) -> Plan:
+def plan(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog, root: Path, store: NodeCache,
+         serve: bool = True) -> Plan:
     """Which nodes of ``pipeline`` the cache serves for a job with ``params``, which run,
-    and the cached datasets the nodes that run need."""
-    keys, reasons = node_keys(pipeline, params, catalog, root)
-    result = Plan(keys, reasons)
+    and the cached datasets the nodes that run need. With ``serve=False`` (``cache=false``)
+    every node runs, and what they compute refreshes the cache."""
+    keys, reasons, parts = node_keys(pipeline, params, catalog, root)
+    result = Plan(keys, reasons, parts, serve=serve)
     for node in pipeline.nodes:
         key = keys[node.name]
-        entry = store.get(key) if key is not None else None
+        entry = store.get(key) if key is not None and serve else None
         if entry is not None:
             result.hits[node.name] = entry
         else:
             result.run.append(node.name)
+            if key is not None and serve:
+                result.why[node.name] = store.why(node.name, parts[node.name])
     needed = {name for node in pipeline.nodes if node.name in result.run for name in node.inputs}
     for entry in result.hits.values():
         result.inject.update({name: value for name, value in entry.outputs.items() if name in needed})
@@ -192,78 +223,123 @@ def restrict(plan_: Plan, pipeline: Pipeline, nodes: list[str]) -> Plan:
     """The same plan, running only ``nodes`` (fed from the cache where it can)."""
     needed = {name for node in pipeline.nodes if node.name in nodes for name in node.inputs}
     inject = {name: value for entry in plan_.hits.values() for name, value in entry.outputs.items() if name in needed}
-    return Plan(plan_.keys, plan_.reasons, dict(plan_.hits), list(nodes), inject)
+    return Plan(plan_.keys, plan_.reasons, plan_.parts, dict(plan_.hits), list(nodes), inject)
 
 
-def node_keys(pipeline: Pipeline, params: Mapping[str, Any], catalog: Mapping[str, Any],
-              root: Path) -> tuple[dict[str, str | None], dict[str, str]]:
-    """Each node's cache key, or None with the reason it has none."""
-    from .fingerprint import _file_state
+def node_keys(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog,
+              root: Path) -> tuple[dict[str, str | None], dict[str, str], dict[str, dict[str, str]]]:
+    """Each node's cache key (or None, with the reason it has none), and the named parts
+    the key hashes (``code MODULE.NAME``, ``param X``, ``input X``, ``dist NAME``, ...)."""
+    from . import deps
 
+    root = root.resolve()
     producer = {out: node.name for node in pipeline.nodes for out in node.outputs}
+    shared = _shared_parts(pipeline, catalog, root)
     keys: dict[str, str | None] = {}
     reasons: dict[str, str] = {}
+    all_parts: dict[str, dict[str, str]] = {}
     for node in pipeline.nodes:  # in dependency order
         reason = None
-        parts = [node.name, ",".join(node.inputs), ",".join(node.outputs)]
+        parts = {"node": f"{node.name}|{','.join(node.inputs)}|{','.join(node.outputs)}", **shared}
         if NOCACHE_TAG in node.tags:
             reason = f"it is tagged {NOCACHE_TAG}"
-        try:
-            parts.append(code_hash(node.func))
-        except (OSError, TypeError):
-            reason = reason or "its function's source cannot be read"
+        parts.update(deps.reach(node.func, root).parts(root))
         for name in node.inputs:
             if name == "parameters":
-                parts.append(_json(params))
+                parts["param (all)"] = _json(params)
             elif name.startswith("params:"):
-                parts.append(f"{name}={_json(_select(params, name[len('params:'):]))}")
+                parts[f"param {name[len('params:'):]}"] = _json(_select(params, name[len("params:"):]))
             elif name in producer:
                 upstream = keys[producer[name]]
                 if upstream is None:
                     reason = reason or f"it reads {name}, made by {producer[name]}, which is not cached"
-                parts.append(f"{name}<-{upstream}")
+                parts[f"input {name}"] = f"from {producer[name]}: {upstream}"
             else:
-                entry = catalog.get(name)
-                path = entry.get("filepath") if isinstance(entry, Mapping) else None
-                if path is None or "://" in str(path):
+                state = catalog.state(name)
+                if state is None:
                     reason = reason or f"it reads {name}, which is not a local file kmrun can fingerprint"
                     continue
-                full = Path(str(path)) if Path(str(path)).is_absolute() else root / str(path)
-                parts.append(f"{name}={_json(entry)}:{_file_state(full)}")
-        parts += [f"{name}:{_json(catalog.get(name))}" for name in node.outputs]
+                parts[f"input {name}"] = state
+                parts[f"entry {name}"] = _json(catalog.entry(name))
+        for name in node.outputs:
+            parts[f"output {name}"] = _json(catalog.entry(name))
+        all_parts[node.name] = parts
         if reason is not None:
             keys[node.name], reasons[node.name] = None, reason
         else:
-            keys[node.name] = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
-    return keys, reasons
+            keys[node.name] = hashlib.sha256(_json(parts).encode()).hexdigest()[:32]
+    return keys, reasons, all_parts
 
 
-@memoize
-def code_hash(func: Any) -> str:
-    """The source of a node's function and of the same-module functions it calls."""
-    func = inspect.unwrap(getattr(func, "func", func))  # functools.partial, decorators
-    seen: dict[str, str] = {}
+def _shared_parts(pipeline: Pipeline, catalog: Catalog, root: Path) -> dict[str, str]:
+    """What every node's result may depend on: the project's hooks (they see every node's
+    data), the code of the project's own dataset classes, and the environment (the Python
+    version, and the versions of the distributions the project's code and the pipeline's
+    datasets use)."""
+    from kedro.framework.project import settings
 
-    def visit(fn: Any) -> None:
-        name = f"{fn.__module__}.{fn.__qualname__}"
-        if name in seen:
-            return
-        seen[name] = inspect.getsource(fn)
-        module = inspect.getmodule(fn)
-        for called in _names(fn.__code__):
-            target = getattr(module, called, None)
-            if isinstance(target, types.FunctionType) and target.__module__ == fn.__module__:
-                visit(target)
+    from . import deps
 
-    visit(func)
-    return hashlib.sha256("\n".join(seen[k] for k in sorted(seen)).encode()).hexdigest()[:16]
+    reach = deps.Reach()
+    for hook in settings.HOOKS:  # kmrun's own hook goes to its session, not to the settings
+        reach.merge(deps.reach(hook, root))
+    for name in sorted(pipeline.datasets()):
+        if name == "parameters" or name.startswith("params:"):
+            continue
+        reach.merge(_dataset_reach(catalog.entry(name), root))
+    environment = deps.Reach(dists=deps.environment(root))
+    for node in pipeline.nodes:
+        environment.merge(deps.reach(node.func, root))
+    parts = {f"code {name}": digest for name, digest in reach.code.items()}
+    parts.update({f"dist {name}": version for name, version in {**reach.dists, **environment.dists}.items()})
+    return parts
 
 
-def _names(code: types.CodeType) -> Iterable[str]:
-    yield from code.co_names
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _names(const)
+def _dataset_reach(entry: Mapping[str, Any] | None, root: Path) -> Any:
+    """What a dataset's class reaches (a custom dataset of the project's own is code)."""
+    from . import deps
+
+    if not entry or "type" not in entry:
+        return deps.Reach()
+    kind = entry["type"] if isinstance(entry["type"], str) else repr(entry["type"])
+    if kind not in _DATASET_CLASSES:
+        from kedro.io.core import parse_dataset_definition
+
+        try:
+            _DATASET_CLASSES[kind] = parse_dataset_definition({"type": entry["type"]})[0]
+        except Exception:
+            _DATASET_CLASSES[kind] = None
+    cls = _DATASET_CLASSES[kind]
+    if cls is None:
+        return deps.Reach(code={f"dataset type {kind}": "unloadable"})
+    return deps.reach(cls, root)
+
+
+_DATASET_CLASSES: dict[str, Any] = {}
+
+
+def differences(before: Mapping[str, str], after: Mapping[str, str]) -> str:
+    """The parts of a key that changed, in words, most telling first."""
+    changed = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
+    words = []
+    for name in changed:
+        kind, _, what = name.partition(" ")
+        if kind == "code":
+            words.append(f"code of {what}" if name in before and name in after else
+                         f"code of {what} ({'now used' if name in after else 'no longer used'})")
+        elif kind == "dist":
+            words.append(f"environment: {what} {before.get(name, 'absent').split()[0]} -> "
+                         f"{after.get(name, 'absent').split()[0]}")
+        elif kind == "input" and str(after.get(name, "")).startswith("from "):
+            words.append(f"input {what} (its producer {after[name].split(':')[0][5:]} changed)")
+        elif kind in ("param", "input", "output", "entry"):
+            words.append({"output": "catalog entry of output", "entry": "catalog entry of input"}.get(kind, kind)
+                         + f" {what}")
+        elif name == "python":
+            words.append("environment: the Python version")
+        else:
+            words.append(name)
+    return "; ".join(words)
 
 
 def _select(params: Mapping[str, Any], dotted: str) -> Any:

@@ -391,7 +391,7 @@ def cache(args: argparse.Namespace) -> int:
     _, base, raw = _config(args)
     uri = args.tracking_uri or resolve_uri(OmegaConf.select(raw, "mlflow.tracking_uri"), base)
     configured = OmegaConf.select(raw, "cache.dir") if OmegaConf.is_dict(raw.get("cache")) else None
-    store = NodeCache(base / configured if configured else default_dir(uri), max_bytes=0)
+    store = NodeCache(base / Path(configured).expanduser() if configured else default_dir(uri), max_bytes=0)
     if args.action == "clear":
         terminal.say(f"removed {store.clear()} entries from {store.root}")
         return 0

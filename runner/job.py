@@ -84,7 +84,7 @@ def prepare(
     (unless ``open_store`` is false: a dry run creates nothing).
 
     Raises a ``KmrunError`` before any MLflow run exists when something is wrong.
-    Relative paths (``kedro.project_path``, the default store) start at ``base_dir``: the
+    Relative paths (``kedro.project_path``, ``cache.dir``, the default store) start at ``base_dir``: the
     folder holding ``conf/`` (the working directory by default).
     """
     from omegaconf import OmegaConf
@@ -94,6 +94,8 @@ def prepare(
     conf = parse(cfg, origin)
     base = base_dir or Path.cwd()
     conf.kedro.project_path = str(base / Path(conf.kedro.project_path).expanduser())
+    if conf.cache.dir:  # as `kmrun cache` finds it, from whichever folder kmrun was started in
+        conf.cache.dir = str(base / Path(conf.cache.dir).expanduser())
     # resolved before Kedro loads its config, which unregisters OmegaConf's oc.env resolver
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     config = OmegaConf.to_container(job_cfg, resolve=True)
@@ -103,8 +105,8 @@ def prepare(
     project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
     models.check(conf, project)
     for name in conf.artifacts:
-        if project.filepath(name) is None:
-            files = sorted(k for k in project.catalog_config() if project.filepath(k))
+        if project.filepath(name, params) is None:
+            files = project.catalog(params).files()
             raise ConfigError(f"artifacts: '{name}' is not a dataset with a file in the catalog of {project.root}. "
                               f"Datasets with files: {', '.join(files) or 'none'}.")
     bad = rejected_names(flatten(deep_merge(project.parameters(), params)))
@@ -128,7 +130,7 @@ def prepare(
         redact=Redactor.for_project(project.credentials(), deep_merge(project.parameters(), params),
                                     urls=[conf.mlflow.tracking_uri, uri, conf.study.storage if conf.study else None]),
         run_name=conf.mlflow.run_name,
-        fingerprint=rt.fingerprint(project, conf.kedro.pipeline, conf.kedro.tags),
+        fingerprint=rt.fingerprint(project, conf.kedro.pipeline, conf.kedro.tags, params),
         fluent=rt.uses_mlflow(project),
     )
 
@@ -147,8 +149,7 @@ def execute(spec: JobSpec) -> JobResult:
     tracker = rt.tracker(spec.uri, spec.experiment_name)
     record = KedroRun(_kedro_run_id(), capture=set(conf.metrics) | models.captured(conf, project),
                       output_dir=Path(spec.output_dir) if spec.output_dir else None)
-    if conf.cache.enabled:
-        record.cache, record.plan = cache_plan(spec, project)
+    record.cache, record.plan = cache_plan(spec, project)  # cache=false: computes all, refreshes the entries
     tags = {
         **{k: str(v) for k, v in conf.mlflow.tags.items()},
         **spec.tags,
@@ -279,7 +280,7 @@ class _Job:
     def _artifacts(self) -> None:
         """The files of the datasets listed in ``artifacts``, under the run's ``outputs/``."""
         for name in self.spec.conf.artifacts:
-            path = self.record.written.get(name) or self.project.filepath(name)
+            path = self.record.written.get(name) or self.project.filepath(name, self.spec.params)
             if path is None or not Path(path).exists():
                 log.warning("artifacts: dataset '%s' wrote no file in this run; nothing to log.", name)
                 continue
@@ -356,7 +357,8 @@ def cache_plan(spec: JobSpec, project: KedroProject) -> tuple[NodeCache, Plan]:
     store = runtime.current().node_cache(root.resolve(), conf.cache.max_gb)
     params = deep_merge(project.parameters(), spec.params)
     pipeline = project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
-    return store, cache.plan(pipeline, params, project.catalog_config(), project.root, store)
+    return store, cache.plan(pipeline, params, project.catalog(spec.params), project.root, store,
+                             serve=conf.cache.enabled)
 
 
 def prewarm(specs: list[JobSpec], output_dir: Path, source: str) -> list[str]:
@@ -390,6 +392,10 @@ def cache_tags(record: KedroRun) -> dict[str, str]:
     if plan is None:
         return {"kmrun.cache": "off"}
     tags = {"kmrun.cache.hits": ",".join(plan.hits) or "none"}
+    if not plan.serve:
+        tags["kmrun.cache"] = "refresh"  # cache=false: computed every node, stored what it computed
+    if plan.why:
+        tags["kmrun.cache.misses"] = "; ".join(f"{node}: {why}" for node, why in plan.why.items())[:5000]
     if plan.hits:
         tags["kmrun.cache.from"] = ",".join(sorted(set(plan.sources.values())))[:5000]
     why = {**plan.reasons, **record.not_cached}

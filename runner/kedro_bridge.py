@@ -9,6 +9,7 @@ parallel jobs never overwrite each other. Inputs the pipeline only reads stay sh
 
 from __future__ import annotations
 
+import json
 import logging
 import tomllib
 import warnings
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from kedro.pipeline import Pipeline
 
     from .cache import NodeCache, Plan
+    from .datasets import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ class _Hooks:
             return
         key = record.plan.keys.get(node.name)
         if key is not None:
-            reason = record.cache.put(key, node.name, outputs, record.mlflow_run_id)
+            reason = record.cache.put(key, node.name, outputs, record.mlflow_run_id, record.plan.parts.get(node.name))
             if reason is not None:
                 record.not_cached[node.name] = reason
 
@@ -115,8 +117,11 @@ class _Hooks:
         from kedro.io import AbstractDataset
 
         assert record.output_dir is not None
+        resolver = getattr(catalog, "config_resolver", None)
         for name in sorted(self.outputs):
             conf = conf_catalog.get(name)
+            if conf is None and resolver is not None:  # named by a dataset factory pattern
+                conf = resolver.resolve_pattern(name)
             inner = conf.get("dataset") if isinstance(conf, dict) else None  # a wrapper: kedro-mlflow's
             where = conf if isinstance(conf, dict) and "filepath" in conf else (
                 inner if isinstance(inner, dict) and "filepath" in inner else None)
@@ -243,31 +248,40 @@ class KedroProject:
         parsed, make_loader = _ParsedConfig(), self.session._get_config_loader
         self.session._get_config_loader = lambda runtime_params=None: parsed.attach(make_loader(runtime_params))
         self._params: dict[str, Any] | None = None
-        self._catalog: dict[str, Any] | None = None
+        self._catalog: Catalog | None = None
+        self._runtime_catalog = False  # whether catalog entries read ${runtime_params:...}
+        self._job_catalogs: dict[str, Catalog] = {}
         self._credentials: dict[str, Any] | None = None
 
     def refresh(self) -> None:
         """Forget what was read from the project's config files."""
         self._params = None
         self._catalog = None
+        self._job_catalogs.clear()
         self._credentials = None
 
-    def catalog_config(self) -> dict[str, Any]:
-        """The project's catalog entries for this env, resolved (``{name: {type, filepath}}``)."""
-        if self._catalog is None:
-            self._catalog = dict(self.session.load_context().config_loader["catalog"])
-        return self._catalog
+    def catalog(self, params: dict[str, Any] | None = None) -> Catalog:
+        """The project's catalog for this env, as Kedro resolves it for a run with
+        ``params`` as runtime params (factory patterns are matched on demand)."""
+        from .datasets import Catalog
 
-    def filepath(self, name: str) -> str | None:
-        """Where a catalog dataset's file is (absolute), or None when it has none."""
-        entry = self.catalog_config().get(name)
-        if not isinstance(entry, dict):
-            return None
-        where = entry.get("filepath") or (entry.get("dataset") or {}).get("filepath") \
-            if isinstance(entry.get("dataset", {}), dict) else entry.get("filepath")
-        if not where or "://" in str(where):
-            return None
-        return str(self.root / where)
+        if self._catalog is None:
+            self._catalog = Catalog(self.session.load_context().config_loader["catalog"], self.root)
+            self._runtime_catalog = any("runtime_params" in p.read_text(encoding="utf-8", errors="replace")
+                                        for folder in ("base", self.env_name)
+                                        for p in (self.root / "conf" / folder).rglob("catalog*"))
+        if not params or not self._runtime_catalog:
+            return self._catalog
+        key = json.dumps(params, sort_keys=True, default=repr)
+        if key not in self._job_catalogs:
+            loader = self.session._get_config_loader(params)
+            self._job_catalogs[key] = Catalog(loader["catalog"], self.root)
+        return self._job_catalogs[key]
+
+    def filepath(self, name: str, params: dict[str, Any] | None = None) -> str | None:
+        """Where a dataset's local file or folder is (absolute), or None when it has none."""
+        where = self.catalog(params).location(name)
+        return str(where) if isinstance(where, Path) else None
 
     def load(self, name: str) -> Any:
         """A catalog dataset's data, loaded as Kedro loads it."""

@@ -88,8 +88,8 @@ def check(conf: KmrunConf, project: KedroProject) -> None:
         if importlib.util.find_spec(library) is None:
             raise ConfigError(f"model.flavor '{model.flavor}' needs the {library} package, which is not installed "
                               f"here: pip install {library}")
-    known = produced | set(project.catalog_config())
-    if model.input_example and model.input_example not in known:
+    known = produced | set(project.catalog())
+    if model.input_example and model.input_example not in known and model.input_example not in project.catalog():
         raise ConfigError(f"model.input_example '{model.input_example}' is neither produced by {where} nor in the "
                           f"catalog.{_near(model.input_example, known)}")
     if model.pipeline:

@@ -62,15 +62,17 @@ class Runtime:
             self._git[path] = git_tags(path)
         return self._git[path]
 
-    def fingerprint(self, project: KedroProject, pipeline: str, tags: list[str]) -> Any:
-        """What a pipeline's result depends on besides the config (``fingerprint``)."""
+    def fingerprint(self, project: KedroProject, pipeline: str, tags: list[str],
+                    params: dict[str, Any] | None = None) -> Any:
+        """What a pipeline's result depends on besides the config (``fingerprint``);
+        ``params`` matter only to a catalog that reads ``${runtime_params:...}``."""
         from . import fingerprint
 
-        key = (project.root, project.env, pipeline, tuple(tags))
+        catalog = project.catalog(params)
+        key = (project.root, project.env, pipeline, tuple(tags), id(catalog))
         if key not in self._fingerprints:
-            inputs = project.pipeline(pipeline, tags).inputs()
-            self._fingerprints[key] = fingerprint.of_project(
-                project.root, project.package_name, project.env_name, project.catalog_config(), inputs)
+            self._fingerprints[key] = fingerprint.of_pipeline(
+                project.pipeline(pipeline, tags), project.parameters(), catalog, project.root)
         return self._fingerprints[key]
 
     def node_cache(self, root: Path, max_gb: float) -> Any:
@@ -88,13 +90,16 @@ class Runtime:
 
         key = (project.root, project.env, "uses_mlflow", ())
         if key not in self._fingerprints:
-            self._fingerprints[key] = uses_mlflow(project.root, project.package_name, project.catalog_config())
+            self._fingerprints[key] = uses_mlflow(project.root, project.package_name, project.catalog().explicit)
         return bool(self._fingerprints[key])
 
     def refresh(self) -> None:
         """Forget what the user may have changed since the last call."""
+        from . import deps
+
         self._git.clear()
         self._fingerprints.clear()
+        deps.forget()
         for project in self._projects.values():
             project.refresh()
 

@@ -101,7 +101,7 @@ def _find_metrics(project: Any, run: bool) -> tuple[list[str], list[str], list[s
     hold, and notes."""
     import math
 
-    catalog = project.catalog_config()
+    catalog = project.catalog()
     named = sorted(name for name in catalog if "metric" in name.lower() and not name.startswith("_"))
     if not run:
         return named, [], ["the pipeline was not run (--no-run): `metrics` lists datasets named like metrics"]

@@ -8,7 +8,9 @@ import sys
 import pytest
 from kedro.pipeline import Pipeline, node
 
+from runner import deps
 from runner.cache import NodeCache, node_keys, plan
+from runner.datasets import Catalog
 
 NODES = '''
 def load(raw):
@@ -50,7 +52,8 @@ CATALOG = {"raw": {"type": "pandas.CSVDataset", "filepath": "data/raw.csv"},
 
 
 def keys(mod, tmp_path, params=None, catalog=None, tags=()):
-    return node_keys(pipeline(mod, tags), params or {"p": 1, "q": 2}, catalog or CATALOG, tmp_path)
+    deps.forget()
+    return node_keys(pipeline(mod, tags), params or {"p": 1, "q": 2}, Catalog(catalog or CATALOG, tmp_path), tmp_path)[:2]
 
 
 def moved(a, b):
@@ -86,11 +89,11 @@ def test_the_cache_serves_hits_and_feeds_the_nodes_that_run(mod, tmp_path):
     store = NodeCache(tmp_path / "cache", max_bytes=10**6)
     (tmp_path / "data").mkdir()
     (tmp_path / "data/raw.csv").write_text("x\n")
-    first = plan(pipeline(mod), {"p": 1, "q": 2}, CATALOG, tmp_path, store)
+    first = plan(pipeline(mod), {"p": 1, "q": 2}, Catalog(CATALOG, tmp_path), tmp_path, store)
     assert first.run == ["load", "features", "model"] and not first.hits
     assert store.put(first.keys["load"], "load", {"a": 10}, "run-1") is None
     assert store.put(first.keys["features"], "features", {"b": 21}, "run-1") is None
-    second = plan(pipeline(mod), {"p": 1, "q": 9}, CATALOG, tmp_path, NodeCache(tmp_path / "cache", 10**6))
+    second = plan(pipeline(mod), {"p": 1, "q": 9}, Catalog(CATALOG, tmp_path), tmp_path, NodeCache(tmp_path / "cache", 10**6))
     assert second.run == ["model"] and second.inject == {"b": 21} and second.sources == {"load": "run-1", "features": "run-1"}
     assert store.put("ab" + "0" * 30, "x", {"f": lambda: 1}, "r").startswith("its outputs cannot be pickled")
 
@@ -102,3 +105,35 @@ def test_least_recently_used_entries_go_beyond_the_size_limit(tmp_path):
     assert store.size() <= 3000 and store.get("05" + "k" * 30) is not None
     kept = len(store.files())
     assert 0 < kept < 6 and store.clear() == kept and store.files() == []
+
+
+def test_folders_and_factory_patterns_are_fingerprinted_like_files(mod, tmp_path):
+    (tmp_path / "data/parts").mkdir(parents=True)
+    (tmp_path / "data/parts/a.csv").write_text("x\n1\n")
+    (tmp_path / "data/raw.csv").write_text("x\n1\n")
+    for i, catalog in enumerate((
+        {"raw": {"type": "partitions.PartitionedDataset", "path": "data/parts", "dataset": "pandas.CSVDataset"}},
+        {"r{rest}": {"type": "pandas.CSVDataset", "filepath": "data/parts/a.csv"}},  # a factory pattern
+    )):
+        found, reasons = keys(mod, tmp_path, catalog=catalog)
+        assert not reasons, reasons
+        (tmp_path / "data/parts/a.csv").write_text(f"x\n{i + 10}\n")
+        if "raw" in catalog:
+            (tmp_path / "data/parts/b.csv").write_text("x\n3\n")
+        assert moved((found, reasons), keys(mod, tmp_path, catalog=catalog)) == {"load", "features", "model"}
+
+
+def test_cache_false_serves_nothing_and_refreshes_every_entry(mod, tmp_path):
+    store = NodeCache(tmp_path / "cache", max_bytes=10**6)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/raw.csv").write_text("x\n")
+    catalog = Catalog(CATALOG, tmp_path)
+    first = plan(pipeline(mod), {"p": 1, "q": 2}, catalog, tmp_path, store)
+    store.put(first.keys["load"], "load", {"a": 10}, "run-1", first.parts["load"])
+    again = plan(pipeline(mod), {"p": 1, "q": 2}, catalog, tmp_path, store, serve=False)
+    assert not again.hits and again.run == ["load", "features", "model"] and again.keys == first.keys
+    third = plan(pipeline(mod), {"p": 7, "q": 2}, catalog, tmp_path, store)
+    assert third.hits.keys() == {"load"} and third.why["features"] == "no earlier entry of this node"
+    store.put(third.keys["features"], "features", {"b": 1}, "run-2", third.parts["features"])
+    fourth = plan(pipeline(mod), {"p": 8, "q": 2}, catalog, tmp_path, store)
+    assert fourth.why["features"] == "param p"

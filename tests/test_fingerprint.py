@@ -2,62 +2,73 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
-from runner.fingerprint import Fingerprint, of_project
+import pytest
+from kedro.pipeline import Pipeline, node
 
+from runner import deps
+from runner.datasets import Catalog
+from runner.fingerprint import Fingerprint, of_pipeline
+
+NODES = "def f(raw, a):\n    return raw + a\n\n\ndef g(x):\n    return x\n"
 CATALOG = {"raw": {"type": "pandas.CSVDataset", "filepath": "data/01_raw/raw.csv"},
-           "model": {"type": "pickle.PickleDataset", "filepath": "data/06_models/model.pkl"},
-           "remote": {"type": "pandas.CSVDataset", "filepath": "s3://bucket/x.csv"}}
+           "out": {"type": "pickle.PickleDataset", "filepath": "data/06_models/out.pkl"}}
 
 
-def project(tmp_path):
-    for path, text in {
-        "src/kmrun_fp_pkg/__init__.py": "", "src/kmrun_fp_pkg/nodes.py": "def f(x):\n    return x\n",
-        "conf/base/parameters.yml": "a: 1\n", "conf/base/catalog.yml": "raw: {}\n",
-        "conf/local/credentials.yml": "pw: x\n", "conf/base/logging.yml": "version: 1\n",
-        "conf/prod/parameters.yml": "a: 2\n", "data/01_raw/raw.csv": "x\n1\n",
-    }.items():
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    for path, text in {"src/kmrun_fp_pkg/__init__.py": "", "src/kmrun_fp_pkg/nodes.py": NODES,
+                       "data/01_raw/raw.csv": "x\n1\n"}.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(text)
-    return tmp_path
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    yield tmp_path
+    sys.modules.pop("kmrun_fp_pkg.nodes", None)
+    sys.modules.pop("kmrun_fp_pkg", None)
+    deps.forget()
 
 
-def fp(root, env="local", inputs=("raw", "remote", "params:a")):
-    return of_project(root, "kmrun_fp_pkg", env, CATALOG, inputs)
+def fp(root, params=None, catalog=None) -> Fingerprint:
+    sys.modules.pop("kmrun_fp_pkg.nodes", None)
+    deps.forget()
+    importlib.invalidate_caches()
+    nodes = importlib.import_module("kmrun_fp_pkg.nodes")
+    pipeline = Pipeline([node(nodes.f, ["raw", "params:a"], "out", name="f")])
+    return of_pipeline(pipeline, params or {"a": 1, "b": 1}, Catalog(catalog or CATALOG, root), root)
 
 
 def parts(a: Fingerprint, b: Fingerprint) -> set[str]:
-    return {p for p in ("code", "config", "data") if getattr(a, p) != getattr(b, p)}
+    return {p for p in ("code", "config", "data", "environment") if getattr(a, p) != getattr(b, p)}
 
 
-def test_each_change_moves_exactly_its_part(tmp_path):
-    root = project(tmp_path)
+def test_each_change_moves_exactly_its_part(root, monkeypatch):
     before = fp(root)
     assert fp(root) == before  # stable
-    (root / "src/kmrun_fp_pkg/nodes.py").write_text("def f(x):\n    return x + 1\n")
+    (root / "src/kmrun_fp_pkg/nodes.py").write_text(NODES.replace("raw + a", "raw + a + 1"))
     assert parts(before, after := fp(root)) == {"code"}
-    (root / "conf/base/parameters.yml").write_text("a: 3\n")
-    assert parts(after, after2 := fp(root)) == {"config"}
-    (root / "conf/base/catalog.yml").write_text("raw: {type: x}\n")
-    assert parts(after2, after3 := fp(root)) == {"config"}
+    assert parts(after, fp(root, params={"a": 3, "b": 1})) == {"config"}
+    load_args = {**CATALOG, "raw": {**CATALOG["raw"], "load_args": {"sep": ";"}}}
+    assert parts(after, fp(root, catalog=load_args)) == {"config"}
     (root / "data/01_raw/raw.csv").write_text("x\n2\n")
-    assert parts(after3, after4 := fp(root)) == {"data"}
-    assert after4.changed(after3.tags()) == ["input data"] and after4.changed(after4.tags()) == []
+    assert parts(after, after2 := fp(root)) == {"data"}
+    assert after2.changed(after.tags()) == ["input data"] and after2.changed(after2.tags()) == []
+    monkeypatch.setattr(deps, "environment", lambda root: {"numpy": "0.1"})
+    assert parts(after2, moved := fp(root)) == {"environment"} and moved.changed(after2.tags()) == ["environment"]
 
 
-def test_what_does_not_change_a_result_does_not_move_it(tmp_path):
-    root = project(tmp_path)
+def test_what_does_not_change_a_result_does_not_move_it(root):
     before = fp(root)
-    (root / "conf/local/credentials.yml").write_text("pw: other\n")
-    (root / "conf/base/logging.yml").write_text("version: 1\nroot: {}\n")
-    (root / "conf/prod/parameters.yml").write_text("a: 9\n")  # another env
-    (root / "data/06_models/model.pkl").parent.mkdir(parents=True)
-    (root / "data/06_models/model.pkl").write_bytes(b"an output, not an input")
+    (root / "src/kmrun_fp_pkg/nodes.py").write_text("# a comment\n" + NODES.replace("\n", "\r\n"))
+    (root / "src/kmrun_fp_pkg/notes.py").write_text("UNUSED = 1\n")  # a module the pipeline never imports
+    (root / "src/kmrun_fp_pkg/nodes.py").write_text(NODES.replace("return x\n", "return x + 1\n"))  # g: no node
+    (root / "data/06_models").mkdir(parents=True)
+    (root / "data/06_models/out.pkl").write_bytes(b"an output, not an input")
     os.utime(root / "data/01_raw/raw.csv", (1, 1))  # touched, same content
-    assert fp(root) == before
-    assert fp(root, env="prod") != before  # the env's own files count
+    assert fp(root, params={"a": 1, "b": 2}) == before  # b: a parameter no node reads
 
 
-def test_runs_without_a_recorded_fingerprint_are_not_trusted(tmp_path):
-    assert fp(project(tmp_path)).changed({}) == ["unrecorded"]
+def test_runs_without_a_recorded_fingerprint_are_not_trusted(root):
+    assert fp(root).changed({}) == ["unrecorded"]

@@ -1,0 +1,436 @@
+"""What a node's result can depend on: the project's own code its function reaches, and
+the installed distributions that code uses.
+
+The walk starts at a node's function and follows, transitively, everything the code
+names: functions and classes (their methods, base classes, class attributes) in any
+module that lives in the project folder (its package, sibling packages under ``src/``,
+modules at its root), module-level constants and objects (by value), modules used as
+``module.attr``, closures, decorators, ``functools.partial`` and default arguments. Code is
+hashed as compiled bytecode, so comments, blank lines, docstrings and line endings do not
+count. Code from an installed distribution is keyed by the distribution's version (and
+those of the distributions it requires); the standard library by the Python version.
+
+Where the walk cannot see what a function reaches (``exec``, ``eval``, ``compile``,
+``__import__``, ``importlib.import_module``), the whole project's code stands in for it: a
+coarser key, still sound; ``Reach.coarse`` says why. A function that calls ``getattr``,
+``globals()`` or ``vars()`` reaches every attribute of the project modules it names (and
+of its own module).
+"""
+
+from __future__ import annotations
+
+import dis
+import functools
+import hashlib
+import importlib.metadata as metadata
+import os
+import pickle
+import re
+import sys
+import types
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DYNAMIC = ("exec", "eval", "compile", "__import__", "import_module")  # what they reach is unknowable
+WIDE = ("getattr", "globals", "vars")  # any attribute of the modules the code names may be read
+SKIPPED_DIRS = {"site-packages", "dist-packages", "node_modules", "__pycache__", "build", "dist", "data"}
+PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+@dataclass
+class Reach:
+    """Everything one callable reaches: digests of the project's code it runs (by qualified
+    name), the installed distributions it uses (by name: version), and why it was keyed
+    by the whole project's code, when it was."""
+
+    code: dict[str, str] = field(default_factory=dict)
+    dists: dict[str, str] = field(default_factory=dict)
+    coarse: str | None = None
+
+    def parts(self, root: Path) -> dict[str, str]:
+        """Named digests for a key: ``code NAME``, ``dist NAME``, ``python``, and the whole
+        project's code when the walk was coarse."""
+        out = {f"code {name}": digest for name, digest in self.code.items()}
+        out.update({f"dist {name}": version for name, version in self.dists.items()})
+        out["python"] = sys.version
+        if self.coarse is not None:
+            out["code (whole project)"] = project_code(root)
+        return out
+
+    def merge(self, other: Reach) -> None:
+        self.code.update(other.code)
+        self.dists.update(other.dists)
+        self.coarse = self.coarse or other.coarse
+
+
+class _Walk:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.reach = Reach()
+        self.seen: set[int] = set()
+        self.modules: set[tuple[str, frozenset[str] | None]] = set()
+        self.kept: list[Any] = []  # what ``seen`` holds the ids of, alive for the walk
+
+    def value(self, obj: Any, depth: int = 0) -> None:
+        """Walk anything a function can reach: code to follow, or data holding code."""
+        if isinstance(obj, PLAIN) or depth > 20 or id(obj) in self.seen:
+            return
+        self.seen.add(id(obj))
+        self.kept.append(obj)
+        if isinstance(obj, types.FunctionType):
+            self.function(obj)
+        elif isinstance(obj, type):
+            self.klass(obj)
+        elif isinstance(obj, functools.partial):
+            for item in (obj.func, *obj.args, *obj.keywords.values()):
+                self.value(item, depth + 1)
+        elif isinstance(obj, types.MethodType):
+            self.value(obj.__func__, depth + 1)
+            self.value(obj.__self__, depth + 1)
+        elif isinstance(obj, staticmethod | classmethod):
+            self.value(obj.__func__, depth + 1)
+        elif isinstance(obj, property):
+            for item in (obj.fget, obj.fset, obj.fdel):
+                self.value(item, depth + 1)
+        elif isinstance(obj, types.ModuleType):
+            self.installed(obj.__name__)
+        elif isinstance(obj, types.BuiltinFunctionType | types.BuiltinMethodType):
+            self.installed(getattr(obj, "__module__", None) or "builtins")
+        elif isinstance(obj, list | tuple | set | frozenset):
+            for item in obj:
+                self.value(item, depth + 1)
+        elif isinstance(obj, dict):
+            for key, item in obj.items():
+                self.value(key, depth + 1)
+                self.value(item, depth + 1)
+        else:  # an object: its class's code, and what it holds
+            self.value(type(obj), depth + 1)
+            wrapped = getattr(obj, "__wrapped__", None)
+            if wrapped is not None:
+                self.value(wrapped, depth + 1)
+            state = getattr(obj, "__dict__", None)
+            if isinstance(state, dict):
+                self.value(state, depth + 1)
+
+    def function(self, fn: types.FunctionType) -> None:
+        code = fn.__code__
+        module = fn.__globals__.get("__name__") or fn.__module__ or ""  # functools.wraps copies __module__
+        if not self.own(module):
+            self.installed(module)
+            return
+        name = f"{module}.{code.co_qualname}"
+        doc = fn.__doc__ if code.co_consts and code.co_consts[0] == fn.__doc__ else None
+        self.reach.code[name] = _digest([_code_digest(code, skip_doc=doc is not None),
+                                         _stable(fn.__defaults__, fn), _stable(fn.__kwdefaults__, fn)])
+        for item in (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()):
+            self.value(item)
+        for i, cell in enumerate(fn.__closure__ or ()):
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if not _is_code(contents):
+                self.reach.code[f"{name}.<closure {code.co_freevars[i]}>"] = _stable(contents, fn)
+            self.value(contents)
+        if getattr(fn, "__wrapped__", None) is not None:
+            self.value(fn.__wrapped__)
+        names, imports = _names(code)
+        scope = fn.__globals__
+        dynamic = sorted(n for n in names & set(DYNAMIC) if n not in scope)
+        if dynamic and self.reach.coarse is None:
+            self.reach.coarse = f"{name} calls {', '.join(dynamic)}"
+        wide = any(n in names and n not in scope for n in WIDE)
+        for imported in imports:
+            found = sys.modules.get(imported)
+            if found is not None:
+                self.module(found, None if wide else names)
+        if wide and module in sys.modules:
+            self.module(sys.modules[module], None)
+        for used in sorted(names):
+            if used in scope:
+                self.global_(scope[used], module, used, None if wide else names)
+
+    def global_(self, obj: Any, module: str, name: str, names: set[str] | None) -> None:
+        """A module-level name a function reads: followed if it is code, hashed by value if
+        it is data."""
+        if isinstance(obj, types.ModuleType):
+            self.module(obj, names)
+            return
+        if not _is_code(obj) and self.own(module):
+            self.reach.code[f"{module}.{name}"] = _stable(obj, sys.modules.get(module))
+        self.value(obj)
+
+    def module(self, module: types.ModuleType, names: set[str] | None) -> None:
+        """A module used as ``module.attr``: the attributes the code names (all of them
+        when ``names`` is None)."""
+        if not self.own(module.__name__):
+            self.installed(module.__name__)
+            return
+        slot = (module.__name__, frozenset(names) if names is not None else None)
+        if slot in self.modules:
+            return
+        self.modules.add(slot)
+        for attr, member in sorted(vars(module).items()):
+            if (attr in names if names is not None else not attr.startswith("__")):
+                self.global_(member, module.__name__, attr, names)
+
+    def klass(self, cls: type) -> None:
+        module = cls.__module__ or ""
+        if not self.own(module):
+            self.installed(module)
+            return
+        parts = []
+        for attr, member in sorted(vars(cls).items()):
+            if attr in ("__dict__", "__weakref__", "__module__", "__doc__", "__qualname__", "__firstlineno__",
+                        "__static_attributes__"):
+                continue
+            code_like = isinstance(member, types.FunctionType | staticmethod | classmethod | property
+                                   | functools.partial | type)
+            if code_like:
+                parts.append(attr)
+                self.value(member)
+            elif not attr.startswith("__"):
+                parts.append(f"{attr}={_stable(member, sys.modules.get(module))}")
+                self.value(member)
+        for base in cls.__mro__[1:]:
+            parts.append(f"{base.__module__}.{base.__qualname__}")
+            self.value(base)
+        self.reach.code[f"{module}.{cls.__qualname__}"] = _digest(parts)
+
+    def installed(self, module: str) -> None:
+        """Code from outside the project: its distribution's version, or the file's content
+        when it belongs to none (Python's own modules go with the Python version)."""
+        top = module.split(".")[0]
+        if not top or top in sys.stdlib_module_names or top in ("builtins", "__main__"):
+            return
+        found = distributions(top)
+        if found:
+            self.reach.dists.update(found)
+            return
+        where = getattr(sys.modules.get(top), "__file__", None)
+        self.reach.code[f"module {top}"] = _file_digest(Path(where)) if where else "unknown"
+
+    def imports_of(self, module: str) -> None:
+        """The installed distributions a module's globals come from."""
+        found = sys.modules.get(module)
+        for value in list(vars(found).values()) if found is not None else []:
+            if isinstance(value, types.ModuleType):
+                self.installed(value.__name__)
+                continue
+            try:
+                where = value.__module__ if not isinstance(value, PLAIN) else None
+            except Exception:  # a lazy object that cannot say
+                continue
+            if isinstance(where, str) and not self.own(where):
+                self.installed(where)
+
+    def own(self, module: str) -> bool:
+        return _own(self.root, module)
+
+
+def reach(obj: Any, root: Path) -> Reach:
+    """What ``obj`` (a node's function, a hook, a dataset class) reaches, memoized per process."""
+    slot = (id(obj), root)
+    hit = _MEMO.get(slot)
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    walk = _Walk(root)
+    if not isinstance(obj, types.FunctionType | type):  # a partial, a bound method, a callable object
+        walk.reach.code[f"<{type(obj).__qualname__} object>"] = _stable(obj)
+    walk.value(obj)
+    if isinstance(obj, type) and not walk.own(obj.__module__):  # an installed dataset class: what it imports
+        walk.imports_of(obj.__module__)
+    _MEMO[slot] = (obj, walk.reach)
+    return walk.reach
+
+
+_MEMO: dict[tuple[int, Path], tuple[Any, Reach]] = {}
+
+
+def forget() -> None:
+    """Drop what was memoized (code may have been reloaded since)."""
+    _MEMO.clear()
+    _OWN.clear()
+    _ENVIRONMENTS.clear()
+    project_code.cache_clear()
+
+
+def _own(root: Path, module: str) -> bool:
+    """Whether ``module`` is the project's own code: a file under ``root`` that is not
+    in an environment's site-packages."""
+    hit = _OWN.get((root, module))
+    if hit is not None:
+        return hit
+    where = getattr(sys.modules.get(module), "__file__", None)
+    if not where:
+        return False
+    path = Path(os.path.realpath(where))
+    own = path.is_relative_to(root) and not any(
+        part in SKIPPED_DIRS or part.startswith(".") for part in path.relative_to(root).parts[:-1])
+    _OWN[(root, module)] = own
+    return own
+
+
+_OWN: dict[tuple[Path, str], bool] = {}
+
+
+@functools.cache
+def distributions(top: str) -> dict[str, str]:
+    """The distributions providing the top-level module ``top``, with those they require,
+    as name: version (and a digest of the files it installed)."""
+    try:
+        names = [metadata.distribution(top).name]  # most distributions are named as their module
+    except metadata.PackageNotFoundError:
+        names = _providers(top)
+    out: dict[str, str] = {}
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in out:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        record = dist.read_text("RECORD") or ""  # a reinstall of other files under the same version
+        out[key] = f"{dist.version} {hashlib.sha256(record.encode()).hexdigest()[:8]}" if record else dist.version
+        for requirement in dist.requires or []:
+            if "extra ==" not in requirement:
+                todo.append(re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0])
+    return dict(sorted(out.items()))
+
+
+def _providers(top: str) -> list[str]:
+    """The distributions that installed the top-level module ``top``: read from the
+    ``*.dist-info`` folders beside it (``top_level.txt``, else ``RECORD``), which costs far
+    less than ``importlib.metadata.packages_distributions()`` over every distribution."""
+    where = getattr(sys.modules.get(top), "__file__", None)
+    if not where:
+        return []
+    site = Path(where).parent.parent if Path(where).name == "__init__.py" else Path(where).parent
+    found = []
+    for info in sorted(site.glob("*.dist-info")):
+        try:
+            tops = (info / "top_level.txt").read_text().split()
+        except OSError:
+            tops = None
+        if tops is not None and top in tops:
+            found.append(info.name.split("-")[0])
+        elif tops is None:
+            try:
+                record = (info / "RECORD").read_text()
+            except OSError:
+                continue
+            if record.startswith((f"{top}/", f"{top}.py")) or f"\n{top}/" in record or f"\n{top}.py," in record:
+                found.append(info.name.split("-")[0])
+    return found
+
+
+@functools.cache
+def project_code(root: Path) -> str:
+    """Every Python file of the project (its package, sibling packages, root modules)."""
+    files = []
+    for where, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not d.startswith(".")
+                         and not (Path(where, d) / "pyvenv.cfg").exists())
+        files += [Path(where, n) for n in sorted(names) if n.endswith(".py")]
+    return _digest(f"{p.relative_to(root)}:{_file_digest(p)}" for p in files)
+
+
+def _names(code: types.CodeType) -> tuple[set[str], set[str]]:
+    """The names a code object (and the code nested in it) reads, and the modules it imports."""
+    names: set[str] = set()
+    imports: set[str] = set()
+    todo = [code]
+    while todo:
+        current = todo.pop()
+        names.update(current.co_names)
+        todo += [c for c in current.co_consts if isinstance(c, types.CodeType)]
+        if any("." in n or n in sys.modules for n in current.co_names):  # cheap test before disassembling
+            imports.update(op.argval for op in dis.get_instructions(current) if op.opname == "IMPORT_NAME")
+    for imported in list(imports):
+        names.update(imported.split("."))
+    return names, imports
+
+
+def _is_code(obj: Any) -> bool:
+    """Code the walk follows by name; anything else (data, partials, objects) is hashed by value."""
+    return isinstance(obj, types.FunctionType | type | types.ModuleType | types.BuiltinFunctionType
+                      | staticmethod | classmethod | property)
+
+
+def _code_digest(code: types.CodeType, skip_doc: bool = False) -> str:
+    consts = code.co_consts[1:] if skip_doc else code.co_consts
+    parts = [code.co_name, code.co_code.hex(), ",".join(code.co_names), ",".join(code.co_varnames),
+             ",".join(code.co_freevars), str((code.co_argcount, code.co_kwonlyargcount, code.co_flags))]
+    for const in consts:
+        parts.append(_code_digest(const) if isinstance(const, types.CodeType) else repr(const))
+    return _digest(parts)
+
+
+def _stable(value: Any, context: Any = None) -> str:
+    """A digest of a value that is the same in every process: its repr for plain data,
+    else its pickle, else the source file of ``context`` (the module that defines it)."""
+    if _plain(value):
+        return _digest([repr(_sorted(value))])
+    try:
+        return hashlib.sha256(pickle.dumps(value, protocol=4)).hexdigest()[:16]
+    except Exception:
+        where = getattr(context, "__file__", None) or getattr(getattr(context, "__code__", None), "co_filename", None)
+        return _file_digest(Path(where)) if where else f"unhashable {type(value).__qualname__}"
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, PLAIN):
+        return True
+    if depth > 10:
+        return False
+    if isinstance(value, list | tuple | set | frozenset):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return sorted((repr(k), _sorted(v)) for k, v in value.items())
+    if isinstance(value, set | frozenset):
+        return sorted(repr(v) for v in value)
+    if isinstance(value, list | tuple):
+        return type(value)(_sorted(v) for v in value)
+    return value
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        if path.is_dir():
+            path = path / "__init__.py"
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "unreadable"
+
+
+def _digest(parts: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def environment(root: Path) -> dict[str, str]:
+    """The distributions the project's modules import (as loaded now), with those they
+    require: a library used only through the objects it returns (pandas, through a
+    DataFrame) is still part of every result."""
+    root = root.resolve()
+    own = tuple(name for name in list(sys.modules) if _own(root, name))
+    if own not in _ENVIRONMENTS:
+        walk = _Walk(root)
+        for name in own:
+            walk.imports_of(name)
+        _ENVIRONMENTS.clear()
+        _ENVIRONMENTS[own] = walk.reach.dists
+    return dict(_ENVIRONMENTS[own])
+
+
+_ENVIRONMENTS: dict[tuple[str, ...], dict[str, str]] = {}
