@@ -2,9 +2,10 @@
 job of a sweep and by later calls.
 
 A node's key hashes the project code its function reaches (``deps``: followed across
-modules, classes, constants and sibling packages), the project's hooks and dataset
-classes, the environment (Python, and the versions of the distributions the project
-uses), the values of the parameters it reads, the catalog entries of its inputs and
+modules, classes, constants and sibling packages) and the versions of the installed
+distributions that code uses, the Python version, the project's hooks, the classes of its
+datasets (a library that makes a DataFrame is keyed where the DataFrame enters: at
+its dataset, or at the node that built it), the values of the parameters it reads, the catalog entries of its inputs and
 outputs as resolved for the job (runtime params, dataset factories), and, for each input,
 either the key of the node that produced it or the state of the file or folder it is read
 from. Change any of these and the key changes, for that node and everything downstream;
@@ -261,8 +262,10 @@ def node_keys(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog,
                     continue
                 parts[f"input {name}"] = state
                 parts[f"entry {name}"] = _json(catalog.entry(name))
+                parts.update(_named(_dataset_reach(catalog.entry(name), root)))
         for name in node.outputs:
             parts[f"output {name}"] = _json(catalog.entry(name))
+            parts.update(_named(_dataset_reach(catalog.entry(name), root)))
         all_parts[node.name] = parts
         if reason is not None:
             keys[node.name], reasons[node.name] = None, reason
@@ -273,9 +276,7 @@ def node_keys(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog,
 
 def _shared_parts(pipeline: Pipeline, catalog: Catalog, root: Path) -> dict[str, str]:
     """What every node's result may depend on: the project's hooks (they see every node's
-    data), the code of the project's own dataset classes, and the environment (the Python
-    version, and the versions of the distributions the project's code and the pipeline's
-    datasets use)."""
+    data), their code and the distributions they use."""
     from kedro.framework.project import settings
 
     from . import deps
@@ -283,16 +284,12 @@ def _shared_parts(pipeline: Pipeline, catalog: Catalog, root: Path) -> dict[str,
     reach = deps.Reach()
     for hook in settings.HOOKS:  # kmrun's own hook goes to its session, not to the settings
         reach.merge(deps.reach(hook, root))
-    for name in sorted(pipeline.datasets()):
-        if name == "parameters" or name.startswith("params:"):
-            continue
-        reach.merge(_dataset_reach(catalog.entry(name), root))
-    environment = deps.Reach(dists=deps.environment(root))
-    for node in pipeline.nodes:
-        environment.merge(deps.reach(node.func, root))
-    parts = {f"code {name}": digest for name, digest in reach.code.items()}
-    parts.update({f"dist {name}": version for name, version in {**reach.dists, **environment.dists}.items()})
-    return parts
+    return _named(reach)
+
+
+def _named(reach: Any) -> dict[str, str]:
+    return {**{f"code {name}": digest for name, digest in reach.code.items()},
+            **{f"dist {name}": version for name, version in reach.dists.items()}}
 
 
 def _dataset_reach(entry: Mapping[str, Any] | None, root: Path) -> Any:

@@ -54,8 +54,11 @@ def of_pipeline(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog,
     """The fingerprint of a pipeline run with ``params`` and ``catalog``."""
     from .cache import node_keys
 
+    from .deps import environment
+
     _, _, parts = node_keys(pipeline, params, catalog, root)
     union = {name: value for node_parts in parts.values() for name, value in node_parts.items()}
+    union.update({f"dist {name}": version for name, version in environment(root).items()})
     by_part: dict[str, list[str]] = {part: [] for part in PARTS}
     for name, value in sorted(union.items()):
         kind = name.split(" ")[0]
