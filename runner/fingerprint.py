@@ -53,7 +53,6 @@ class Fingerprint:
 def of_pipeline(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog, root: Path) -> Fingerprint:
     """The fingerprint of a pipeline run with ``params`` and ``catalog``."""
     from .cache import node_keys
-
     from .deps import environment
 
     _, _, parts = node_keys(pipeline, params, catalog, root)

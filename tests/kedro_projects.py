@@ -3,8 +3,8 @@ config of kmrun's own keys only (``conf/kmrun.yaml`` beside the project folder).
 
 from __future__ import annotations
 
-import hashlib
 import base64
+import hashlib
 import shutil
 import subprocess
 import sys

@@ -6,14 +6,12 @@ node the edit cannot reach (no needless recomputation).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from kedro_projects import pip, project, wheel
 
 pytestmark = pytest.mark.slow
