@@ -34,7 +34,7 @@ Subcommands (kmrun SUBCOMMAND --help for their options):
   ui          start MLflow's UI on the store (127.0.0.1)
   dashboard   start optuna-dashboard on the study storage
   init        add kmrun's config to the Kedro project in this directory
-  cache       the node cache: size and entries; `kmrun cache clear` empties it
+  cache       the node cache: size and entries; `clear` empties it; `explain RUN_ID`: hit or miss, and why
 
 Examples:
   kmrun +experiment=baseline                              one experiment
@@ -361,8 +361,10 @@ def subcommand(args: list[str]) -> int:
             p.add_argument("--storage", help="default: optuna.db beside the MLflow store")
     p = command("init", "Write conf/kmrun.yaml, conf/experiment/baseline.yaml and an example study.", store=False)
     p.add_argument("--no-run", action="store_true", help="do not run the pipeline once to find its metrics")
-    p = command("cache", "The node cache: its size and entries, or `kmrun cache clear`.")
-    p.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
+    p = command("cache", "The node cache: its size and entries; `kmrun cache clear` empties it; "
+                         "`kmrun cache explain RUN_ID` says, node by node, what a run took from it and why not.")
+    p.add_argument("action", nargs="?", choices=("show", "clear", "explain"), default="show")
+    p.add_argument("run_id", nargs="?", help="with explain: a run id or a unique prefix of one")
 
     try:
         options = parser.parse_args(args)

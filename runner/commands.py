@@ -388,6 +388,8 @@ def cache(args: argparse.Namespace) -> int:
     from . import terminal
     from .cache import NodeCache, default_dir
 
+    if args.action == "explain":
+        return _explain(args)
     _, base, raw = _config(args)
     uri = args.tracking_uri or resolve_uri(OmegaConf.select(raw, "mlflow.tracking_uri"), base)
     configured = OmegaConf.select(raw, "cache.dir") if OmegaConf.is_dict(raw.get("cache")) else None
@@ -401,6 +403,32 @@ def cache(args: argparse.Namespace) -> int:
         when = datetime.fromtimestamp(entry.created).isoformat(timespec="seconds")
         terminal.say(f"  {entry.node:<24} {path.stat().st_size / 2**10:9.1f} KB  {when}  run {entry.run_id[:12] or '-'}"
                      f"  {path.stem[:12]}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """``kmrun cache explain RUN_ID``: each node of the run, served from the cache or run, and why."""
+    from . import terminal
+
+    if not args.run_id:
+        raise KmrunError("kmrun cache explain: give a run id (or a unique prefix): kmrun cache explain RUN_ID. "
+                         "List runs with: kmrun runs")
+    store = open_store(args)
+    run = resolve_run(store.client(), store, args.run_id)
+    tags = run.data.tags
+    terminal.say(f"run {run.info.run_id} ({run.info.run_name}), node cache "
+                 f"{ {'off': 'off', 'refresh': 'refreshed (cache=false)'}.get(tags.get('kmrun.cache', ''), 'on')}")
+    rows = [(node, "hit", f"computed by run {tags.get('kmrun.cache.from', '?')[:12]}")
+            for node in tags.get("kmrun.cache.hits", "none").split(",") if node != "none"]
+    for key, status in (("kmrun.cache.misses", "ran"), ("kmrun.cache.not_cached", "not cached")):
+        for item in filter(None, tags.get(key, "").split("; ")):
+            node, _, why = item.partition(": ")
+            rows.append((node, status, why))
+    if not rows and tags.get("kmrun.cache") not in ("off", "refresh"):
+        terminal.say("  no node-cache records on this run (made before kmrun recorded them, or it failed first)")
+    width = max((len(node) for node, _, _ in rows), default=0)
+    for node, status, why in rows:
+        terminal.say(f"  {node:<{width}}  {status:<10}  {why}")
     return 0
 
 

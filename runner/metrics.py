@@ -24,9 +24,10 @@ def read_metrics(
     datasets: Mapping[str, Any], names: list[str]
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Metrics from the captured datasets: a number is one metric named after its
-    dataset, a dict gives one metric per numeric key, and a list (or a dict of lists)
-    is a per-step series. kedro-mlflow's shape, ``{"value": v, "step": s}`` (or a list of
-    those), counts as the number ``v`` (or the series of values in step order)."""
+    dataset, a dict gives one metric per numeric key (``DATASET.KEY`` when another dataset
+    holds the same key), and a list (or a dict of lists) is a per-step series.
+    kedro-mlflow's shape, ``{"value": v, "step": s}`` (or a list of those), counts as the
+    number ``v`` (or the series of values in step order)."""
     scalars: dict[str, float] = {}
     series: dict[str, list[float]] = {}
 
@@ -42,16 +43,32 @@ def read_metrics(
         else:
             log.warning("Metric '%s' is not a number or a list of numbers; it is not logged.", name)
 
-    for name in names:
-        if name not in datasets:
-            continue
+    present = [name for name in names if name in datasets]
+    seen: dict[str, int] = {}
+    for name in present:
+        value = datasets[name]
+        for key in value if isinstance(value, Mapping) and not _is_point(value) else [name]:
+            seen[str(key)] = seen.get(str(key), 0) + 1
+    for name in present:
         value = datasets[name]
         if isinstance(value, Mapping) and not _is_point(value):
             for key, item in value.items():
-                add(str(key), item)
+                # two datasets with the same key (a pipeline under two namespaces): each keeps its own
+                add(f"{name}.{key}" if seen[str(key)] > 1 else str(key), item)
         else:
             add(name, value)
     return scalars, series
+
+
+def shared_keys(datasets: Mapping[str, Any], names: list[str]) -> dict[str, list[str]]:
+    """Keys that more than one metrics dataset holds -> the prefixed names they were logged as."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        value = datasets.get(name)
+        if isinstance(value, Mapping) and not _is_point(value):
+            for key in value:
+                out.setdefault(str(key), []).append(f"{name}.{key}")
+    return {key: found for key, found in out.items() if len(found) > 1}
 
 
 def objective_of(
@@ -68,6 +85,12 @@ def objective_of(
     values = []
     for name in wanted if isinstance(wanted, list) else [wanted]:
         value = metrics.get(name, series[name][-1] if name in series else None)
+        shared = shared_keys(datasets, conf.metrics).get(name)
+        if value is None and shared:
+            raise MetricError(
+                f"objective.metric '{name}' is ambiguous: {len(shared)} datasets hold it, logged as "
+                f"{', '.join(shared)}. Name one of them in objective.metric."
+            )
         raw = _raw_value(datasets, name)
         if value is None and raw is not None:
             raise MetricError(

@@ -122,15 +122,12 @@ def _find_metrics(project: Any, run: bool) -> tuple[list[str], list[str], list[s
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    found, values = [], []
-    for name in sorted(record.datasets, key=lambda n: ("metric" not in n.lower(), n)):
-        data = record.datasets[name]
-        if number(data):
-            found.append(name)
-            values.append(name)
-        elif isinstance(data, dict) and data and all(number(v) for v in data.values()):
-            found.append(name)
-            values += [str(k) for k in data]
+    from .metrics import read_metrics
+
+    found = [name for name in sorted(record.datasets, key=lambda n: ("metric" not in n.lower(), n))
+             if number(record.datasets[name]) or (isinstance(record.datasets[name], dict) and record.datasets[name]
+             and all(number(v) for v in record.datasets[name].values()))]
+    values = list(read_metrics(record.datasets, found)[0])  # named as runs log them (DATASET.KEY when shared)
     notes = [f"ran the pipeline once: metrics in {', '.join(found)} ({', '.join(values)})" if found else
              "ran the pipeline once: no output holds a number or a dict of numbers"]
     return found or named, values, notes

@@ -24,6 +24,11 @@ from runner.schema import KmrunConf, ObjectiveConf
         ({"m": {"r2_score": {"value": 0.4, "step": 0}, "mae": {"value": 2}}}, ["m"], {"r2_score": 0.4, "mae": 2.0}, {}),
         ({"m": {"loss": [{"value": 2, "step": 1}, {"value": 3, "step": 0}]}}, ["m"], {}, {"loss": [3.0, 2.0]}),
         ({"m": {"value": "x", "step": 0}}, ["m"], {}, {}),
+        # one pipeline under two namespaces: the shared keys keep their dataset's name
+        ({"active.metrics": {"r2": 0.92, "mae": 1, "n": 3}, "candidate.metrics": {"r2": 0.90, "mae": 2}},
+         ["active.metrics", "candidate.metrics"],
+         {"active.metrics.r2": 0.92, "active.metrics.mae": 1.0, "n": 3.0, "candidate.metrics.r2": 0.90,
+          "candidate.metrics.mae": 2.0}, {}),
     ],
 )
 def test_read_metrics(datasets, names, scalars, series):
@@ -32,6 +37,16 @@ def test_read_metrics(datasets, names, scalars, series):
 
 def conf(metric, direction="maximize") -> KmrunConf:
     return KmrunConf(objective=ObjectiveConf(metric=metric, direction=direction))
+
+
+def test_an_objective_two_datasets_hold_must_name_one():
+    datasets = {"active.metrics": {"r2": 0.92}, "candidate.metrics": {"r2": 0.90}}
+    c = KmrunConf(objective=ObjectiveConf(metric="r2"), metrics=list(datasets))
+    scalars, series = read_metrics(datasets, c.metrics)
+    with pytest.raises(MetricError, match="ambiguous.*active.metrics.r2, candidate.metrics.r2"):
+        objective_of(c, scalars, series, datasets, [])
+    c.objective.metric = "candidate.metrics.r2"
+    assert objective_of(c, scalars, series, datasets, []) == 0.90
 
 
 def test_objective_from_scalar_series_and_list():
