@@ -9,10 +9,8 @@ project's parameters and git state are read again at the start of each one
 
 from __future__ import annotations
 
-import logging
 import shlex
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +47,7 @@ def run(
 
     overrides = list(overrides or [])
     runtime.current().refresh()
-    with _quiet(verbose), Composer(_path(config_dir), config_name, _path(search_dir)) as composer:
+    with terminal.quiet_unless(verbose), Composer(_path(config_dir), config_name, _path(search_dir)) as composer:
         sweeps = [o.input_line for o in composer.parse(overrides) if o.is_sweep_override()]
         if sweeps:
             raise ConfigError(f"'{sweeps[0].lstrip('+')}' is a sweep: run it with kmrun -m (or runner.sweep), "
@@ -57,7 +55,7 @@ def run(
         cfg = composer.compose(overrides)
         spec = job.prepare(cfg, overrides, choices_of(cfg), composer.config_dir, base_dir=composer.base_dir)
         verbose = verbose or spec.conf.verbose
-    with _quiet(verbose):
+    with terminal.quiet_unless(verbose):
         if echo:
             project = runtime.current().project(spec.conf.kedro.project_path, spec.conf.kedro.env)
             terminal.header(spec.experiment_name, spec.conf.kedro.pipeline, project.env_name, spec.conf.kedro.tags,
@@ -85,6 +83,7 @@ def sweep(
     the config selects one (``+study=NAME``). Returns every job's outcome; a failed job
     does not raise (see ``SweepOutcome.exit_code``). Raises ``KmrunError`` for bad input
     (nothing is run) and ``KeyboardInterrupt`` when interrupted (runs end KILLED)."""
+    from . import terminal
     from .compose import Composer, choices_of
     from .grid import split
     from .schema import parse
@@ -92,12 +91,12 @@ def sweep(
     overrides = list(overrides or [])
     runtime.current().refresh()
     command = resume_command(overrides, config_dir, config_name)
-    with _quiet(verbose), Composer(_path(config_dir), config_name, _path(search_dir)) as composer:
+    with terminal.quiet_unless(verbose), Composer(_path(config_dir), config_name, _path(search_dir)) as composer:
         base, _ = split(composer, overrides)
         cfg = composer.compose(base)
         conf = parse(cfg)
         verbose = verbose or conf.verbose
-        with _quiet(verbose):
+        with terminal.quiet_unless(verbose):
             if conf.study is not None:
                 name = conf.study.name or str(choices_of(cfg).get("study") or "study")
                 return _study(composer, conf, name, overrides, command, echo, verbose)
@@ -138,7 +137,11 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
         parent_id = previous
     else:
         tags = {"kmrun.role": "parent", "kmrun.kind": "grid", "kmrun.sweep_key": grid.key,
-                "kmrun.sweep": outcome.command[:5000]}
+                "kmrun.sweep_fingerprint": grid.fingerprint, "kmrun.sweep": outcome.command[:5000]}
+        if grid.superseded:
+            tags["kmrun.supersedes"] = grid.superseded  # the same grid's parent on other code, data or environment
+            _note(outcome, f"A new parent run: the grid's earlier parent {grid.superseded[:12]} holds runs of other "
+                           "code, data or environment.", echo)
         parent_id = tracker.start(f"sweep {grid.first.run_name or ''}".strip(), tags)
         definition = "\n".join(c.label for c in grid.outcomes)
         tracker.log_text(parent_id, redact.text(outcome.command + "\n\n" + definition + "\n"), "sweep.txt")
@@ -312,20 +315,6 @@ def _note(outcome: SweepOutcome, message: str, echo: bool) -> None:
 
 def _path(value: str | Path | None) -> Path | None:
     return Path(value) if value is not None else None
-
-
-@contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-    """INFO records (Kedro's node-by-node log) are held back for the call, unless verbose."""
-    if verbose:
-        yield
-        return
-    previous = logging.root.manager.disable
-    logging.disable(max(previous, logging.INFO))
-    try:
-        yield
-    finally:
-        logging.disable(previous)
 
 
 __all__ = ["JobFailed", "KmrunError", "run", "sweep"]

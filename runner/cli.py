@@ -331,6 +331,9 @@ def subcommand(args: list[str]) -> int:
     scope.add_argument("--experiment", help="experiment name")
     p.add_argument("--metric", help="default: objective.metric of conf/kmrun.yaml")
     p.add_argument("--direction", choices=("minimize", "maximize"))
+    p.add_argument("--env", help="only runs of this Kedro env")
+    p.add_argument("--current", action="store_true",
+                   help="only runs of the current code, Kedro config, data and environment (loads the project)")
     p = command("show", "Show one run.")
     p.add_argument("run_id", help="a run id or a unique prefix of one")
     p = command("reproduce", "Rerun a run with its exact composed config; compare metrics.")

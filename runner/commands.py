@@ -253,6 +253,8 @@ def only_changed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def best(args: argparse.Namespace) -> int:
+    """``kmrun best``: the best FINISHED run, and what the ranking mixed (Kedro envs,
+    versions of code and data, objectives) or left out (``--env``, ``--current``)."""
     from . import terminal
 
     store = open_store(args)
@@ -262,6 +264,11 @@ def best(args: argparse.Namespace) -> int:
     direction = args.direction or store.direction
     client = store.client()
     filters = ["attributes.status = 'FINISHED'", f"metrics.`{metric}` > -1e300"]
+    if args.env:
+        filters.append(f"tags.`kedro.env` = '{args.env}'")
+    if args.current:
+        current = _current_fingerprint(args)
+        filters.append(f"tags.`kmrun.fingerprint` = '{current}'")
     if args.sweep:
         parent = resolve_run(client, store, args.sweep)
         filters.append(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -269,15 +276,59 @@ def best(args: argparse.Namespace) -> int:
     else:
         ids = experiment_ids(store, client, args.experiment)
     order = f"metrics.`{metric}` {'DESC' if direction == 'maximize' else 'ASC'}"
-    found = search(client, ids, " and ".join(filters), [order], 1)
+    found = search(client, ids, " and ".join(filters), [order], 200)
     if not found:
-        raise KmrunError(f"No FINISHED run with metric '{metric}' in {hide_password(store.uri)}.")
+        narrowed = (f" of Kedro env '{args.env}'" if args.env else "") + (
+            " of the current code and data (--current)" if args.current else "")
+        raise KmrunError(f"No FINISHED run{narrowed} with metric '{metric}' in {hide_password(store.uri)}.")
     top = found[0]
     terminal.say(
         f"best run {top.info.run_id} ({top.info.run_name}): {metric} = {top.data.metrics[metric]:.6g} ({direction})\n"
         f"reproduce: kmrun reproduce {top.info.run_id}\npromote:   kmrun promote {top.info.run_id} --name NAME"
     )
+    for line in _mixed(found, metric, args):
+        terminal.say(line)
     return 0
+
+
+def _mixed(runs: list[Run], metric: str, args: argparse.Namespace) -> list[str]:
+    """What a ranking put side by side that may not compare: Kedro envs, versions of the
+    code and data, runs optimised for another objective; and whether the best run's code
+    is the work tree's."""
+    notes = []
+    envs = sorted({r.data.tags.get("kedro.env", "?") for r in runs})
+    if len(envs) > 1:
+        notes.append(f"note: ranked runs of {len(envs)} Kedro envs ({', '.join(envs)}); --env ENV compares one.")
+    versions = {r.data.tags.get("kmrun.fingerprint", "unrecorded") for r in runs}
+    if len(versions) > 1 and not args.current:
+        notes.append(f"note: ranked runs of {len(versions)} versions of the code, data or environment "
+                     "(kmrun.fingerprint); --current compares only runs of the current ones.")
+    other = sorted({r.data.tags["kmrun.objective"] for r in runs
+                    if r.data.tags.get("kmrun.objective") not in (None, metric)})
+    if other:
+        notes.append(f"note: some runs were optimised for another objective ({', '.join(other)}), "
+                     f"not {metric}.")
+    recorded = runs[0].data.tags.get("mlflow.source.git.commit")
+    now = git_tags(Path.cwd()).get("mlflow.source.git.commit")
+    if recorded and now and recorded != now:
+        notes.append(f"note: the best run was made at commit {recorded[:10]}; the work tree is at {now[:10]}. "
+                     "Its code may differ: kmrun reproduce checks, kmrun best --current compares the current code.")
+    return notes
+
+
+def _current_fingerprint(args: argparse.Namespace) -> str:
+    """The fingerprint a run of the configured pipeline would record now."""
+    from omegaconf import OmegaConf
+
+    from . import runtime, terminal
+
+    _, base, raw = _config(args)
+    kedro = OmegaConf.select(raw, "kedro") or {}
+    rt = runtime.current()
+    with terminal.quiet_unless(args.verbose):
+        project = rt.project(str(base / str(kedro.get("project_path") or ".")), kedro.get("env"))
+        tags = list(kedro.get("tags") or [])
+        return str(rt.fingerprint(project, str(kedro.get("pipeline") or "__default__"), tags).value)
 
 
 def show(args: argparse.Namespace) -> int:

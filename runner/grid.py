@@ -142,6 +142,7 @@ class Grid:
         it is claimed). Returns how many, and the parent run this grid had before (None for
         a new one). ``stale`` says what changed for cells that ran before but run again."""
         self._todo, self.stale = list(self.outcomes), []
+        self.superseded: str | None = None  # the parent of this grid on other code or data, if any
         self.since = datetime.datetime.now()  # what a board's trials ended after, this store has not seen
         if rerun:
             return 0, None
@@ -161,9 +162,21 @@ class Grid:
                 continue
             cell.status, cell.run_id, cell.metrics = Status.SKIPPED, run.info.run_id, dict(run.data.metrics)
             cell.objective = objective_from(self.conf, cell.metrics)
-        previous = tracker.search(f"tags.`kmrun.role` = 'parent' and tags.`kmrun.sweep_key` = '{self.key}'",
-                                  max_results=1)
+        # a parent holds one version of the code, data and environment: another version gets a new parent
+        previous = tracker.search(f"tags.`kmrun.role` = 'parent' and tags.`kmrun.sweep_key` = '{self.key}' and "
+                                  f"tags.`kmrun.sweep_fingerprint` = '{self.fingerprint}'", max_results=1)
+        if not previous:
+            older = tracker.search(f"tags.`kmrun.role` = 'parent' and tags.`kmrun.sweep_key` = '{self.key}'",
+                                   max_results=1)
+            self.superseded = older[0].info.run_id if older else None
         return len(self.outcomes) - len(self._todo), (previous[0].info.run_id if previous else None)
+
+    @property
+    def fingerprint(self) -> str:
+        """The code, data and environment of the grid's cells, as one value (cells whose catalog
+        reads runtime params may each read other files)."""
+        values = sorted({spec.fingerprint.value for spec in self.specs.values() if spec.fingerprint is not None})
+        return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
     def start(self, tracker: Tracker, parent: str, sweep_dir: Path) -> None:
         """Give every cell to run its child-run settings and its own output directory."""

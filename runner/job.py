@@ -166,6 +166,9 @@ def execute(spec: JobSpec) -> JobResult:
     }
     if conf.kedro.tags:
         tags["kedro.tags"] = ",".join(conf.kedro.tags)
+    if conf.objective.metric:  # what this run was optimised for (kmrun best says when it ranks others)
+        wanted = conf.objective.metric
+        tags["kmrun.objective"] = ",".join(wanted) if isinstance(wanted, list) else str(wanted)
     if spec.fingerprint is not None:
         tags.update(spec.fingerprint.tags())
     if spec.output_dir:

@@ -148,11 +148,14 @@ def log_grid_plot(tracker: Tracker, parent: str, outcome: SweepOutcome) -> None:
 
 
 def _log_once(tracker: Tracker, run_id: str, params: dict[str, str]) -> None:
-    """MLflow params cannot change; a resumed sweep whose best moved keeps it in tags."""
-    existing = tracker.client.get_run(run_id).data.params
-    fresh = {k: v for k, v in params.items() if k not in existing}
-    changed = {f"kmrun.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
-    tracker.log(run_id, params=fresh, tags=changed)
+    """MLflow params cannot change: the first best stays in the ``best.*`` params, and the
+    current best is always the whole set of ``kmrun.best.*`` tags (rewritten, and those of
+    an earlier best that the current one lacks removed)."""
+    run = tracker.client.get_run(run_id)
+    tracker.log(run_id, params={k: v for k, v in params.items() if k not in run.data.params},
+                tags={f"kmrun.{k}": v for k, v in params.items()})
+    for stale in [t for t in run.data.tags if t.startswith("kmrun.best.") and t[len("kmrun."):] not in params]:
+        tracker.client.delete_tag(run_id, stale)
 
 
 def experiment_file(redact: Redactor, config: dict[str, Any], about: str, run_name: str) -> str:

@@ -39,15 +39,17 @@ def setup_logging(verbose: bool) -> None:
 
 @contextmanager
 def quiet_unless(verbose: bool) -> Iterator[None]:
-    """Silence INFO records (from any logger) for the block, unless verbose."""
+    """Hold back INFO records (from any logger: Kedro's node-by-node log) for the block,
+    unless verbose; whatever was silenced before stays so."""
     if verbose:
         yield
         return
-    logging.disable(logging.INFO)
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.INFO))
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
 
 
 def header(experiment: str, pipeline: str, env: str, tags: list[str], uri: str) -> None:
