@@ -282,15 +282,28 @@ class _Job:
 
     def _artifacts(self) -> None:
         """The files of the datasets listed in ``artifacts``, under the run's ``outputs/``."""
+        cached = {k: v for entry in (self.record.plan.hits.values() if self.record.plan else [])
+                  for k, v in entry.outputs.items()}
         for name in self.spec.conf.artifacts:
             path = self.record.written.get(name) or self.project.filepath(name, self.spec.params)
+            if name not in self.record.written and name in cached:  # not written by this job: its cached value is
+                scratch = Path(tempfile.mkdtemp(prefix="kmrun-artifact-"))
+                try:
+                    path = self.project.save_copy(name, cached[name], scratch, self.spec.params)
+                    self._log_artifact(name, path)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                continue
             if path is None or not Path(path).exists():
                 log.warning("artifacts: dataset '%s' wrote no file in this run; nothing to log.", name)
                 continue
-            if Path(path).is_dir():
-                self.tracker.client.log_artifacts(self.run_id, path, f"outputs/{name}")
-            else:
-                self.tracker.client.log_artifact(self.run_id, path, "outputs")
+            self._log_artifact(name, path)
+
+    def _log_artifact(self, name: str, path: str | Path) -> None:
+        if Path(path).is_dir():
+            self.tracker.client.log_artifacts(self.run_id, str(path), f"outputs/{name}")
+        else:
+            self.tracker.client.log_artifact(self.run_id, str(path), "outputs")
 
     def _failed(self, err: KmrunError) -> None:
         self.status = Status.FAILED

@@ -283,6 +283,18 @@ class KedroProject:
         where = self.catalog(params).location(name)
         return str(where) if isinstance(where, Path) else None
 
+    def save_copy(self, name: str, value: Any, folder: Path, params: dict[str, Any] | None = None) -> Path:
+        """Save ``value`` as dataset ``name`` would, but under ``folder``; returns the file."""
+        from kedro.io import AbstractDataset
+
+        catalog = self.catalog(params)
+        entry, where = catalog.entry(name) or {}, catalog.location(name)
+        assert isinstance(where, Path), f"{name} has no local file"
+        target = folder / where.name
+        key = "filepath" if "filepath" in entry else "path"
+        AbstractDataset.from_config(name, {**entry, key: target.as_posix()}).save(value)
+        return target
+
     def load(self, name: str) -> Any:
         """A catalog dataset's data, loaded as Kedro loads it."""
         return self.session.load_context().catalog.load(name)

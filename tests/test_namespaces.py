@@ -119,3 +119,20 @@ def test_a_catalog_path_that_reads_runtime_params_keys_each_job_by_its_own_file(
     assert cells["model_input"].data.metrics["active.metrics.mae"] == 40.0
     assert cells["small"].data.metrics["active.metrics.mae"] == 2.0  # its own file, not the first cell's result
     assert cells["small"].data.tags["kmrun.fp.data"] != cells["model_input"].data.tags["kmrun.fp.data"]
+
+
+def test_an_artifact_of_a_node_the_cache_served_is_this_runs_own_value(ns):
+    root, where = ns
+    conf = root / "conf/kmrun.yaml"
+    conf.write_text(conf.read_text().replace("active.regressor", "candidate.regressor"))
+    kmrun(root)  # candidate.w = 2: computed, and cached
+    kmrun(root, "params.candidate.w=5")  # leaves w = 5 in the project's own file
+    kmrun(root)  # candidate's nodes come from the cache: the project's file is not this run's
+    run = runs(root)[-1]
+    assert "candidate.train" in run.data.tags["kmrun.cache.hits"]
+    from mlflow import MlflowClient
+
+    path = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").download_artifacts(
+        run.info.run_id, "outputs/candidate_regressor.json", str(root))
+    assert json.loads(Path(path).read_text())["w"] == 2.0
+    assert json.loads((where / "data/06_models/candidate_regressor.json").read_text())["w"] == 5.0
