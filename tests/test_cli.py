@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -113,7 +114,8 @@ def test_a_second_run_takes_the_unchanged_nodes_from_the_cache_and_says_so(ws):
     assert runs[1].data.tags["kmrun.cache.from"] == runs[0].info.run_id
     assert "load, split from the node cache" in second.out
     again = ws.kmrun("+experiment=baseline", "params.model.C=2", "cache=false")
-    assert sorted(ws.runs(), key=lambda r: r.info.start_time)[-1].data.tags["kmrun.cache"] == "off"
+    latest = sorted(ws.runs(), key=lambda r: r.info.start_time)[-1]
+    assert latest.data.tags["kmrun.cache"] == "refresh" and latest.data.tags["kmrun.cache.hits"] == "none"
     assert again.code == 0 and runs[1].data.metrics["accuracy"] == ws.runs()[0].data.metrics["accuracy"]
 
 
@@ -173,3 +175,17 @@ def test_kedro_mlflows_metric_datasets_feed_the_objective_in_a_run_a_parallel_gr
     assert study.data.metrics["best_accuracy"] == max(
         r.data.metrics["accuracy"] for r in jobs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id)
     assert ws.running() == 0
+
+
+def test_a_relative_cache_dir_is_one_folder_from_any_subfolder(ws):
+    conf = ws.path / "conf/kmrun.yaml"
+    conf.write_text(conf.read_text() + "\ncache:\n  dir: mycache\n")
+    sub = ws.path / "examples"
+    done = subprocess.run([sys.executable, "-m", "runner.cli", "+experiment=baseline"], cwd=sub, capture_output=True,
+                          text=True, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (ws.path / "mycache").is_dir() and not (sub / "mycache").exists()
+    cleared = ws.kmrun("cache", "clear")
+    assert cleared.code == 0 and "removed 4 entries" in cleared.out, cleared.text
+    assert ws.kmrun("+experiment=baseline").code == 0
+    assert sorted(ws.runs(), key=lambda r: r.info.start_time)[-1].data.tags["kmrun.cache.hits"] == "none"
