@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from kedro_projects import project, write
 
 pytestmark = pytest.mark.slow
