@@ -267,3 +267,28 @@ def test_parallel_workers_run_when_kmrun_is_process_1_as_in_a_container(ws):
     _, children = ws.family()
     assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
     assert {r.data.tags["kmrun.pid"] for r in children} - {"1"}  # they ran in workers, beside process 1
+
+
+def test_a_grid_resumed_on_changed_code_gets_a_new_parent_that_holds_only_that_code(ws):
+    grid = ["-m", "+experiment=baseline", "params.model.C=0.01,1"]
+    assert ws.kmrun(*grid).code == 0
+    (first,), _ = ws.family()
+    nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
+    nodes.write_text(nodes.read_text().replace("/ 16.0", "/ 4.0"))  # a helper every model node reaches
+    done = ws.kmrun(*grid)
+    assert done.code == 0, done.text
+    text = " ".join(done.out.split())
+    assert "0 skipped (already FINISHED), 2 to run: code changed" in text and "A new parent run" in text
+    parents, children = ws.family()
+    second = next(p for p in parents if p.info.run_id != first.info.run_id)
+    assert second.data.tags["kmrun.supersedes"] == first.info.run_id
+    mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == second.info.run_id]
+    assert len(mine) == 2 and len({c.data.tags["kmrun.fingerprint"] for c in mine}) == 1
+    misses = " ".join(c.data.tags.get("kmrun.cache.misses", "") for c in mine)
+    assert "split: code of digits.pipelines.train.nodes.features" in misses, misses  # said where it changed
+    best = max(mine, key=lambda c: c.data.metrics["accuracy"])
+    assert second.data.metrics["jobs_total"] == 2 and second.data.metrics["best_accuracy"] == best.data.metrics["accuracy"]
+    assert second.data.tags["kmrun.best_run_id"] == best.info.run_id
+    assert second.data.tags["kmrun.best.params.model.C"] == best.data.params["model.C"].removesuffix(".0")
+    again = ws.kmrun(*grid)  # the same code again: resumes this parent, skips both cells
+    assert again.code == 0 and "2 skipped" in again.out and len(ws.family()[0]) == 2
