@@ -32,7 +32,7 @@ from .errors import (
     TrackingError,
 )
 from .kedro_bridge import KedroRun
-from .metrics import is_number, latest, objective_of, read_metrics
+from .metrics import is_number, is_point, latest, objective_of, read_metrics
 from .records import JobResult, Status
 from .redact import Redactor, flatten
 from .schema import KmrunConf, parse
@@ -305,6 +305,22 @@ class _Job:
         else:
             self.tracker.client.log_artifact(self.run_id, str(path), "outputs")
 
+    def _logged_by_project(self) -> set[str]:
+        """Metrics a kedro-mlflow metric dataset already logged into this run when its node
+        saved it (kmrun logging them again would give each a second point)."""
+        names: set[str] = set()
+        catalog = self.project.catalog(self.spec.params)
+        for name in self.spec.conf.metrics:
+            kind = str((catalog.entry(name) or {}).get("type", ""))
+            if name not in self.record.saved or "kedro_mlflow" not in kind or "Metric" not in kind:
+                continue
+            value = self.record.datasets.get(name)
+            if isinstance(value, dict) and not is_point(value):
+                names.update(str(key) for key in value)
+            else:
+                names.add(name)
+        return names
+
     def _failed(self, err: KmrunError) -> None:
         self.status = Status.FAILED
         self.error = type(err)(self.spec.redact.text(str(err)))
@@ -319,9 +335,12 @@ class _Job:
         spec = self.spec
         params = self.record.params if self.record.params is not None else deep_merge(
             self.project.parameters(), spec.params)
+        logged = self._logged_by_project()
         try:
-            self.tracker.log(self.run_id, params=spec.redact.params(flatten(params)), metrics=self.metrics,
-                             series=self.series, tags={**self.late_tags, **cache_tags(self.record)})
+            self.tracker.log(self.run_id, params=spec.redact.params(flatten(params)),
+                             metrics={k: v for k, v in self.metrics.items() if k not in logged},
+                             series={k: v for k, v in self.series.items() if k not in logged},
+                             tags={**self.late_tags, **cache_tags(self.record)})
         except Exception as err:
             if self.status is Status.FINISHED:
                 self.status = Status.FAILED

@@ -32,9 +32,9 @@ def read_metrics(
     series: dict[str, list[float]] = {}
 
     def add(name: str, value: Any) -> None:
-        if _is_point(value):
+        if is_point(value):
             value = value["value"]
-        elif isinstance(value, (list, tuple)) and value and all(_is_point(v) for v in value):
+        elif isinstance(value, (list, tuple)) and value and all(is_point(v) for v in value):
             value = [v["value"] for v in sorted(value, key=lambda v: v.get("step") or 0)]
         if is_number(value):
             scalars[name] = float(value)
@@ -47,11 +47,11 @@ def read_metrics(
     seen: dict[str, int] = {}
     for name in present:
         value = datasets[name]
-        for key in value if isinstance(value, Mapping) and not _is_point(value) else [name]:
+        for key in value if isinstance(value, Mapping) and not is_point(value) else [name]:
             seen[str(key)] = seen.get(str(key), 0) + 1
     for name in present:
         value = datasets[name]
-        if isinstance(value, Mapping) and not _is_point(value):
+        if isinstance(value, Mapping) and not is_point(value):
             for key, item in value.items():
                 # two datasets with the same key (a pipeline under two namespaces): each keeps its own
                 add(f"{name}.{key}" if seen[str(key)] > 1 else str(key), item)
@@ -65,7 +65,7 @@ def shared_keys(datasets: Mapping[str, Any], names: list[str]) -> dict[str, list
     out: dict[str, list[str]] = {}
     for name in names:
         value = datasets.get(name)
-        if isinstance(value, Mapping) and not _is_point(value):
+        if isinstance(value, Mapping) and not is_point(value):
             for key in value:
                 out.setdefault(str(key), []).append(f"{name}.{key}")
     return {key: found for key, found in out.items() if len(found) > 1}
@@ -125,7 +125,7 @@ def latest(metrics: Mapping[str, float], series: Mapping[str, list[float]]) -> d
     return {**{k: v[-1] for k, v in series.items()}, **metrics}
 
 
-def _is_point(value: Any) -> bool:
+def is_point(value: Any) -> bool:
     """kedro-mlflow's metric shape: ``{"value": 0.9, "step": 0}`` (``step`` optional)."""
     return isinstance(value, Mapping) and "value" in value and set(value) <= {"value", "step", "timestamp"}
 
