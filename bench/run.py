@@ -21,6 +21,8 @@ Contenders, on the same trials (logistic regression on the digits, C varied):
       costs far more than the model fitted on it): a kmrun study with the cache (the
       default) and with `cache=false`, against a hand loop of the same nodes. (b) runs
       with `cache=false` so that it measures kmrun's own overhead on equal work.
+      The time to compute the node keys of the example's pipeline is measured apart: for
+      a process's first job (it walks the code the nodes reach) and for each job after it.
   (e) many machines' stores (when PostgreSQL's server can be started here): the parallel
       grid of (b)'s throughput figure with PostgreSQL as the tracking store, and the
       per-trial cost of a grid against `mlflow server` on PostgreSQL over the SQLite file.
@@ -316,6 +318,38 @@ def show_lookup(base: Path, template: Path, small: int, big: int) -> dict[str, f
             "show_big_store_runs": big, "show_ratio": round(seconds[big] / seconds[small], 3)}
 
 
+KEYS_PROBE = """
+import json, statistics, sys, time
+from pathlib import Path
+from runner import runtime
+from runner.cache import node_keys
+root = Path(sys.argv[1])
+project = runtime.current().project(root, None)
+pipeline, params = project.pipeline("__default__", []), project.parameters()
+started = time.perf_counter()
+node_keys(pipeline, params, project.catalog(), root)
+first = time.perf_counter() - started
+each = []
+for c in range(50):
+    varied = {**params, "model": {**params["model"], "C": 0.01 * (c + 1)}}
+    started = time.perf_counter()
+    node_keys(pipeline, varied, project.catalog(), root)
+    each.append(time.perf_counter() - started)
+print(json.dumps({"first": first, "each": statistics.median(each)}))
+"""
+
+
+def node_keys_cost(base: Path, template: Path) -> dict[str, float]:
+    """The time to compute every node key of the example's pipeline: the first job of a
+    process (walking the code, reading the distributions' records) and each job after it."""
+    ws = workspace(base, template)
+    done = subprocess.run([sys.executable, "-c", KEYS_PROBE, str(ws / "examples" / "digits")], cwd=ws, env=ENV,
+                          capture_output=True, text=True, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"node_keys_ms_first_job": round(found["first"] * 1000, 1),
+            "node_keys_ms_per_job": round(found["each"] * 1000, 2)}
+
+
 def template_store(base: Path) -> Path:
     from mlflow import MlflowClient
 
@@ -372,6 +406,7 @@ def main() -> None:
             "cached_ratio": round(node_cache["cached"] / node_cache["hand"], 3),
             "uncached_ratio": round(node_cache["uncached"] / node_cache["hand"], 3),
         })
+        results.update(node_keys_cost(base, template))
         results["naive_seconds_per_trial"] = round(naive(base, template, n["naive"]), 3)
         import importlib.util
 

@@ -253,6 +253,8 @@ def forget() -> None:
     """Drop what was memoized (code may have been reloaded since)."""
     _MEMO.clear()
     _OWN.clear()
+    _distribution.cache_clear()
+    distributions.cache_clear()
     _ENVIRONMENTS.clear()
     project_code.cache_clear()
 
@@ -280,27 +282,37 @@ _OWN: dict[tuple[Path, str], bool] = {}
 def distributions(top: str) -> dict[str, str]:
     """The distributions providing the top-level module ``top``, with those they require,
     as name: version (and a digest of the files it installed)."""
-    try:
-        names = [metadata.distribution(top).name]  # most distributions are named as their module
-    except metadata.PackageNotFoundError:
-        names = _providers(top)
+    names = [top] if _distribution(top) is not None else _providers(top)  # most are named as their module
     out: dict[str, str] = {}
     todo = list(names)
     while todo:
-        name = todo.pop()
-        key = re.sub(r"[-_.]+", "-", name).lower()
-        if key in out:
+        found = _distribution(todo.pop())
+        if found is None or found[0] in out:
             continue
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue
-        record = dist.read_text("RECORD") or ""  # a reinstall of other files under the same version
-        out[key] = f"{dist.version} {hashlib.sha256(record.encode()).hexdigest()[:8]}" if record else dist.version
-        for requirement in dist.requires or []:
-            if "extra ==" not in requirement:
-                todo.append(re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0])
+        key, version, requires = found
+        out[key] = version
+        todo += requires
     return dict(sorted(out.items()))
+
+
+@functools.cache
+def _distribution(name: str) -> tuple[str, str, list[str]] | None:
+    """An installed distribution's normalized name, its version with a digest of its RECORD
+    (a reinstall of other files under the same version), and the distributions it always
+    requires. Read from its METADATA lines, which costs far less than parsing the message."""
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return None
+    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+    headers = text.split("\n\n", 1)[0].splitlines()
+    version = next((line.split(":", 1)[1].strip() for line in headers if line.startswith("Version:")), "?")
+    requires = [re.split(r"[\s;<>=!~\[(]", line.split(":", 1)[1].strip(), maxsplit=1)[0] for line in headers
+                if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    record = dist.read_text("RECORD") or ""
+    if record:
+        version += f" {hashlib.sha256(record.encode()).hexdigest()[:8]}"
+    return re.sub(r"[-_.]+", "-", name).lower(), version, requires
 
 
 def _providers(top: str) -> list[str]:
