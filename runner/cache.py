@@ -244,7 +244,10 @@ def node_keys(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog,
         parts = {"node": f"{node.name}|{','.join(node.inputs)}|{','.join(node.outputs)}", **shared}
         if NOCACHE_TAG in node.tags:
             reason = f"it is tagged {NOCACHE_TAG}"
-        parts.update(deps.reach(node.func, root).parts(root))
+        reach = deps.reach(node.func, root)
+        parts.update(reach.parts(root))
+        if reach.coarse:
+            parts["coarse"] = reach.coarse  # shown by kmrun cache explain: keyed by the whole project's code
         for name in node.inputs:
             if name == "parameters":
                 parts["param (all)"] = _json(params)

@@ -471,10 +471,12 @@ def _explain(args: argparse.Namespace) -> int:
                  f"{ {'off': 'off', 'refresh': 'refreshed (cache=false)'}.get(tags.get('kmrun.cache', ''), 'on')}")
     rows = [(node, "hit", f"computed by run {tags.get('kmrun.cache.from', '?')[:12]}")
             for node in tags.get("kmrun.cache.hits", "none").split(",") if node != "none"]
-    for key, status in (("kmrun.cache.misses", "ran"), ("kmrun.cache.not_cached", "not cached")):
+    for key, status in (("kmrun.cache.misses", "ran"), ("kmrun.cache.not_cached", "not cached"),
+                        ("kmrun.cache.coarse", "coarse key")):
         for item in filter(None, tags.get(key, "").split("; ")):
             node, _, why = item.partition(": ")
-            rows.append((node, status, why))
+            coarse = ": keyed by all of the project's code" if key.endswith("coarse") else ""
+            rows.append((node, status, why + coarse))
     if not rows and tags.get("kmrun.cache") not in ("off", "refresh"):
         terminal.say("  no node-cache records on this run (made before kmrun recorded them, or it failed first)")
     width = max((len(node) for node, _, _ in rows), default=0)

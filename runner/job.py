@@ -429,6 +429,9 @@ def cache_tags(record: KedroRun) -> dict[str, str]:
     tags = {"kmrun.cache.hits": ",".join(plan.hits) or "none"}
     if not plan.serve:
         tags["kmrun.cache"] = "refresh"  # cache=false: computed every node, stored what it computed
+    coarse = {node: parts["coarse"] for node, parts in plan.parts.items() if "coarse" in parts}
+    if coarse:
+        tags["kmrun.cache.coarse"] = "; ".join(f"{node}: {why}" for node, why in coarse.items())[:5000]
     if plan.why:
         tags["kmrun.cache.misses"] = "; ".join(f"{node}: {why}" for node, why in plan.why.items())[:5000]
     if plan.hits:

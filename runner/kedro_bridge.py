@@ -123,17 +123,19 @@ class _Hooks:
             if conf is None and resolver is not None:  # named by a dataset factory pattern
                 conf = resolver.resolve_pattern(name)
             inner = conf.get("dataset") if isinstance(conf, dict) else None  # a wrapper: kedro-mlflow's
-            where = conf if isinstance(conf, dict) and "filepath" in conf else (
-                inner if isinstance(inner, dict) and "filepath" in inner else None)
+            key = next((k for k in ("filepath", "path") if isinstance(conf, dict) and isinstance(conf.get(k), str)),
+                       None)  # a folder dataset (PartitionedDataset) says `path`
+            where = conf if key else (inner if isinstance(inner, dict) and "filepath" in inner else None)
+            key = key or "filepath"
             if where is None:
                 continue
-            original = Path(str(where["filepath"]))
+            original = Path(str(where[key]))
             try:
                 relative = original.relative_to(self.root)
             except ValueError:  # an absolute path outside the project: still keep jobs apart
                 relative = Path(original.name)
             target = record.output_dir / relative
-            moved = {**conf, "filepath": target.as_posix()} if where is conf else {
+            moved = {**conf, key: target.as_posix()} if where is conf else {
                 **conf, "dataset": {**where, "filepath": target.as_posix()}}
             catalog[name] = AbstractDataset.from_config(name, moved, save_version=save_version)
             record.written[name] = target.as_posix()

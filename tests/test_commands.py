@@ -261,3 +261,21 @@ def test_cache_shows_its_entries_and_clears_them(store):
     cleared = store.kmrun("cache", "clear")
     assert cleared.code == 0 and "removed" in cleared.out
     assert "0 entries" in store.kmrun("cache").out
+
+
+def test_best_says_what_it_ranks_together_and_compares_like_with_like(ws):
+    assert ws.kmrun("+experiment=baseline").code == 0
+    prod = ws.path / "examples/digits/conf/prod"
+    prod.mkdir()
+    (prod / "parameters.yml").write_text("split:\n  test_size: 0.3\n  seed: 42\n")
+    assert ws.kmrun("+experiment=baseline", "kedro.env=prod").code == 0
+    mixed = " ".join(ws.kmrun("best").out.split())
+    assert "ranked runs of 2 Kedro envs (local, prod)" in mixed and "2 versions of the code, data" in mixed
+    local = ws.kmrun("best", "--env", "local")
+    assert local.code == 0 and "Kedro envs" not in local.out and "versions" not in local.out
+    current = ws.kmrun("best", "--current", "--env", "local")
+    assert current.code == 0 and "versions" not in current.out, current.text
+    nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
+    nodes.write_text(nodes.read_text().replace("/ 16.0", "/ 8.0"))
+    stale = ws.kmrun("best", "--current")
+    assert stale.code == 2 and "No FINISHED run of the current code and data (--current)" in " ".join(stale.err.split())
