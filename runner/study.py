@@ -47,6 +47,7 @@ SAMPLERS = {
     "grid": "GridSampler",
 }
 NEEDS = {"cmaes": "cmaes", "gp": "torch"}  # samplers whose package Optuna imports only when sampling
+VERSION_FROM = "kmrun.version_from"  # the study's first trial on the current code, config, data and environment
 TELL = {Status.FINISHED: "COMPLETE", Status.PRUNED: "PRUNED", Status.FAILED: "FAIL", Status.KILLED: "FAIL"}
 
 
@@ -200,8 +201,11 @@ class Study:
         if fingerprint is not None:
             changed = fingerprint.changed(self.study.user_attrs) if finished else []
             if changed and changed != ["unrecorded"]:
-                notes.append(f"Study '{self.name}': {' and '.join(changed)} changed since its finished trials; "
-                             "they still count towards n_trials. Use another study.name to start over.")
+                since = len(self.study.trials)  # a parent reports only the trials of one version
+                self.study.set_user_attr(VERSION_FROM, since)
+                notes.append(f"Study '{self.name}': {' and '.join(changed)} changed since its finished trials. "
+                             f"They still count towards n_trials and the sampler learns from them, but the best "
+                             f"this run reports is of trials {since} on. Use another study.name to start over.")
             for key, value in fingerprint.tags().items():
                 self.study.set_user_attr(key, value)
         more = self.settings.more
@@ -217,11 +221,14 @@ class Study:
         return notes
 
     def parent_tags(self, command: str) -> dict[str, str]:
-        return {
+        tags = {
             "kmrun.role": "parent", "kmrun.kind": "study", "kmrun.sweep": command[:5000],
             "optuna.study_name": self.name, "optuna.storage": hide_password(self.storage_url),
             "optuna.sampler": type(self.study.sampler).__name__, "optuna.pruner": type(self.study.pruner).__name__,
         }
+        if self.study.user_attrs.get(VERSION_FROM):  # this parent reports the trials from this one on
+            tags["kmrun.study.version_from"] = str(self.study.user_attrs[VERSION_FROM])
+        return tags
 
     def start(self, parent: str, sweep_dir: Path) -> None:
         self.parent, self.sweep_dir = parent, sweep_dir
@@ -292,9 +299,11 @@ class Study:
         states: dict[str, int] = {}
         for trial in trials:
             states[trial.state.name] = states.get(trial.state.name, 0) + 1
+        since = int(self.study.user_attrs.get(VERSION_FROM, 0))  # trials of other code or data come before
+        current = [t for t in trials if t.number >= since and t.state.name == "COMPLETE"]
         best, experiment = [], None
-        if states.get("COMPLETE"):
-            chosen = self.study.best_trials if len(self.study.directions) > 1 else [self.study.best_trial]
+        if current:
+            chosen = _best_of(current, self.study.directions)
             best = [BestTrial(t.number, list(t.values), dict(t.params), str(t.user_attrs.get("mlflow_run_id", "")))
                     for t in chosen]
             if len(self.study.directions) == 1:
@@ -355,6 +364,17 @@ class Study:
                 "optuna.distributions": json.dumps(dists)[:5000],
             },
         )
+
+
+def _best_of(complete: list[Any], directions: list[Any]) -> list[Any]:
+    """The best of these trials: one for a single objective, the Pareto front for several."""
+    import optuna
+    from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+
+    if len(directions) > 1:
+        return list(_get_pareto_front_trials_by_trials(complete, directions))
+    pick = max if directions[0] == optuna.study.StudyDirection.MAXIMIZE else min
+    return [pick(complete, key=lambda t: t.value)]
 
 
 def _grid_size(sampler: Any) -> int | None:

@@ -150,3 +150,20 @@ def test_pruning_works_in_parallel_workers(ws):
         assert run.info.status == expected
         assert len(ws.client().get_metric_history(run.info.run_id, "intermediate")) == len(trial.intermediate_values)
     assert ws.running() == 0
+
+
+def test_a_study_resumed_on_changed_code_reports_only_the_trials_of_that_code(ws):
+    study = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=3"]
+    assert ws.kmrun(*study).code == 0
+    nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
+    nodes.write_text(nodes.read_text().replace("/ 16.0", "* 0.0"))  # every trial now worse than the old ones
+    done = ws.kmrun("-m", "+experiment=baseline", "+study=tune", "study.n_trials=5")
+    assert done.code == 0, done.text
+    assert "the best this run reports is of trials 3 on" in " ".join(done.out.split())
+    parents, children = ws.family("trial")
+    second = max(parents, key=lambda p: p.info.start_time)
+    mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == second.info.run_id]
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in mine) == [3, 4]
+    best = max(mine, key=lambda c: c.data.metrics["accuracy"])
+    assert second.data.tags["kmrun.study.version_from"] == "3" and second.data.tags["kmrun.best_run_id"] == best.info.run_id
+    assert second.data.metrics["best_accuracy"] == best.data.metrics["accuracy"]
