@@ -164,6 +164,7 @@ def test_a_study_resumed_on_changed_code_reports_only_the_trials_of_that_code(ws
     second = max(parents, key=lambda p: p.info.start_time)
     mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == second.info.run_id]
     assert sorted(int(c.data.tags["optuna.trial_number"]) for c in mine) == [3, 4]
-    best = max(mine, key=lambda c: c.data.metrics["accuracy"])
-    assert second.data.tags["kmrun.study.version_from"] == "3" and second.data.tags["kmrun.best_run_id"] == best.info.run_id
-    assert second.data.metrics["best_accuracy"] == best.data.metrics["accuracy"]
+    top = max(c.data.metrics["accuracy"] for c in mine)  # below every old trial's: the old best would show
+    assert top < min(c.data.metrics["accuracy"] for c in children if c not in mine)
+    assert second.data.tags["kmrun.study.version_from"] == "3" and second.data.metrics["best_accuracy"] == top
+    assert second.data.tags["kmrun.best_run_id"] in {c.info.run_id for c in mine if c.data.metrics["accuracy"] == top}
