@@ -23,6 +23,7 @@ import dis
 import functools
 import hashlib
 import importlib.metadata as metadata
+import importlib.util
 import os
 import pickle
 import re
@@ -142,7 +143,10 @@ class _Walk:
         if dynamic and self.reach.coarse is None:
             self.reach.coarse = f"{name} calls {', '.join(dynamic)}"
         wide = any(n in names and n not in scope for n in WIDE)
-        for imported in imports:
+        for imported, level in imports:
+            if level:  # a relative import inside the function
+                package = scope.get("__package__") or module.rpartition(".")[0]
+                imported = importlib.util.resolve_name("." * level + imported, package)
             found = sys.modules.get(imported)
             if found is not None:
                 self.module(found, None if wide else names)
@@ -352,20 +356,29 @@ def project_code(root: Path) -> str:
     return _digest(f"{p.relative_to(root)}:{_file_digest(p)}" for p in files)
 
 
-def _names(code: types.CodeType) -> tuple[set[str], set[str]]:
-    """The names a code object (and the code nested in it) reads, and the modules it imports."""
+def _names(code: types.CodeType) -> tuple[set[str], set[tuple[str, int]]]:
+    """The names a code object (and the code nested in it) reads, and the modules it
+    imports (name, and level: 1 for ``from . import``)."""
     names: set[str] = set()
-    imports: set[str] = set()
+    imports: set[tuple[str, int]] = set()
     todo = [code]
     while todo:
         current = todo.pop()
         names.update(current.co_names)
         todo += [c for c in current.co_consts if isinstance(c, types.CodeType)]
-        if any("." in n or n in sys.modules for n in current.co_names):  # cheap test before disassembling
-            imports.update(op.argval for op in dis.get_instructions(current) if op.opname == "IMPORT_NAME")
-    for imported in list(imports):
-        names.update(imported.split("."))
+        if IMPORT_NAME in current.co_code[::2]:  # cheap test before disassembling
+            level = 0
+            for op in dis.get_instructions(current):
+                if op.opname == "LOAD_CONST" and isinstance(op.argval, int):
+                    level = op.argval  # the import's level is loaded two instructions before it
+                elif op.opname == "IMPORT_NAME":
+                    imports.add((op.argval, level))
+    for imported, _ in imports:
+        names.update(n for n in imported.split(".") if n)
     return names, imports
+
+
+IMPORT_NAME = dis.opmap["IMPORT_NAME"]
 
 
 def _is_code(obj: Any) -> bool:

@@ -136,6 +136,16 @@ def test_code_that_cannot_be_followed_falls_back_to_the_whole_project(project):
     assert deps.reach(dyn.run, project).parts(project)["code (whole project)"] != before
 
 
+def test_imports_inside_a_function_are_followed_relative_or_not(project):
+    (project / "src/kmrun_dep_pkg/late.py").write_text(
+        "def relative(x):\n    from .helpers import scale\n    return scale(x)\n\n\n"
+        "def absolute(x):\n    import kmrun_dep_sib.util\n    return kmrun_dep_sib.util.adjust(x)\n")
+    _import(project)
+    late = importlib.import_module("kmrun_dep_pkg.late")
+    assert {"kmrun_dep_pkg.helpers.scale", "kmrun_dep_pkg.helpers.SCALE"} <= set(deps.reach(late.relative, project).code)
+    assert "kmrun_dep_sib.util.adjust" in deps.reach(late.absolute, project).code
+
+
 def test_installed_libraries_are_keyed_by_their_version(project):
     (project / "src/kmrun_dep_pkg/fit.py").write_text(
         "from sklearn.linear_model import LogisticRegression\n\n\ndef make(c):\n    return LogisticRegression(C=c)\n")
