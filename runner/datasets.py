@@ -93,8 +93,8 @@ def _location(entry: Mapping[str, Any] | None) -> str | None:
 def _without_credentials(entry: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in entry.items():
-        if key == "credentials":
-            value = value if isinstance(value, str) else "<inline>"
+        if key == "credentials":  # kept by name only, under a key Kedro's resolver does not look up
+            key, value = "credentials (name)", value if isinstance(value, str) else "<inline>"
         elif isinstance(value, Mapping):
             value = _without_credentials(value)
         out[key] = value

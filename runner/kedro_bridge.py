@@ -291,6 +291,7 @@ class KedroProject:
 
         catalog = self.catalog(params)
         entry, where = catalog.entry(name) or {}, catalog.location(name)
+        entry.pop("credentials (name)", None)  # a local file
         assert isinstance(where, Path), f"{name} has no local file"
         target = folder / where.name
         key = "filepath" if "filepath" in entry else "path"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import pytest
 from kedro.pipeline import Pipeline, node
@@ -121,6 +122,14 @@ def test_folders_and_factory_patterns_are_fingerprinted_like_files(mod, tmp_path
         if "raw" in catalog:
             (tmp_path / "data/parts/b.csv").write_text("x\n3\n")
         assert moved((found, reasons), keys(mod, tmp_path, catalog=catalog)) == {"load", "features", "model"}
+
+
+def test_credentials_are_kept_by_name_and_never_resolved():
+    catalog = Catalog({"db": {"type": "pandas.SQLTableDataset", "table_name": "t", "credentials": "db_creds"},
+                       "x": {"type": "pandas.CSVDataset", "filepath": "a.csv", "credentials": {"key": "s3cret"}}},
+                      Path("/tmp"))
+    assert catalog.entry("db")["credentials (name)"] == "db_creds" and catalog.location("db") is None
+    assert "s3cret" not in str(catalog.entry("x")) and catalog.location("x") == Path("/tmp/a.csv")
 
 
 def test_cache_false_serves_nothing_and_refreshes_every_entry(mod, tmp_path):
