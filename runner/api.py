@@ -134,6 +134,7 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
         _note(outcome, f"{skipped} skipped (already FINISHED), {grid.planned} to run{why}.", echo)
     if previous is not None:
         tracker.reopen(previous)
+        tracker.log(previous, tags={"kmrun.sweep": redact.text(outcome.command)[:5000]})  # the latest: what join runs
         parent_id = previous
     else:
         tags = {"kmrun.role": "parent", "kmrun.kind": "grid", "kmrun.sweep_key": grid.key,

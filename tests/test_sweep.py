@@ -290,5 +290,7 @@ def test_a_grid_resumed_on_changed_code_gets_a_new_parent_that_holds_only_that_c
     assert second.data.metrics["jobs_total"] == 2 and second.data.metrics["best_accuracy"] == best.data.metrics["accuracy"]
     assert second.data.tags["kmrun.best_run_id"] == best.info.run_id
     assert second.data.tags["kmrun.best.params.model.C"] == best.data.params["model.C"].removesuffix(".0")
-    again = ws.kmrun(*grid)  # the same code again: resumes this parent, skips both cells
+    again = ws.kmrun(*grid, "cache=false")  # the same code again: resumes this parent, skips both cells
     assert again.code == 0 and "2 skipped" in again.out and len(ws.family()[0]) == 2
+    reopened = ws.client().get_run(second.info.run_id)
+    assert reopened.data.tags["kmrun.sweep"].endswith("cache=false")  # the latest command, which `kmrun join` runs
