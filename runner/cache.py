@@ -21,10 +21,12 @@ and, once read or written, in this process's memory too, which forked workers in
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
 import pickle
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -80,6 +82,7 @@ class NodeCache:
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root, self.max_bytes = root, max_bytes
         self.memory: OrderedDict[str, Entry] = OrderedDict()
+        self._salt_value: bytes | None = None
         self._written = 0  # bytes written since the folder's size was last checked
 
     def _remember(self, key: str, entry: Entry) -> None:
@@ -89,7 +92,28 @@ class NodeCache:
             self.memory.popitem(last=False)
 
     def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.pkl"
+        """An entry's file, named by the key salted with this cache's own secret: a file name
+        cannot be checked against a guessed parameter value."""
+        name = hmac.new(self._salt(), key.encode(), hashlib.sha256).hexdigest()[:32]
+        return self.root / name[:2] / f"{name}.pkl"
+
+    def _salt(self) -> bytes:
+        if self._salt_value is None:
+            where = self.root / "salt"
+            try:
+                self._salt_value = where.read_bytes()
+            except FileNotFoundError:
+                self.root.mkdir(parents=True, exist_ok=True)
+                fresh = where.with_suffix(f".{os.getpid()}.tmp")
+                fresh.write_bytes(secrets.token_bytes(32))
+                fresh.chmod(0o600)
+                try:
+                    os.link(fresh, where)  # the first process to make it wins; the others read it
+                except FileExistsError:
+                    pass
+                fresh.unlink(missing_ok=True)
+                self._salt_value = where.read_bytes()
+        return self._salt_value
 
     def get(self, key: str) -> Entry | None:
         if key in self.memory:
@@ -98,6 +122,8 @@ class NodeCache:
         path = self.path(key)
         try:
             entry = pickle.loads(path.read_bytes())
+            if not isinstance(entry, Entry) or not isinstance(entry.outputs, dict):
+                raise TypeError(f"it holds a {type(entry).__name__}, not a cache entry")
             os.utime(path)  # recently used
         except FileNotFoundError:
             return None
@@ -179,15 +205,18 @@ class NodeCache:
                 break
             total -= stat.st_size
             path.unlink(missing_ok=True)
-            self.memory.pop(path.stem, None)
+            for key in [k for k in self.memory if self.path(k) == path]:
+                del self.memory[key]
 
     def entries(self) -> list[tuple[Path, Entry]]:
         out = []
         for path in self.files():
             try:
-                out.append((path, pickle.loads(path.read_bytes())))
+                entry = pickle.loads(path.read_bytes())
             except Exception:  # shown as damaged by the caller's count
                 continue
+            if isinstance(entry, Entry):
+                out.append((path, entry))
         return out
 
     def clear(self) -> int:
@@ -199,11 +228,12 @@ class NodeCache:
 
 
 def plan(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog, root: Path, store: NodeCache,
-         serve: bool = True) -> Plan:
+         serve: bool = True, allow_secrets: bool = False) -> Plan:
     """Which nodes of ``pipeline`` the cache serves for a job with ``params``, which run,
     and the cached datasets the nodes that run need. With ``serve=False`` (``cache=false``)
-    every node runs, and what they compute refreshes the cache."""
-    keys, reasons, parts = node_keys(pipeline, params, catalog, root)
+    every node runs, and what they compute refreshes the cache. A node that reads a
+    secret-named parameter is not cached unless ``allow_secrets``."""
+    keys, reasons, parts = node_keys(pipeline, params, catalog, root, allow_secrets)
     result = Plan(keys, reasons, parts, serve=serve)
     for node in pipeline.nodes:
         key = keys[node.name]
@@ -227,8 +257,8 @@ def restrict(plan_: Plan, pipeline: Pipeline, nodes: list[str]) -> Plan:
     return Plan(plan_.keys, plan_.reasons, plan_.parts, dict(plan_.hits), list(nodes), inject)
 
 
-def node_keys(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog,
-              root: Path) -> tuple[dict[str, str | None], dict[str, str], dict[str, dict[str, str]]]:
+def node_keys(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog, root: Path,
+              allow_secrets: bool = False) -> tuple[dict[str, str | None], dict[str, str], dict[str, dict[str, str]]]:
     """Each node's cache key (or None, with the reason it has none), and the named parts
     the key hashes (``code MODULE.NAME``, ``param X``, ``input X``, ``dist NAME``, ...)."""
     from . import deps
@@ -249,10 +279,14 @@ def node_keys(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog,
         if reach.coarse:
             parts["coarse"] = reach.coarse  # shown by kmrun cache explain: keyed by the whole project's code
         for name in node.inputs:
-            if name == "parameters":
-                parts["param (all)"] = _json(params)
-            elif name.startswith("params:"):
-                parts[f"param {name[len('params:'):]}"] = _json(_select(params, name[len("params:"):]))
+            if name == "parameters" or name.startswith("params:"):
+                prefix = name[len("params:"):] if name != "parameters" else ""
+                value = _select(params, prefix) if prefix else params
+                parts[f"param {prefix or '(all)'}"] = _json(value)
+                secret = _secret(value, prefix)
+                if secret and not allow_secrets:
+                    reason = reason or (f"it reads the secret-named parameter {secret}, which its outputs may hold "
+                                        "(cache.secrets=true caches it anyway)")
             elif name in producer:
                 upstream = keys[producer[name]]
                 if upstream is None:
@@ -340,6 +374,16 @@ def differences(before: Mapping[str, str], after: Mapping[str, str]) -> str:
         else:
             words.append(name)
     return "; ".join(words)
+
+
+def _secret(value: Any, prefix: str) -> str | None:
+    """The first secret-named key in a parameter value read as ``prefix``."""
+    from .redact import flatten, is_secret_name
+
+    if prefix and is_secret_name(prefix):
+        return prefix
+    tree = value if isinstance(value, Mapping) else {}
+    return next((f"{prefix}.{key}" if prefix else key for key in flatten(tree) if is_secret_name(key)), None)
 
 
 def _select(params: Mapping[str, Any], dotted: str) -> Any:

@@ -393,7 +393,7 @@ def cache_plan(spec: JobSpec, project: KedroProject) -> tuple[NodeCache, Plan]:
     params = deep_merge(project.parameters(), spec.params)
     pipeline = project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
     return store, cache.plan(pipeline, params, project.catalog(spec.params), project.root, store,
-                             serve=conf.cache.enabled)
+                             serve=conf.cache.enabled, allow_secrets=conf.cache.secrets)
 
 
 def prewarm(specs: list[JobSpec], output_dir: Path, source: str) -> list[str]:

@@ -79,6 +79,7 @@ class CacheConf:
     enabled: bool = True  # reuse node outputs whose inputs, params and code are unchanged (`cache: false`: off)
     dir: Optional[str] = None  # None: kmrun-cache/ beside an SQLite MLflow store, else ./.kmrun-cache
     max_gb: float = 2.0  # least recently used entries go beyond this size
+    secrets: bool = False  # also cache nodes that read a secret-named parameter (their outputs may hold it)
 
 
 @dataclass

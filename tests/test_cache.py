@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pickle
 import sys
 from pathlib import Path
 
@@ -146,3 +147,26 @@ def test_cache_false_serves_nothing_and_refreshes_every_entry(mod, tmp_path):
     store.put(third.keys["features"], "features", {"b": 1}, "run-2", third.parts["features"])
     fourth = plan(pipeline(mod), {"p": 8, "q": 2}, catalog, tmp_path, store)
     assert fourth.why["features"] == "param p"
+
+
+def test_a_damaged_entry_of_any_kind_is_a_miss_and_goes(tmp_path):
+    store = NodeCache(tmp_path, max_bytes=10**6)
+    key = "ab" + "c" * 30
+    assert store.put(key, "n", {"x": 1}, "r") is None
+    store.path(key).write_bytes(pickle.dumps(5))  # unpickles, to the wrong type
+    fresh = NodeCache(tmp_path, max_bytes=10**6)
+    assert fresh.get(key) is None and not fresh.path(key).exists() and fresh.entries() == []
+
+
+def test_entry_files_are_named_by_a_salted_key_and_secret_params_are_not_cached(mod, tmp_path):
+    store = NodeCache(tmp_path / "cache", max_bytes=10**6)
+    key = "ab" + "c" * 30
+    store.put(key, "n", {"x": 1}, "r")
+    assert key not in str(store.path(key)) and oct((tmp_path / "cache/salt").stat().st_mode & 0o777) == "0o600"
+    assert NodeCache(tmp_path / "other", 10**6).path(key) != store.path(key)  # each cache its own salt
+    params = {"p": {"db_password": "Hunter2Pass"}, "q": 2}
+    found, reasons = keys(mod, tmp_path, params=params)
+    assert found["features"] is None and "secret-named parameter p.db_password" in reasons["features"]
+    deps.forget()
+    allowed = node_keys(pipeline(mod), params, Catalog(CATALOG, tmp_path), tmp_path, allow_secrets=True)[0]
+    assert allowed["features"] is not None
