@@ -106,12 +106,15 @@ class _Walk:
             for key, item in obj.items():
                 self.value(key, depth + 1)
                 self.value(item, depth + 1)
-        else:  # an object: its class's code, and what it holds
+        else:  # an object: its class's code, and what it holds (an installed class may hold the project's code)
             self.value(type(obj), depth + 1)
-            wrapped = getattr(obj, "__wrapped__", None)
+            try:
+                wrapped, state = getattr(obj, "__wrapped__", None), getattr(obj, "__dict__", None)
+            except Exception:  # an object that cannot be looked into: the whole project's code stands in
+                self.reach.coarse = self.reach.coarse or f"a {type(obj).__qualname__} object cannot be inspected"
+                return
             if wrapped is not None:
                 self.value(wrapped, depth + 1)
-            state = getattr(obj, "__dict__", None)
             if isinstance(state, dict):
                 self.value(state, depth + 1)
 
