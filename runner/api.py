@@ -56,6 +56,8 @@ def run(
         spec = job.prepare(cfg, overrides, choices_of(cfg), composer.config_dir, base_dir=composer.base_dir)
         verbose = verbose or spec.conf.verbose
     with terminal.quiet_unless(verbose):
+        # runs this host's killed processes left RUNNING: the next kmrun of any kind ends them
+        runtime.current().tracker(spec.uri, spec.experiment_name).fail_stale_runs()
         if echo:
             project = runtime.current().project(spec.conf.kedro.project_path, spec.conf.kedro.env)
             terminal.header(spec.experiment_name, spec.conf.kedro.pipeline, project.env_name, spec.conf.kedro.tags,

@@ -121,6 +121,19 @@ def test_ctrl_c_on_a_single_run_marks_it_killed(ws):
     assert [r.info.status for r in ws.runs()] == ["KILLED"]
 
 
+def test_a_single_run_killed_with_9_is_ended_by_the_next_single_run(ws):
+    proc = start(ws, ["+experiment=forest", "params.model.n_estimators=3000"])
+    wait_for(ws, "select count(*) from runs where status = 'RUNNING'", 1)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert ws.running() == 1
+    done = ws.kmrun("+experiment=baseline")
+    assert done.code == 0, done.text
+    assert ws.running() == 0
+    stale = [r for r in ws.runs() if r.data.tags.get("kmrun.stale") == "true"]
+    assert [(r.info.run_name, r.info.status) for r in stale] == [("forest", "FAILED")]
+
+
 def test_a_second_signal_leaves_at_once_and_the_next_run_cleans_up(ws):
     proc = start(ws, ["+experiment=forest", "params.model.n_estimators=3000"])
     wait_for(ws, "select count(*) from runs where status = 'RUNNING'", 1)
