@@ -59,6 +59,7 @@ def as_typed(overrides: list[str]) -> list[str]:
     return [o[2:] if o.startswith("++") and section(o) in SECTIONS else o for o in overrides]
 
 
+MAX_KEY_PART = 200  # characters between dots in an override key (file names stop at 255)
 SYNTAX_HELP = (
     "Write KEY=VALUE; sweep values as a,b,c · range(START,STOP[,STEP]) · choice(a,b) · "
     "interval(LOW,HIGH) · int(interval(LOW,HIGH)) · tag(log, interval(LOW,HIGH)), quoted for the shell."
@@ -128,6 +129,11 @@ class Composer:
         parser = OverridesParser.create(config_loader=loader)
         parsed = []
         for line in hydra_args(lines):
+            key = line.partition("=")[0].lstrip("+~")
+            long = next((part for part in key.replace("/", ".").split(".") if len(part) > MAX_KEY_PART), None)
+            if long is not None:  # Hydra looks a key up as a file name first, and the file system refuses
+                raise ConfigError(f"Override key '{key[:60]}…' has a part of {len(long)} characters; kmrun takes "
+                                  f"at most {MAX_KEY_PART} per part (between dots). Shorten the name.")
             try:
                 parsed.append(parser.parse_override(line))
             except HydraException as err:

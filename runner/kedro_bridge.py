@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import tomllib
 import warnings
 from dataclasses import dataclass, field
@@ -305,7 +306,14 @@ class KedroProject:
     def parameters(self) -> dict[str, Any]:
         """The project's parameters for this env, before any kmrun override."""
         if self._params is None:
-            self._params = dict(self.session.load_context().params)
+            try:
+                self._params = dict(self.session.load_context().params)
+            except RecursionError:
+                raise ProjectError(
+                    f"Kedro cannot load the parameters of {self.root} (env {self.env_name}): they nest deeper than "
+                    f"its config loader can follow (Python's recursion limit, {sys.getrecursionlimit()} frames; about "
+                    "100 levels). Flatten the deepest section of the parameters files."
+                ) from None
         return self._params
 
     def credentials(self) -> dict[str, Any]:

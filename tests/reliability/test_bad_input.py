@@ -46,8 +46,13 @@ S = ["-m", "+experiment=baseline", "+study=tune"]
 G = ["-m", "+experiment=baseline", "params.model.C=0.1,1"]
 PARAMS = "examples/digits/conf/base/parameters.yml"
 
+NESTED = "\n" + "".join(f"{'  ' * i}k{i}:\n" for i in range(150)) + "  " * 150 + "leaf: 1\n"
+
 CATALOGUE = [
     # (id, args, setup, exit code, fragments of the message)
+    ("override-key-too-long", B + ["+params." + "x" * 300 + "=1"], None, 2,
+     ["has a part of 300 characters", "Shorten the name"]),
+    ("params-nested-too-deep", B, append(PARAMS, NESTED), 2, ["nest deeper than", "Flatten the deepest section"]),
     ("unknown-param", B + ["params.modle.C=5"], None, 2, ["params.modle", "Did you mean params.model"]),
     ("db-driver-missing", B + ["mlflow.tracking_uri=mysql://u:hunter22@127.0.0.1:1/db"], None, 2,
      ["No module named 'MySQLdb'", "pip install pymysql", "u:***@127.0.0.1"]),
