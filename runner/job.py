@@ -119,6 +119,9 @@ def prepare(
     experiment = conf.mlflow.experiment_name or project.package_name
     if open_store:
         rt.tracker(uri, experiment)
+    # every URL in the config (tracking URI, study and sweep storages, any later key): its password is hidden
+    urls = [uri, *(str(v) for v in flatten(config).values() if isinstance(v, str) and "://" in v)]
+    redact = Redactor.for_project(project.credentials(), deep_merge(project.parameters(), params), urls=urls)
     return JobSpec(
         conf=conf,
         params=params,
@@ -127,9 +130,8 @@ def prepare(
         config_hash=config_hash(config),
         uri=uri,
         experiment_name=experiment,
-        redact=Redactor.for_project(project.credentials(), deep_merge(project.parameters(), params),
-                                    urls=[conf.mlflow.tracking_uri, uri, conf.study.storage if conf.study else None]),
-        run_name=conf.mlflow.run_name,
+        redact=redact,
+        run_name=redact.text(conf.mlflow.run_name) if conf.mlflow.run_name else None,
         fingerprint=rt.fingerprint(project, conf.kedro.pipeline, conf.kedro.tags, params),
         fluent=rt.uses_mlflow(project),
     )

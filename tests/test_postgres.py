@@ -375,3 +375,19 @@ def test_two_hosts_share_a_grid_and_a_killed_worker_has_its_cell_run_again(
     lost = next(r for r in children if r.info.run_id == running[0].info.run_id)
     assert lost.info.status == "FAILED"
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_password_in_sweep_storage_is_in_no_record_file_or_output(ws, postgres):
+    board = postgres("board_secret").replace("postgres@", "postgres:planted-pw-4711@")  # trust auth ignores it
+    done = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.1,1", f"sweep.storage={board}")
+    assert done.code == 0, done.text
+    assert "planted-pw-4711" not in done.text
+    client = ws.client()
+    for run in ws.runs():
+        assert "planted-pw-4711" not in str(run.data.params) + str(run.data.tags)
+        for item in client.list_artifacts(run.info.run_id):
+            if not item.is_dir:
+                local = client.download_artifacts(run.info.run_id, item.path, str(ws.path / "downloads"))
+                assert "planted-pw-4711" not in open(local, errors="replace").read(), item.path
+    leaks = [p for p in ws.path.rglob("*") if p.is_file() and b"planted-pw-4711" in p.read_bytes()]
+    assert leaks == []

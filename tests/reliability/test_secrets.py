@@ -121,3 +121,12 @@ def test_keys_that_only_look_like_secrets_are_logged_and_common_values_stay(ws):
     run = ws.runs()[0]
     assert run.data.params["tokenizer.max_tokens"] == "2048" and run.data.params["tokenizer.use_fast"] == "True"
     assert not [k for k, v in run.data.tags.items() if REDACTED in v]  # "false" and "1" are not secrets
+
+
+def test_a_secret_in_a_run_name_is_masked_in_the_store_and_the_output(ws):
+    done = ws.kmrun("+experiment=baseline", "+params.db_password=name-secret-8080",
+                    "mlflow.run_name=run-name-secret-8080")
+    assert done.code == 0, done.text
+    (run,) = ws.runs()
+    assert run.info.run_name == "run-***" and "name-secret-8080" not in done.text
+    assert not [text for text in everything_stored(ws) if "name-secret-8080" in text]
