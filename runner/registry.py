@@ -19,11 +19,27 @@ if TYPE_CHECKING:
     from .commands import Store
 
 
+def _check_alias(alias: str) -> None:
+    """MLflow's own rules for an alias (characters, length, reserved names), as a KmrunError."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as err:
+        shown = alias if len(alias) <= 40 else alias[:40] + "…"
+        raise KmrunError(f"--alias '{shown}': {err.message.rstrip('.')}. Use letters, digits, '_' and '-', "
+                         "not 'latest' nor 'v' followed by digits (e.g. --alias champion).") from None
+
+
 def register(args: argparse.Namespace) -> int:
     from . import terminal
     from .models import register as register_model
     from .runtime import current
 
+    if args.alias is not None:
+        _check_alias(args.alias)  # before anything is registered: a bad alias must leave no new version
     store = open_store(args)
     client = store.client()
     run = resolve_run(client, store, args.run_id)

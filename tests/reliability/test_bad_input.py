@@ -52,6 +52,10 @@ CATALOGUE = [
     # (id, args, setup, exit code, fragments of the message)
     ("override-key-too-long", B + ["+params." + "x" * 300 + "=1"], None, 2,
      ["has a part of 300 characters", "Shorten the name"]),
+    ("register-alias-space", ["register", "0a1b", "--name", "digits", "--alias", "my alias"], None, 2,
+     ["--alias 'my alias'", "Names may only contain"]),
+    ("register-alias-reserved", ["register", "0a1b", "--name", "digits", "--alias", "v1"], None, 2,
+     ["--alias 'v1'", "is reserved"]),
     ("params-nested-too-deep", B, append(PARAMS, NESTED), 2, ["nest deeper than", "Flatten the deepest section"]),
     ("unknown-param", B + ["params.modle.C=5"], None, 2, ["params.modle", "Did you mean params.model"]),
     ("db-driver-missing", B + ["mlflow.tracking_uri=mysql://u:hunter22@127.0.0.1:1/db"], None, 2,
