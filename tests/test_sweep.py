@@ -156,7 +156,9 @@ def test_a_grid_resumed_after_a_code_change_reruns_its_cells(ws):
     args = ["-m", "+experiment=baseline", "params.model.C=0.1,1"]
     assert ws.kmrun(*args).code == 0
     nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
-    nodes.write_text(nodes.read_text() + "\n# a fix, committed after the first sweep\n")
+    nodes.write_text(nodes.read_text() + "\n# a comment changes no result\n")
+    assert "2 skipped (already FINISHED), 0 to run." in ws.kmrun(*args).out
+    nodes.write_text(nodes.read_text().replace("/ 16.0", "/ 15.0"))  # a fix, committed after the first sweep
     done = ws.kmrun(*args)
     assert done.code == 0, done.text
     assert "0 skipped (already FINISHED), 2 to run: code changed since the finished runs." in done.out
