@@ -141,7 +141,7 @@ class NodeCache:
             last = json.loads(self._last(node).read_text())
         except (OSError, ValueError):
             return "no earlier entry of this node"
-        return differences(last, parts) or "its entry was evicted or cleared"
+        return differences(last, _summary(parts)) or "its entry was evicted or cleared"
 
     def _last(self, node: str) -> Path:
         return self.root / "nodes" / f"{hashlib.sha256(node.encode()).hexdigest()[:24]}.json"
@@ -168,7 +168,7 @@ class NodeCache:
             try:
                 last = self._last(node)
                 last.parent.mkdir(parents=True, exist_ok=True)
-                last.with_suffix(f".{os.getpid()}.tmp").write_text(json.dumps(parts, sort_keys=True))
+                last.with_suffix(f".{os.getpid()}.tmp").write_text(json.dumps(_summary(parts), sort_keys=True))
                 last.with_suffix(f".{os.getpid()}.tmp").replace(last)
             except OSError:  # only an explanation is lost
                 pass
@@ -350,6 +350,13 @@ def _dataset_reach(entry: Mapping[str, Any] | None, root: Path) -> Any:
 
 
 _DATASET_CLASSES: dict[str, Any] = {}
+
+
+def _summary(parts: Mapping[str, str]) -> dict[str, str]:
+    """A key's parts as kept beside an entry: versions and producers as they are, every
+    other value (parameter values among them) by digest only."""
+    return {name: value if name.startswith(("dist ", "python")) or value.startswith("from ")
+            else hashlib.sha256(value.encode()).hexdigest()[:16] for name, value in parts.items()}
 
 
 def differences(before: Mapping[str, str], after: Mapping[str, str]) -> str:

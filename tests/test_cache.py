@@ -168,5 +168,8 @@ def test_entry_files_are_named_by_a_salted_key_and_secret_params_are_not_cached(
     found, reasons = keys(mod, tmp_path, params=params)
     assert found["features"] is None and "secret-named parameter p.db_password" in reasons["features"]
     deps.forget()
-    allowed = node_keys(pipeline(mod), params, Catalog(CATALOG, tmp_path), tmp_path, allow_secrets=True)[0]
+    allowed, _, parts = node_keys(pipeline(mod), params, Catalog(CATALOG, tmp_path), tmp_path, allow_secrets=True)
     assert allowed["features"] is not None
+    store.put(allowed["features"], "features", {"b": 1}, "r", parts["features"])
+    beside = [p.read_text() for p in (tmp_path / "cache/nodes").glob("*.json")]
+    assert beside and not [text for text in beside if "Hunter2Pass" in text]  # parameter values by digest only
