@@ -186,7 +186,8 @@ def execute(spec: JobSpec) -> JobResult:
     job = _Job(spec, project, tracker, run_id, record)
     job.late_tags = late
     try:
-        job.work()
+        with spec.redact.logs():  # Kedro logs a node's error message, which may quote a secret
+            job.work()
     except KeyboardInterrupt:
         job.status = Status.KILLED
         job.close()

@@ -7,9 +7,12 @@ secret-named environment variable, or in a URL's password.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+import traceback
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
@@ -106,6 +109,24 @@ class Redactor:
         """One redactor for many jobs (a sweep whose cells hold different secrets)."""
         return cls(value for redactor in redactors for value in redactor.values)
 
+    @contextmanager
+    def logs(self) -> Iterator[None]:
+        """For the block, every log record any handler emits (Kedro's "Node ... failed
+        with error: ..." among them) passes this redactor first."""
+        if not self.values:
+            yield
+            return
+        gate = _RedactRecords(self)
+        handlers = {*logging.root.handlers, *(h for logger in list(logging.root.manager.loggerDict.values())
+                                              for h in getattr(logger, "handlers", []))}
+        for handler in handlers:
+            handler.addFilter(gate)
+        try:
+            yield
+        finally:
+            for handler in handlers:
+                handler.removeFilter(gate)
+
     def override(self, line: str) -> str:
         """``params.db_password=x`` → ``params.db_password=***``; other values text-redacted."""
         key, sep, _ = line.partition("=")
@@ -137,6 +158,23 @@ class Redactor:
                 text = text[: MAX_PARAM_VALUE - len(TRUNCATED)] + TRUNCATED
             out[key] = text
         return out
+
+
+class _RedactRecords(logging.Filter):
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.redactor.text(message)
+        if record.exc_info and record.exc_info[1] is not None:  # the traceback is printed from the exception
+            shown = "".join(traceback.format_exception(*record.exc_info))
+            if self.redactor.text(shown) != shown:
+                clean, record.exc_info, record.exc_text = f"{clean}\n{self.redactor.text(shown)}", None, None
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
 
 
 def hide_password(url: str) -> str:

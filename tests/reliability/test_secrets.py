@@ -130,3 +130,15 @@ def test_a_secret_in_a_run_name_is_masked_in_the_store_and_the_output(ws):
     (run,) = ws.runs()
     assert run.info.run_name == "run-***" and "name-secret-8080" not in done.text
     assert not [text for text in everything_stored(ws) if "name-secret-8080" in text]
+
+
+def test_a_node_error_that_quotes_a_secret_is_masked_in_the_terminal(ws):
+    nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
+    nodes.write_text(nodes.read_text().replace(
+        "def split_data(data: pd.DataFrame, split: dict[str, Any]):\n",
+        "def split_data(data: pd.DataFrame, split: dict[str, Any]):\n"
+        "    raise RuntimeError(f\"token={split['api_token']} boom\")\n"))
+    for extra in ([], ["-v"]):
+        done = ws.kmrun("+experiment=baseline", "+params.split.api_token=tok-node-secret-31", *extra)
+        assert done.code == 1 and "token=*** boom" in done.text, done.text
+        assert "tok-node-secret-31" not in done.text
