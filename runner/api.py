@@ -236,12 +236,19 @@ def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures
             if summarise is not None:
                 summarise()
             tracker.fail_stale_runs()  # runs of workers that died with their job
-            results.log_parent(tracker, parent.run_id, outcome, redact, with_plots=not interrupted)
+            results.log_parent(tracker, parent.run_id, outcome, redact)
             if best_model is not None:
                 best_model.finish(tracker, publish=not interrupted, note=lambda text: _note(outcome, text, echo))
         parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
-    if echo:
-        terminal.sweep_summary(outcome)
+        if echo:
+            terminal.sweep_summary(outcome)
+        try:  # last: an interrupt here loses only the plots
+            results.log_plots(tracker, parent.run_id, outcome)
+        except KeyboardInterrupt:
+            if echo:
+                terminal.error(f"Interrupted while drawing the {label}'s plots; its results are recorded. "
+                               f"To draw them, resume:\n  {outcome.command}")
+            raise
     return outcome
 
 

@@ -95,8 +95,8 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def log_parent(tracker: Tracker, parent: str, outcome: SweepOutcome, redact: Redactor, with_plots: bool) -> None:
-    """Counts, the best job, the results table and the plots, on the parent run."""
+def log_parent(tracker: Tracker, parent: str, outcome: SweepOutcome, redact: Redactor) -> None:
+    """Counts, the best job and the results tables on the parent run (``log_plots`` follows)."""
     metric, _ = outcome.objective.primary
     metrics: dict[str, float] = {k: float(v) for k, v in counts(outcome.outcomes).items()}
     params: dict[str, str] = {}
@@ -127,14 +127,18 @@ def log_parent(tracker: Tracker, parent: str, outcome: SweepOutcome, redact: Red
         tracker.log_text(parent, redact.text(study.trials_csv), "trials.csv")
         if study.best_experiment is not None:
             tracker.log_text(parent, study.best_experiment, "best_experiment.yaml")
-    if with_plots:
-        try:
-            if study is None:
-                log_grid_plot(tracker, parent, outcome)
-            elif study.states.get("COMPLETE"):
-                log_study_plots(tracker, parent, study, outcome.objective.metrics)
-        except OSError as err:  # a full disk, say: the tables are stored; the plots are not essential
-            log.warning("The sweep's plots could not be stored (%s); its results tables are.", err)
+
+
+def log_plots(tracker: Tracker, parent: str, outcome: SweepOutcome) -> None:
+    """The sweep's plots on the parent run: drawn last, after every record is stored."""
+    study = outcome.study
+    try:
+        if study is None:
+            log_grid_plot(tracker, parent, outcome)
+        elif study.states.get("COMPLETE"):
+            log_study_plots(tracker, parent, study, outcome.objective.metrics)
+    except OSError as err:  # a full disk, say: the tables are stored; the plots are not essential
+        log.warning("The sweep's plots could not be stored (%s); its results tables are.", err)
 
 
 def log_grid_plot(tracker: Tracker, parent: str, outcome: SweepOutcome) -> None:

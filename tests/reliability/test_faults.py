@@ -275,3 +275,24 @@ def test_parallel_trials_record_their_own_objective(ws, monkeypatch):
     for trial in complete:
         overrides = [f"{key}={value!r}" for key, value in trial.params.items()]
         assert runner.run(["+experiment=baseline", *overrides]).objective == trial.value, trial.number
+
+
+def test_ctrl_c_while_a_study_draws_its_plots_keeps_its_records_and_says_how_to_resume(ws):
+    interrupted = 0
+    for attempt in range(3):  # the plots may be drawn before the signal lands: then try again
+        proc = start(ws, ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=2", f"study.name=plots{attempt}"])
+        deadline = time.time() + 180
+        while time.time() < deadline and not list(ws.path.glob("mlartifacts/*/*/artifacts/trials.csv")):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        for found in ws.path.glob("mlartifacts/*/*/artifacts/trials.csv"):
+            found.rename(found.with_name("seen.csv"))  # the next attempt waits for its own
+        if proc.returncode == 0:
+            continue
+        assert proc.returncode == 130, out + err
+        assert "Interrupted while drawing the study's plots" in err and f"study.name=plots{attempt}" in err, err
+        assert "Traceback" not in err and ws.running() == 0
+        interrupted += 1
+        break
+    assert interrupted == 1
