@@ -137,10 +137,17 @@ def _die_with_parent(parent: int) -> None:
 
 def _run(spec: JobSpec) -> JobResult:
     """A job in a worker. After an interrupt the worker has done its part: it takes signals
-    again (so its pool can stop it) and leaves within seconds whatever happens next."""
+    again (so its pool can stop it) and leaves within seconds whatever happens next. A
+    worker that alone was told to stop (SIGTERM from a container runtime, or its parent's
+    death) leaves at once once its run is ended: to the sweep that is a lost worker, whose
+    job runs again, as after ``kill -9``."""
+    global _IN_JOB
+    _IN_JOB = True
     try:
         return execute(spec)
     except KeyboardInterrupt:
+        if _TERMINATED:
+            os._exit(143)
         import threading
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -149,10 +156,21 @@ def _run(spec: JobSpec) -> JobResult:
         timer.daemon = True  # a worker that is told to stop before then does not wait for it
         timer.start()
         raise
+    finally:
+        _IN_JOB = False
+
+
+_IN_JOB = False  # whether this worker is running a job now
+_TERMINATED = False  # whether this worker got SIGTERM (not the sweep's Ctrl-C)
 
 
 def _worker_interrupt(signum: int, frame: object) -> None:
-    """Once: the running job ends its run KILLED; further signals must not cut that short."""
+    """Once: the running job ends its run KILLED; further signals must not cut that short.
+    An idle worker has nothing to end: it leaves quietly."""
+    global _TERMINATED
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    if not _IN_JOB:
+        os._exit(130)
+    _TERMINATED = signum == signal.SIGTERM
     raise KeyboardInterrupt

@@ -215,14 +215,16 @@ def test_kmrun_join_shares_a_running_grid_by_its_parent_run_id(ws):
     assert not_parent.code == 2 and "is not a sweep's parent run" in not_parent.err
 
 
-def test_a_killed_worker_has_its_cell_run_again_and_the_sweep_goes_on(ws):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_killed_worker_has_its_cell_run_again_and_the_sweep_goes_on(ws, sig):
+    """kill -9 (the OOM killer) or SIGTERM (a container runtime) to one worker, not to kmrun."""
     proc = start(ws, SLOW_GRID + ["sweep.n_jobs=2"])
     wait_for(ws, FINISHED_CHILD, 1)
     wait_for(ws, RUNNING_CHILD, 1)
     running = [r for r in ws.runs() if r.info.status == "RUNNING" and r.data.tags.get("kmrun.role") == "child"]
     worker = int(running[0].data.tags["kmrun.pid"])
     assert worker != proc.pid  # the job's run belongs to its worker
-    os.kill(worker, signal.SIGKILL)
+    os.kill(worker, sig)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err  # the lost cells ran again: nothing failed on its own
     assert "Traceback" not in err and "its worker process died" in out + err, out + err
