@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import time
 import warnings
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from .compose import Composer
     from .schema import KmrunConf, StudyConf
     from .tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 SAMPLERS = {
     "tpe": "TPESampler",
@@ -273,9 +276,11 @@ class Study:
         job.outcome.take(result)
         try:
             if result.status is Status.FINISHED:
-                self.study.tell(job.token, result.objective)
+                told = self.study.tell(job.token, result.objective, skip_if_finished=True)
             else:
-                self.study.tell(job.token, state=_state(TELL[result.status]))
+                told = self.study.tell(job.token, state=_state(TELL[result.status]), skip_if_finished=True)
+            if told.state.name != TELL[result.status]:  # another process failed it as stale meanwhile
+                self._taken_from_us(job, told.state.name)
         except RuntimeError as err:
             # GridSampler calls study.stop() when its grid is done, which only optimize()
             # allows; the trial's state is stored before that, so nothing is lost.
@@ -284,6 +289,19 @@ class Study:
         finally:
             if self._heartbeat is not None:
                 self._heartbeat.remove(job.token._trial_id)
+
+    def _taken_from_us(self, job: Job, state: str) -> None:
+        """This process ran a trial that another one ended meanwhile (it took this one for
+        dead: a paused VM, a laptop asleep). The trial stays as the study has it; the run
+        agrees with it (FAILED), and the sweep goes on."""
+        run_id = job.outcome.run_id
+        log.warning("Trial %s was ended %s by another process while this one ran it (was this process paused?); "
+                    "its run %s is FAILED to match, and the study goes on.", job.token.number, state, run_id)
+        if run_id:
+            self.tracker.client.set_tag(run_id, "kmrun.stale", "true")
+            self.tracker.finish(run_id, "FAILED")
+        job.outcome.status, job.outcome.objective = Status.FAILED, None
+        job.outcome.error = f"trial {job.token.number} was ended {state} by another process while this one ran it"
 
     def abandon(self, job: Job) -> None:
         self.study.tell(job.token, state=_state("FAIL"))

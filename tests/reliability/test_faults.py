@@ -20,13 +20,13 @@ pytestmark = pytest.mark.slow
 SLOW_GRID = ["-m", "+experiment=forest", "params.model.n_estimators=range(200,1400,200)"]  # 6 jobs of ~1-3 s
 
 
-def start(ws, args, **kwargs):
+def start(ws, args, env=None, **kwargs):
     # A shell without job control starts background commands with SIGINT ignored, and
     # nohup ignores SIGHUP; the child would inherit that. Give it the defaults, as a
     # terminal would (kmrun keeps an ignored SIGHUP ignored: nohup means stay running).
     return subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"},
+                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200", **(env or {})},
                             preexec_fn=_terminal_signals,
                             **kwargs)
 
@@ -298,3 +298,27 @@ def test_ctrl_c_while_a_study_draws_its_plots_keeps_its_records_and_says_how_to_
         interrupted += 1
         break
     assert interrupted == 1
+
+
+def test_a_paused_process_whose_trial_another_failed_goes_on_and_counts_stay_exact(ws):
+    """hostA is paused (SIGSTOP: a laptop asleep, a VM paused) mid-trial; hostB fails that
+    trial as stale (no heartbeat) and completes the study; hostA wakes up and finishes."""
+    args = ["-m", "+experiment=forest", "+study=tune", "study.n_trials=3", "params.model.n_estimators=2500"]
+    a = start(ws, args, env={"KMRUN_HOST": "hostA"})
+    wait_for(ws, RUNNING_CHILD, 1)
+    time.sleep(1.0)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        b = ws.kmrun(*args, env={"KMRUN_HOST": "hostB"}, timeout=400)  # waits until a's trial is stale
+    finally:
+        a.send_signal(signal.SIGCONT)
+    out, err = a.communicate(timeout=300)
+    assert b.code == 0, b.text
+    assert a.returncode == 0 and "was ended FAIL by another process" in out + err and "Traceback" not in err, out + err
+    study = optuna.load_study(study_name="tune", storage=f"sqlite:///{ws.path / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    trial_runs = [r for r in ws.runs() if r.data.tags.get("kmrun.kind") == "trial"]
+    finished = [r for r in trial_runs if r.info.status == "FINISHED"]
+    assert len(finished) == len(complete) >= 3  # one FINISHED run per COMPLETE trial, no more
+    assert {r.info.run_id for r in finished} == {t.user_attrs["mlflow_run_id"] for t in complete}
+    assert ws.running() == 0
