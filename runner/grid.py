@@ -109,6 +109,7 @@ class Grid:
         self._open: dict[str, list[Outcome]] = {}  # on the board: cells not yet ended, by identity
         self._unknown: set[int] = set()  # cells of another host whose liveness no lock tells
         self._lost: dict[int, int] = {}  # cell index -> times its worker died under it
+        self.superseded: str | None = None  # this grid's parent on other code, data or environment, if any
 
     def check(self, open_store: bool) -> None:
         """Compose and check every cell before any runs; report every distinct problem once."""
@@ -142,7 +143,6 @@ class Grid:
         it is claimed). Returns how many, and the parent run this grid had before (None for
         a new one). ``stale`` says what changed for cells that ran before but run again."""
         self._todo, self.stale = list(self.outcomes), []
-        self.superseded: str | None = None  # the parent of this grid on other code or data, if any
         self.since = datetime.datetime.now()  # what a board's trials ended after, this store has not seen
         if rerun:
             return 0, None
