@@ -349,7 +349,9 @@ class Grid:
             self.board.end(job.token[0], Status.KILLED)  # another process may run it again
         if job.spec.run_id:
             self.tracker.release(job.spec.run_id)
-
+            # its worker may have been stopped before its job could end the run
+            if self.tracker.client.get_run(job.spec.run_id).info.status == "RUNNING":
+                self.tracker.finish(job.spec.run_id, "KILLED")
 
     def close(self) -> None:
         if self.board is not None:

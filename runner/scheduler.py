@@ -136,26 +136,17 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _run(spec: JobSpec) -> JobResult:
-    """A job in a worker. After an interrupt the worker has done its part: it takes signals
-    again (so its pool can stop it) and leaves within seconds whatever happens next. A
-    worker that alone was told to stop (SIGTERM from a container runtime, or its parent's
-    death) leaves at once once its run is ended: to the sweep that is a lost worker, whose
-    job runs again, as after ``kill -9``."""
+    """A job in a worker. After an interrupt the worker has done its part once its run is
+    ended KILLED: it leaves at once. When kmrun was interrupted, kmrun stops the sweep
+    itself; when only this worker was told to stop (SIGTERM from a container runtime, its
+    parent's death, a signal sent to it alone), the sweep sees a lost worker, whose job
+    runs again, as after ``kill -9``."""
     global _IN_JOB
     _IN_JOB = True
     try:
         return execute(spec)
     except KeyboardInterrupt:
-        if _TERMINATED:
-            os._exit(143)
-        import threading
-
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        timer = threading.Timer(10.0, os._exit, (130,))
-        timer.daemon = True  # a worker that is told to stop before then does not wait for it
-        timer.start()
-        raise
+        os._exit(143 if _TERMINATED else 130)
     finally:
         _IN_JOB = False
 

@@ -202,7 +202,8 @@ def test_a_host_killed_mid_trial_is_failed_by_heartbeat_and_leaves_nothing_runni
     import optuna
 
     track, storage = postgres("track_kill"), postgres("optuna_kill")
-    args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=4", f"study.storage={storage}",
+    # 8 trials: the watcher polls two stores, and needs a trial caught in its first 1.5 s
+    args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=8", f"study.storage={storage}",
             f"mlflow.tracking_uri={track}", "params.model.max_iter=5000", "params.model.C=tag(log, interval(100, 1000))"]
     a, b = host(tmp_path_factory, template_store, "host_a"), host(tmp_path_factory, template_store, "host_b")
 
@@ -221,7 +222,7 @@ def test_a_host_killed_mid_trial_is_failed_by_heartbeat_and_leaves_nothing_runni
     code, output = run_host(b, args, "b", postgres)  # host b cannot see a's processes
     assert code == 0, output[-3000:]
     trials = optuna_study(storage).trials
-    assert [t.state for t in trials].count(optuna.trial.TrialState.COMPLETE) == 4
+    assert [t.state for t in trials].count(optuna.trial.TrialState.COMPLETE) == 8
     assert next(t for t in trials if t.number == dead.number).state == optuna.trial.TrialState.FAIL
     runs = trial_runs(track)
     assert not [r for r in runs if r.info.status == "RUNNING"]  # a's trial run and a's parent too
