@@ -202,22 +202,27 @@ def test_a_host_killed_mid_trial_is_failed_by_heartbeat_and_leaves_nothing_runni
     import optuna
 
     track, storage = postgres("track_kill"), postgres("optuna_kill")
-    # 8 trials: the watcher polls two stores, and needs a trial caught in its first 1.5 s
+    # 8 trials, each computing every node (cache=false): the watcher polls two stores, and needs a
+    # trial caught while its pipeline runs (the node cache made trials short enough to miss)
     args = ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=8", f"study.storage={storage}",
-            f"mlflow.tracking_uri={track}", "params.model.max_iter=5000", "params.model.C=tag(log, interval(100, 1000))"]
+            f"mlflow.tracking_uri={track}", "params.model.max_iter=5000", "params.model.C=tag(log, interval(100, 1000))",
+            "cache=false"]
     a, b = host(tmp_path_factory, template_store, "host_a"), host(tmp_path_factory, template_store, "host_b")
 
     from mlflow import MlflowClient
 
+    chosen: list = []
+
     def running_trial() -> bool:  # a trial mid-pipeline: its MLflow run, too, is still RUNNING
         if not any(r.info.status == "RUNNING" for r in trial_runs(track)):
             return False  # opening the storage before host a has made it would race a's schema creation
-        return any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
-                   and just_started(MlflowClient(track).get_run(t.user_attrs["mlflow_run_id"]))
-                   for t in optuna_study(storage).trials)
+        chosen[:] = [t for t in optuna_study(storage).trials
+                     if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+                     and just_started(MlflowClient(track).get_run(t.user_attrs["mlflow_run_id"]))]
+        return bool(chosen)
 
     kill_host_when(a, args, running_trial, "a trial", postgres)  # the whole host: kmrun and its workers
-    dead = next(t for t in optuna_study(storage).trials if t.state == optuna.trial.TrialState.RUNNING)
+    dead = chosen[0]  # the trial whose run had just started when the kill landed
 
     code, output = run_host(b, args, "b", postgres)  # host b cannot see a's processes
     assert code == 0, output[-3000:]
@@ -249,7 +254,7 @@ def test_two_hosts_with_two_workers_share_one_grid_each_cell_once(tmp_path_facto
 def test_a_host_killed_mid_cell_has_its_cell_run_again_by_the_other(tmp_path_factory, template_store, postgres):
     track = postgres("track_grid_kill")
     values = ",".join(str(100 + 50 * i) for i in range(4))
-    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=5000",
+    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=5000", "cache=false",
             f"mlflow.tracking_uri={track}"]
     a, b = host(tmp_path_factory, template_store, "cells_a"), host(tmp_path_factory, template_store, "cells_b")
     running: list = []
@@ -313,7 +318,7 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_through_the_optuna_storag
         tmp_path_factory, template_store, postgres, server):
     board = postgres("board_kill")
     values = ",".join(str(100 + 50 * i) for i in range(4))
-    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=5000",
+    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=5000", "cache=false",
             f"sweep.storage={board}", f"mlflow.tracking_uri={server}", "mlflow.experiment_name=board-kill"]
     a, b = host(tmp_path_factory, template_store, "board_a"), host(tmp_path_factory, template_store, "board_b")
 
