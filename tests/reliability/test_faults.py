@@ -263,6 +263,34 @@ def test_ctrl_c_in_the_first_trial_of_a_study_leaves_no_trial_running(ws):
     assert ws.running() == 0
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["kmrun-alone", "terminal-group"])
+def test_ctrl_c_on_a_parallel_study_ends_every_trial_and_run_of_this_process(ws, group):
+    """Ctrl-C in a terminal reaches kmrun and its workers at once (the process group);
+    ``kill -INT`` reaches kmrun alone. Either way: one message, exit 130 within seconds,
+    each trial of this process FAIL, each run KILLED (not stale), nothing RUNNING."""
+    proc = start(ws, ["-m", "+experiment=forest", "+study=tune", "study.n_trials=6", "study.n_jobs=2",
+                      "params.model.n_estimators=2500", "params.model.C=interval(0.5,1)"], start_new_session=True)
+    wait_for(ws, "select count(*) from runs where status = 'RUNNING'", 3)  # the parent and two trials
+    time.sleep(1.0)
+    sent = time.time()
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 10 and proc.returncode == 130, out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.count("Error: Interrupted") == 1 and "To resume:" in err and "study.n_jobs=2" in err, err
+    study = optuna.load_study(study_name="tune", storage=f"sqlite:///{ws.path / 'optuna.db'}")
+    states = Counter(t.state.name for t in study.trials)
+    assert set(states) <= {"FAIL", "COMPLETE"} and states["FAIL"] == 2, states  # both running trials ended
+    trials = [r for r in ws.runs() if r.data.tags.get("kmrun.kind") == "trial"]
+    killed = [r for r in trials if r.info.status == "KILLED"]
+    assert len(killed) == 2 and not any(r.data.tags.get("kmrun.stale") for r in killed)
+    assert {r.info.status for r in trials} <= {"KILLED", "FINISHED"}
+    assert ws.running() == 0 and left_behind(ws) == []
+
+
 def test_parallel_trials_record_their_own_objective(ws, monkeypatch):
     """Each trial's objective, recomputed from its own params in a fresh run, is the one
     recorded: parallel trials never read each other's files."""
