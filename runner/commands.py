@@ -6,8 +6,6 @@ Each honours ``conf/kmrun.yaml`` (the store, the experiment, the objective) and
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import KmrunError, TrackingError
+from .processes import serve
 from .redact import Redactor, hide_password
 from .results import without_redacted
 from .schema import check_experiment_name
@@ -495,7 +494,7 @@ def ui(args: argparse.Namespace) -> int:
     terminal.say(f"MLflow UI on http://{args.host}:{args.port} for {hide_password(store.uri)} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store.uri,
                "--host", args.host, "--port", str(args.port)]
-    return _serve(command)
+    return serve(command)
 
 
 def dashboard(args: argparse.Namespace) -> int:
@@ -510,33 +509,4 @@ def dashboard(args: argparse.Namespace) -> int:
                          "default; pass it: --storage postgresql://USER@HOST/DB (your study.storage)")
     storage = args.storage or f"sqlite:///{Path(store.uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
     command = [sys.executable, "-m", "optuna_dashboard", storage, "--host", args.host, "--port", str(args.port)]
-    return _serve(command)
-
-
-def _serve(command: list[str], env: dict[str, str] | None = None) -> int:
-    """Run a server in its own process group until it exits, or until Ctrl-C, SIGTERM or
-    SIGHUP: then the whole group (the server's workers too) is stopped."""
-    import signal
-
-    process = subprocess.Popen(command, env=env or os.environ, start_new_session=True)
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(process.pid, sig)
-                process.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        return 0
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    return serve(command)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from typing import TYPE_CHECKING
 
-from .commands import _serve, open_store, resolve_run
+from .commands import open_store, resolve_run
 from .errors import KmrunError
+from .processes import serve as run_server
 from .redact import hide_password
 
 if TYPE_CHECKING:
@@ -103,10 +105,16 @@ def serve(args: argparse.Namespace) -> int:
             raise KmrunError(f"--port {args.port}: something already listens on {args.host}:{args.port}. "
                              "Pick another port: kmrun serve ... --port 5002")
     terminal.say(f"Serving {uri} on http://{args.host}:{args.port}/invocations (Ctrl-C stops it)")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-               "--host", args.host, "--port", str(args.port)]
-    return _serve(command, env)
+    with tempfile.TemporaryDirectory(prefix="kmrun-serve-") as folder:
+        from mlflow.artifacts import download_artifacts
+        from mlflow.pyfunc.scoring_server import _SERVER_MODEL_PATH
+
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        model = download_artifacts(uri, dst_path=folder, tracking_uri=store.uri)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, _SERVER_MODEL_PATH: model}
+        command = [sys.executable, "-m", "uvicorn", "--host", args.host, "--port", str(args.port),
+                   "--log-level", "warning", "runner.serving:app"]
+        return run_server(command, env)
 
 
 def _model_uri(client: MlflowClient, store: Store, given: str, path: str, tag: str) -> str:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
 from .job import JobSpec, execute
+from .processes import STOPS, die_with_parent
 from .records import JobResult
 
 log = logging.getLogger(__name__)
@@ -110,29 +110,14 @@ def make_scheduler(n_jobs: int, verbose: bool = False) -> Scheduler:
 def _worker_init(verbose: bool, parent: int) -> None:
     from . import runtime
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOPS:
         signal.signal(sig, _worker_interrupt)
-    _die_with_parent(parent)
+    # a worker whose kmrun died (even by kill -9) gets SIGTERM: it ends its run KILLED and leaves
+    if not die_with_parent(parent) and os.getppid() != parent:
+        os._exit(130)  # kmrun died before this worker could be told
     if not verbose:
         logging.disable(logging.INFO)
     runtime.current().after_fork()
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: a worker gets SIGTERM when the kmrun that started it (``parent``) dies (even
-    by kill -9), so it ends its run KILLED and leaves, instead of waiting forever for jobs.
-    kmrun may itself be process 1 (a container's entry point): only a parent other than
-    ``parent`` means it died."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(130)
 
 
 def _run(spec: JobSpec) -> JobResult:
@@ -159,7 +144,7 @@ def _worker_interrupt(signum: int, frame: object) -> None:
     """Once: the running job ends its run KILLED; further signals must not cut that short.
     An idle worker has nothing to end: it leaves quietly."""
     global _TERMINATED
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOPS:
         signal.signal(sig, signal.SIG_IGN)
     if not _IN_JOB:
         os._exit(130)

@@ -81,3 +81,6 @@ def test_private_apis_kmrun_relies_on_still_exist():
 
     with initialize_config_dir(str(RUNNER.parent / "conf"), version_base="1.3"):
         assert isinstance(GlobalHydra.instance().hydra, Hydra) and callable(Hydra.show_info)  # cli: --info
+    from mlflow.pyfunc import scoring_server
+
+    assert isinstance(scoring_server._SERVER_MODEL_PATH, str)  # registry.serve: the model folder runner.serving loads

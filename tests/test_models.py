@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -91,6 +92,46 @@ def test_a_study_registers_its_best_model_and_kmrun_serve_predicts_like_the_pipe
     time.sleep(1)
     with pytest.raises(ProcessLookupError):
         os.killpg(server.pid, 0)  # nothing of the server's process group is left
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def servers_on(port: int) -> list[int]:
+    """Processes whose command line names ``port`` (a server kmrun started)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"--port\0{port}\0" in (proc / "cmdline").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_serve_answers_bad_input_without_a_stack_trace_and_dies_with_kmrun(ws):
+    done = ws.kmrun("+experiment=packaged")
+    assert done.code == 0, done.text
+    server, port = serve(ws, ws.runs()[0].info.run_id)
+    try:
+        assert served_predictions(ws, server, port)  # the model answers good input
+        frame = images(ws).head(1).astype(float)
+        frame.iloc[0, 0] = float("nan")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        reply = json.loads(refused.value.read())
+        assert refused.value.code == 400 and reply["message"] and reply["error_code"] == "BAD_REQUEST", reply
+        assert "stack_trace" not in reply and "Traceback" not in json.dumps(reply), reply
+        assert servers_on(port)
+    finally:
+        server.kill()  # kill -9: kmrun cannot stop the server itself
+        server.wait(timeout=30)
+    deadline = time.time() + 30
+    while servers_on(port) and time.time() < deadline:
+        time.sleep(0.5)
+    assert servers_on(port) == []  # the server and its workers died with kmrun
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0
 
