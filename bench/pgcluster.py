@@ -36,8 +36,15 @@ class Cluster:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self._as_postgres(f"{self.bin}/initdb", "-D", self.data, "-A", "trust", "-U", "postgres")
+        self.start()
+
+    def start(self) -> None:
         self._as_postgres(f"{self.bin}/pg_ctl", "-D", self.data, "-l", f"{self.data}/server.log", "-w", "start",
                           "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c max_connections=300")
+
+    def halt(self) -> None:
+        """Stop the server (fast: open connections are cut), keeping its data; ``start`` again."""
+        self._as_postgres(f"{self.bin}/pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
 
     def database(self, name: str) -> str:
         subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-q", "-c",
@@ -50,7 +57,7 @@ class Cluster:
         return url.replace(f"@127.0.0.1:{self.port}/", "@/") + f"?host={self.data}&port={self.port}"
 
     def stop(self) -> None:
-        self._as_postgres(f"{self.bin}/pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+        self.halt()
         shutil.rmtree(self.data, ignore_errors=True)
 
     @staticmethod

@@ -15,8 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import runtime
-from .errors import ConfigError, JobFailed, KmrunError
+from . import patience, runtime
+from .errors import ConfigError, JobFailed, KmrunError, StoreUnavailable
 from .redact import Redactor
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ def sweep(
         cfg = composer.compose(base)
         conf = parse(cfg)
         verbose = verbose or conf.verbose
+        patience.configure(conf.store_patience)
         with terminal.quiet_unless(verbose):
             if conf.study is not None:
                 name = conf.study.name or str(choices_of(cfg).get("study") or "study")
@@ -218,37 +219,41 @@ def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures
     policy = engine.FailurePolicy(max_failures, source.planned)
     total = len(outcome.outcomes) if outcome.kind == "grid" else source.planned
     progress = terminal.SweepProgress(total, outcome.objective, label) if echo else None
-    with engine.parent_run(tracker, outcome.parent_run_id) as parent:
-        interrupted = True
-        try:
-            with scheduler, (progress or nullcontext()):  # workers fork before the progress thread starts
-                for done in outcome.outcomes:
-                    if progress is not None and done.status is Status.SKIPPED:
-                        progress.update(done)
-                engine.drive(source, scheduler, policy, _each(progress, best_model))
-            interrupted = False
-        except KeyboardInterrupt:
+    try:
+        with engine.parent_run(tracker, outcome.parent_run_id) as parent:
+            interrupted = True
+            try:
+                with scheduler, (progress or nullcontext()):  # workers fork before the progress thread starts
+                    for done in outcome.outcomes:
+                        if progress is not None and done.status is Status.SKIPPED:
+                            progress.update(done)
+                    engine.drive(source, scheduler, policy, _each(progress, best_model))
+                interrupted = False
+            except KeyboardInterrupt:
+                if echo:
+                    terminal.error(f"Interrupted: the {label} and its running jobs are KILLED. "
+                                   f"To resume:\n  {outcome.command}")
+                raise
+            finally:
+                if summarise is not None:
+                    summarise()
+                tracker.fail_stale_runs()  # runs of workers that died with their job
+                results.log_parent(tracker, parent.run_id, outcome, redact)
+                if best_model is not None:
+                    best_model.finish(tracker, publish=not interrupted, note=lambda text: _note(outcome, text, echo))
+            parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
             if echo:
-                terminal.error(f"Interrupted: the {label} and its running jobs are KILLED. "
-                               f"To resume:\n  {outcome.command}")
-            raise
-        finally:
-            if summarise is not None:
-                summarise()
-            tracker.fail_stale_runs()  # runs of workers that died with their job
-            results.log_parent(tracker, parent.run_id, outcome, redact)
-            if best_model is not None:
-                best_model.finish(tracker, publish=not interrupted, note=lambda text: _note(outcome, text, echo))
-        parent.status = "FINISHED" if outcome.exit_code == 0 else "FAILED"
-        if echo:
-            terminal.sweep_summary(outcome)
-        try:  # last: an interrupt here loses only the plots
-            results.log_plots(tracker, parent.run_id, outcome)
-        except KeyboardInterrupt:
-            if echo:
-                terminal.error(f"Interrupted while drawing the {label}'s plots; its results are recorded. "
-                               f"To draw them, resume:\n  {outcome.command}")
-            raise
+                terminal.sweep_summary(outcome)
+            try:  # last: an interrupt here loses only the plots
+                results.log_plots(tracker, parent.run_id, outcome)
+            except KeyboardInterrupt:
+                if echo:
+                    terminal.error(f"Interrupted while drawing the {label}'s plots; its results are recorded. "
+                                   f"To draw them, resume:\n  {outcome.command}")
+                raise
+    except StoreUnavailable as err:  # its runs stay as the store last saw them: the next kmrun ends them
+        raise StoreUnavailable(f"{err}\nThe {label} stopped. Once the store answers, resume:\n"
+                               f"  {outcome.command}") from None
     return outcome
 
 

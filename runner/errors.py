@@ -29,6 +29,11 @@ class TrackingError(KmrunError):
     """The MLflow store or the Optuna storage: bad URI, unreachable or unwritable."""
 
 
+class StoreUnavailable(TrackingError):
+    """The MLflow store or the Optuna storage stopped answering and stayed away longer
+    than ``store_patience``."""
+
+
 class MetricError(KmrunError):
     """The objective metric is missing or not a finite number."""
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, models, runtime
+from . import __version__, models, patience, runtime
 from .compose import added_on_purpose, check_params, config_hash, origin_finder
 from .errors import (
     ConfigError,
@@ -147,6 +147,7 @@ def execute(spec: JobSpec) -> JobResult:
     """
     rt = runtime.current()
     conf = spec.conf
+    patience.configure(conf.store_patience)
     project = rt.project(conf.kedro.project_path, conf.kedro.env)
     tracker = rt.tracker(spec.uri, spec.experiment_name)
     record = KedroRun(_kedro_run_id(), capture=set(conf.metrics) | models.captured(conf, project),

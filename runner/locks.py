@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import patience
+from .redact import hide_password
+
 
 @contextmanager
 def creation_lock(url: str) -> Iterator[None]:
@@ -41,18 +44,14 @@ class RunLocks:
 
         self._engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=NullPool)
         self._held: dict[str, Any] = {}
+        self._store = hide_password(url)
 
     @staticmethod
     def _key(run_id: str) -> int:
         return int(run_id[:15], 16)  # 60 bits: a bigint
 
     def hold(self, run_id: str) -> None:
-        import sqlalchemy
-
-        connection = self._engine.connect()
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._key(run_id)})
-        connection.commit()
-        self._held[run_id] = connection
+        self._held[run_id] = patience.call(self._store, _locked, self._engine, self._key(run_id))
 
     def release(self, run_id: str) -> None:
         connection = self._held.pop(run_id, None)
@@ -61,13 +60,15 @@ class RunLocks:
 
     def free(self, run_id: str) -> bool:
         """Whether nobody holds the run's lock (its owner is gone)."""
+        return patience.call(self._store, self._free, self._key(run_id))
+
+    def _free(self, key: int) -> bool:
         import sqlalchemy
 
-        key = {"key": self._key(run_id)}
         with self._engine.connect() as connection:
-            got = connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), key).scalar()
+            got = connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar()
             if got:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
         return bool(got)
 
 
@@ -94,11 +95,29 @@ def _advisory_lock(url: str) -> Iterator[None]:
 
     engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=NullPool)
     try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": CREATION_LOCK_KEY})
+        connection = patience.call(hide_password(url), _locked, engine, CREATION_LOCK_KEY)
+        try:
+            yield
+        finally:
             try:
-                yield
-            finally:
                 connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": CREATION_LOCK_KEY})
+            except sqlalchemy.exc.DBAPIError as err:
+                if not patience.away(err):
+                    raise  # else the connection is gone, and the lock with it
+            connection.close()
     finally:
         engine.dispose()
+
+
+def _locked(engine: Any, key: int) -> Any:
+    """A new connection that holds advisory lock ``key`` (waiting for it)."""
+    import sqlalchemy
+
+    connection = engine.connect()
+    try:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        connection.commit()
+    except BaseException:
+        connection.close()
+        raise
+    return connection

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .errors import KmrunError, ObjectiveMissing
+from .errors import KmrunError, ObjectiveMissing, StoreUnavailable
 
 
 class Status(StrEnum):
@@ -64,7 +64,7 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
     objective: Any = None
     error: str | None = None
-    fatal: bool = False  # its error would repeat in every job (the objective is never produced)
+    fatal: bool = False  # its error would repeat in every job (no objective produced, the store is away)
 
     @property
     def label(self) -> str:
@@ -86,7 +86,7 @@ class Outcome:
     def take(self, result: JobResult) -> None:
         self.status, self.run_id, self.metrics = result.status, result.run_id, result.metrics
         self.objective, self.error = result.objective, result.message
-        self.fatal = isinstance(result.error, ObjectiveMissing)
+        self.fatal = isinstance(result.error, (ObjectiveMissing, StoreUnavailable))
 
 
 def counts(outcomes: list[Outcome]) -> dict[str, int]:

@@ -101,6 +101,7 @@ class KmrunConf:
     objective: ObjectiveConf = field(default_factory=ObjectiveConf)
     metrics: List[str] = field(default_factory=lambda: ["metrics"])  # datasets that hold metrics
     verbose: bool = False  # show Kedro's node-by-node log lines (same as -v)
+    store_patience: float = 120.0  # seconds kmrun waits for a store (MLflow, Optuna) that stopped answering
     sweep: SweepConf = field(default_factory=SweepConf)
     study: Optional[StudyConf] = None  # an Optuna study (+study=NAME), see docs/config.md
     cache: CacheConf = field(default_factory=CacheConf)  # the node cache
@@ -108,8 +109,8 @@ class KmrunConf:
     artifacts: List[str] = field(default_factory=list)  # Kedro datasets whose files are logged with each run
 
 
-SECTIONS = ("kedro", "params", "mlflow", "objective", "metrics", "verbose", "sweep", "study", "cache", "model",
-            "artifacts")
+SECTIONS = ("kedro", "params", "mlflow", "objective", "metrics", "verbose", "store_patience", "sweep", "study",
+            "cache", "model", "artifacts")
 MODEL_RUNS = ("best", "all", "none")
 DIRECTIONS = ("minimize", "maximize")
 
@@ -189,6 +190,8 @@ def _check_bounds(conf: KmrunConf) -> None:
     sweep, study = conf.sweep, conf.study
     if sweep.n_jobs < 1:
         problems.append(f"sweep.n_jobs is {sweep.n_jobs}; use 1 or more (jobs at a time).")
+    if not 0 <= conf.store_patience <= 86400:
+        problems.append(f"store_patience is {conf.store_patience}; use seconds from 0 (do not wait) to 86400.")
     if sweep.max_failures is not None and sweep.max_failures <= 0:
         problems.append(f"sweep.max_failures is {sweep.max_failures}; use a count ≥ 1, a share in (0, 1), or null.")
     if study is not None:

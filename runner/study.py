@@ -359,7 +359,7 @@ class Study:
         for trial in dead:
             run_id = trial.user_attrs.get("mlflow_run_id")
             if run_id and run_id not in stale_runs:
-                self.tracker.end_stale(run_id, with_parent=True)
+                self.tracker.end_stale(run_id, with_parent=True, trial_failed=True)
         return len(dead)
 
     def _surplus(self, trial: optuna.Trial) -> bool:

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 from .errors import TrackingError
 from .locks import RunLocks, creation_lock
+from .patience import Patient, patient_storage
 from .redact import Redactor, hide_password, url_password
 
 if TYPE_CHECKING:
@@ -95,9 +96,12 @@ class Tracker:
         try:
             from mlflow import MlflowClient
 
+            _http_retries_to_kmrun(uri)
             with creation_lock(uri):  # several kmrun processes may create one store at once
                 self.client: MlflowClient = MlflowClient(tracking_uri=uri)
                 self.experiment_id = self._experiment(experiment_name)
+            # a store that works now: from here on, each call waits out a brief outage (store_patience)
+            self.client = Patient(self.client, hide_password(uri))  # type: ignore[assignment]
         except TrackingError:
             raise
         except Exception as err:
@@ -268,13 +272,16 @@ class Tracker:
                 stale.append(run.info.run_id)
         return stale
 
-    def end_stale(self, run_id: str, with_parent: bool = False) -> None:
+    def end_stale(self, run_id: str, with_parent: bool = False, trial_failed: bool = False) -> None:
         """The run of a job whose process died (on any host): FAILED, tagged kmrun.stale,
-        unless it ended already; ``with_parent``: that process's parent run too."""
+        unless it ended already; ``with_parent``: that process's parent run too.
+        ``trial_failed``: the job's Optuna trial was failed, so even a FINISHED run is
+        FAILED (its result never reached the study: the store went away before the tell)."""
         run = self.client.get_run(run_id)
         parent = run.data.tags.get("mlflow.parentRunId") if with_parent else None
         for orphan in (run_id, parent):
-            if orphan and self.client.get_run(orphan).info.status == "RUNNING":
+            status = self.client.get_run(orphan).info.status if orphan else None
+            if status == "RUNNING" or (orphan == run_id and trial_failed and status == "FINISHED"):
                 self.client.set_tag(orphan, "kmrun.stale", "true")
                 self.finish(orphan, "FAILED")
 
@@ -316,6 +323,16 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _http_retries_to_kmrun(uri: str) -> None:
+    """An MLflow server that stops answering: MLflow's client alone retries each call for
+    about 4 minutes, silently. Keep its retries short (unless the user set them), so that
+    kmrun's patience, which says it is waiting and has one documented bound, does the waiting."""
+    if uri.startswith(("http:", "https:")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
 def host_name() -> str:
     """This machine's name in kmrun's records: $KMRUN_HOST, else the host name."""
     return os.environ.get("KMRUN_HOST") or socket.gethostname()
@@ -355,8 +372,11 @@ def finite(value: Any) -> bool:
 
 
 def _quiet_store_logs() -> None:
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+    for name in ("alembic", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # MLflow's retries: kmrun says it waits
+    # it logs each database error with its traceback, then raises it: kmrun reports it (or waits it out)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 HEARTBEAT_SECONDS = 5  # a RUNNING trial whose process died is failed after GRACE_SECONDS
@@ -377,12 +397,13 @@ def open_storage(url: str, key: str = "study.storage") -> optuna.storages.BaseSt
         engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if url.startswith("sqlite") else {}
         with creation_lock(url), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: not news
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url,
-                engine_kwargs=engine_kwargs,
+                engine_kwargs={**engine_kwargs, "pool_pre_ping": True},  # a restarted server's dead connections
                 heartbeat_interval=HEARTBEAT_SECONDS,
                 grace_period=GRACE_SECONDS,
             )
+        return patient_storage(storage, hide_password(url))
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrackingError(

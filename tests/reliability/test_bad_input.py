@@ -133,6 +133,8 @@ CATALOGUE = [
     ("study-max-failures-zero", S + ["study.max_failures=0"], None, 2, ["study.max_failures is 0.0"]),
     ("sweep-n-jobs-zero", G + ["sweep.n_jobs=0"], None, 2, ["sweep.n_jobs is 0"]),
     ("sweep-n-jobs-negative", G + ["sweep.n_jobs=-1"], None, 2, ["sweep.n_jobs is -1"]),
+    ("store-patience-negative", B + ["store_patience=-1"], None, 2, ["store_patience is -1.0", "from 0"]),
+    ("store-patience-text", B + ["store_patience=soon"], None, 2, ["store_patience"]),
     ("sweep-max-failures-negative", G + ["sweep.max_failures=-1"], None, 2, ["sweep.max_failures is -1.0"]),
     ("export-best-climbs-out", S + ["study.export_best=../../../x"], None, 2, ["study.export_best '../../../x'", "plain name"]),
     ("promote-name-climbs-out", ["promote", "abc", "--name", "../kmrun", "--force"], None, 2, ["--name '../kmrun'"]),
