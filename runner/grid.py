@@ -28,8 +28,8 @@ from .compose import JobComposer, as_typed, first_of
 from .engine import Job
 from .errors import ConfigError, KmrunError, WorkerLost
 from .job import JobSpec, prepare
+from .liveness import host_name
 from .records import JobResult, Outcome, Status
-from .tracking import process_tags
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
@@ -275,9 +275,11 @@ class Grid:
             return self._wait_board()
         for index, run_id in list(self._elsewhere.items()):
             run = self.tracker.client.get_run(run_id)
-            if run.info.status == "RUNNING" and self.tracker.owner_alive(run):
-                self._warn_unknown(index, run)
-                continue
+            if run.info.status == "RUNNING":
+                if self.tracker.owner_alive(run):
+                    self._warn_unknown(index, run)
+                    continue
+                self.tracker.end_stale(run_id)  # its process died: FAILED, kmrun.stale
             del self._elsewhere[index]
             cell = next(c for c in self.outcomes if c.index == index)
             run = self.tracker.client.get_run(run_id)
@@ -304,7 +306,7 @@ class Grid:
 
     def _warn_unknown(self, index: int, run: Any) -> None:
         """Once per cell: another host runs it, and this store cannot tell if that host lives."""
-        if index in self._unknown or run.data.tags.get("kmrun.host") == process_tags()["kmrun.host"]:
+        if index in self._unknown or run.data.tags.get("kmrun.host") == host_name():
             return
         self._unknown.add(index)
         log.warning(

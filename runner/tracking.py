@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from .errors import TrackingError
+from .liveness import host_name, owner_alive, process_tags
 from .locks import RunLocks, creation_lock
 from .patience import Patient, patient_storage
 from .redact import Redactor, hide_password, url_password
@@ -179,31 +180,26 @@ class Tracker:
             found = self.search(
                 f"tags.`kmrun.config_hash` = '{config_hash}' and tags.`kmrun.role` = 'child'", max_results=100)
             for run in found:
-                same = fingerprint is None or run.data.tags.get("kmrun.fingerprint") == fingerprint
-                if same and ((run.info.status == "FINISHED" and not rerun) or (
-                        run.info.status == "RUNNING" and self.owner_alive(run))):
+                if fingerprint is not None and run.data.tags.get("kmrun.fingerprint") != fingerprint:
+                    continue
+                if run.info.status == "FINISHED" and not rerun:
                     return None, run
+                if run.info.status == "RUNNING":
+                    if self.owner_alive(run):
+                        return None, run
+                    self.end_stale(run.info.run_id)
             run_id = self.start(run_name, {**tags, "kmrun.config_hash": config_hash}, parent_id)
             self.hold(run_id)
             return run_id, None
 
     def owner_alive(self, run: Any) -> bool:
-        """Whether the process that owns a RUNNING run lives. On its own host, by its PID.
-        On another host, through PostgreSQL: the owner holds an advisory lock on the run
-        for as long as it lives (PostgreSQL drops it with the owner's connection); other
-        stores cannot tell, so the owner is taken to live. A dead owner's run is marked
-        FAILED (kmrun.stale) here."""
-        tags = run.data.tags
-        if tags.get("kmrun.host") == host_name():
-            alive_now = _owner_alive(tags)
-        elif self._locks is None:
-            return True
-        else:
-            alive_now = not self._locks.free(run.info.run_id)
-        if not alive_now:
-            self.client.set_tag(run.info.run_id, "kmrun.stale", "true")
-            self.finish(run.info.run_id, "FAILED")
-        return alive_now
+        """Whether the process that owns a RUNNING run lives. On its own host, by its PID
+        and start time. On another host, through PostgreSQL: the owner holds an advisory
+        lock on the run for as long as it lives (PostgreSQL drops it with the owner's
+        connection); other stores cannot tell, so the owner is taken to live."""
+        if run.data.tags.get("kmrun.host") == host_name():
+            return owner_alive(run.data.tags)
+        return self._locks is None or not self._locks.free(run.info.run_id)
 
     def hold(self, run_id: str) -> None:
         """Say, for as long as this process lives, that it owns ``run_id`` (PostgreSQL only)."""
@@ -265,8 +261,7 @@ class Tracker:
         stale = []
         host = host_name()
         for run in self.search(f"attributes.status = 'RUNNING' and tags.`kmrun.host` = '{host}'"):
-            pid = int(run.data.tags.get("kmrun.pid", "0") or 0)
-            if pid and not alive(pid):
+            if not owner_alive(run.data.tags):
                 self.client.set_tag(run.info.run_id, "kmrun.stale", "true")
                 self.finish(run.info.run_id, "FAILED")
                 stale.append(run.info.run_id)
@@ -331,35 +326,6 @@ def _http_retries_to_kmrun(uri: str) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
-def host_name() -> str:
-    """This machine's name in kmrun's records: $KMRUN_HOST, else the host name."""
-    return os.environ.get("KMRUN_HOST") or socket.gethostname()
-
-
-def process_tags() -> dict[str, str]:
-    """Which process owns a run, so that a later kmrun can tell a dead one from a live one."""
-    return {"kmrun.host": host_name(), "kmrun.pid": str(os.getpid())}
-
-
-def _owner_alive(tags: Mapping[str, str]) -> bool:
-    """Whether the process that owns a RUNNING run lives (another host's: assumed so)."""
-    if tags.get("kmrun.host") != host_name():
-        return True
-    pid = int(tags.get("kmrun.pid", "0") or 0)
-    return bool(pid) and alive(pid)
-
-
-def alive(pid: int) -> bool:
-    """Whether a process of this host with that PID exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def ui_command(uri: str) -> str:

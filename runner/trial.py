@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import runtime
 from .errors import ConfigError
-from .tracking import HEARTBEAT_SECONDS, alive, process_tags
+from .liveness import owner_gone, owner_label
+from .tracking import HEARTBEAT_SECONDS
 
 if TYPE_CHECKING:
     import optuna
@@ -136,8 +137,7 @@ class Heartbeat:
 
 def own(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
     """Record this process as the trial's owner (``fail_dead`` reads it)."""
-    owner = process_tags()
-    storage.set_trial_user_attr(trial_id, OWNER, f"{owner['kmrun.host']}:{owner['kmrun.pid']}")
+    storage.set_trial_user_attr(trial_id, OWNER, owner_label())
 
 
 def fail_dead(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[optuna.trial.FrozenTrial]:
@@ -156,15 +156,14 @@ def fail_dead(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
     now_state = {t._trial_id: t.state for t in study.get_trials(deepcopy=False)}
-    host, now = process_tags()["kmrun.host"], datetime.datetime.now()
+    now = datetime.datetime.now()
     dead = []
     for trial in running:
         if now_state.get(trial._trial_id) == TrialState.FAIL:  # its heartbeat stopped
             dead.append(trial)
             continue
         owner = trial.user_attrs.get(OWNER)
-        owner_host, _, pid = str(owner or "").rpartition(":")
-        gone = owner_host == host and pid.isdigit() and not alive(int(pid))
+        gone = owner is not None and owner_gone(str(owner))
         unclaimed = owner is None and trial.datetime_start is not None and (
             now - trial.datetime_start).total_seconds() > UNCLAIMED_SECONDS
         if now_state.get(trial._trial_id) == TrialState.RUNNING and (gone or unclaimed):

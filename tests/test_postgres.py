@@ -246,7 +246,9 @@ def test_two_hosts_with_two_workers_share_one_grid_each_cell_once(tmp_path_facto
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
     runs = trial_runs(track)
     children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
-    assert len(children) == 12 and all(r.info.status == "FINISHED" for r in children)
+    shown = [(r.data.params.get("model.C"), r.info.status, r.data.tags.get("kmrun.host"), r.data.tags.get("kmrun.stale"))
+             for r in children]
+    assert len(children) == 12 and all(r.info.status == "FINISHED" for r in children), (shown, outputs)
     assert len({r.data.params["model.C"] for r in children}) == 12  # each cell exactly once
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
@@ -305,7 +307,9 @@ def test_two_hosts_share_a_grid_on_an_mlflow_server_through_an_optuna_storage(
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
     runs = trial_runs(server, "board-grid")
     children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
-    assert len(children) == 12 and all(r.info.status == "FINISHED" for r in children)
+    shown = [(r.data.params.get("model.C"), r.info.status, r.data.tags.get("kmrun.host"), r.data.tags.get("kmrun.stale"))
+             for r in children]
+    assert len(children) == 12 and all(r.info.status == "FINISHED" for r in children), (shown, outputs)
     assert len({r.data.params["model.C"] for r in children}) == 12  # each cell exactly once
     assert {r.data.tags["kmrun.host"] for r in children} == {"board0", "board1"}  # both hosts worked
     trials = board_trials(board)

@@ -40,10 +40,11 @@ class StoreStub:
         return f"run-{config_hash[:4]}", None
 
     def owner_alive(self, run) -> bool:
-        if not self.owner_lives:  # the real store marks the run FAILED: the cell is free again
-            self.taken.discard(run.info.run_id.removeprefix("elsewhere-"))
-            self.elsewhere = "FAILED"
         return self.owner_lives
+
+    def end_stale(self, run_id: str) -> None:  # the dead owner's run ends FAILED: the cell is free again
+        self.taken.discard(run_id.removeprefix("elsewhere-"))
+        self.elsewhere = "FAILED"
 
     def release(self, run_id: str) -> None:
         return None

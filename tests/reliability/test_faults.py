@@ -350,3 +350,23 @@ def test_a_paused_process_whose_trial_another_failed_goes_on_and_counts_stay_exa
     assert len(finished) == len(complete) >= 3  # one FINISHED run per COMPLETE trial, no more
     assert {r.info.run_id for r in finished} == {t.user_attrs["mlflow_run_id"] for t in complete}
     assert ws.running() == 0
+
+
+def test_a_run_whose_pid_another_process_reuses_is_ended_by_the_next_kmrun(ws):
+    """After a reboot or on a busy host a dead owner's PID may belong to a live process:
+    its start time tells them apart, so the run does not look alive forever."""
+    from runner.liveness import host_name
+
+    stranger = subprocess.Popen(["sleep", "60"])  # lives, with the PID the dead owner had
+    try:
+        client = ws.client()
+        experiment = client.create_experiment("digits")
+        run = client.create_run(experiment, run_name="left-behind", tags={
+            "kmrun.host": host_name(), "kmrun.pid": str(stranger.pid), "kmrun.started": "0badb007-42"})
+        done = ws.kmrun("+experiment=baseline")
+        assert done.code == 0, done.text
+        left = client.get_run(run.info.run_id)
+        assert left.info.status == "FAILED" and left.data.tags.get("kmrun.stale") == "true"
+        assert ws.running() == 0
+    finally:
+        stranger.kill()
