@@ -42,6 +42,10 @@ class ObjectiveMissing(MetricError):
     """The pipeline did not produce the objective metric: every other job would miss it too."""
 
 
+class ModelError(KmrunError):
+    """The model could not be saved: its job ends FAILED with this message."""
+
+
 class JobFailed(KmrunError):
     """A job's pipeline raised. Its run is FAILED, with the traceback as an artifact."""
 

@@ -28,6 +28,7 @@ from .errors import (
     KmrunBug,
     KmrunError,
     MetricError,
+    ModelError,
     ParamError,
     TrackingError,
 )
@@ -278,7 +279,7 @@ class _Job:
         except KmrunError:
             raise
         except Exception as err:
-            raise models.ModelError(f"Could not save the model ({spec.conf.model.dataset or spec.conf.model.pipeline})"
+            raise ModelError(f"Could not save the model ({spec.conf.model.dataset or spec.conf.model.pipeline})"
                                     f": {type(err).__name__}: {err}") from err
         finally:
             if not later:

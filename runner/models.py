@@ -24,7 +24,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, KmrunError, ProjectError
+from .errors import ConfigError, KmrunError, ModelError, ProjectError
 
 if TYPE_CHECKING:
     from .kedro_bridge import KedroProject
@@ -44,10 +44,6 @@ FLAVORS = {  # a model's top-level module -> MLflow's flavor for it
 }
 LIBRARIES = {flavor: module for module, flavor in FLAVORS.items()}
 TEXT_FILES = {".json", ".yaml", ".yml", ".txt", ".py", ""}  # MLmodel has no suffix
-
-
-class ModelError(KmrunError):
-    """The model could not be saved: its job ends FAILED with this message."""
 
 
 def wanted(conf: KmrunConf) -> bool:
