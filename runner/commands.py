@@ -18,7 +18,7 @@ from .processes import serve
 from .redact import Redactor, hide_password
 from .results import without_redacted
 from .schema import check_experiment_name
-from .tracking import git_tags, resolve_uri
+from .tracking import default_storage, git_tags, resolve_uri
 
 if TYPE_CHECKING:
     import argparse
@@ -80,18 +80,17 @@ def open_store(args: argparse.Namespace) -> Store:
 
 def _config(args: argparse.Namespace) -> tuple[Path, Path, Any]:
     """The config dir (-cp, else conf/ here or in a parent), the folder relative paths start
-    from (as for a run), and its kmrun.yaml, read raw."""
+    from (as for a run), and its kmrun.yaml composed as a run composes it (its defaults
+    list too), without overrides; empty where there is no kmrun.yaml."""
     from omegaconf import OmegaConf
 
-    from .compose import find_config_dir
+    from .compose import Composer
 
-    if args.config_dir:
-        conf_dir, base = Path(args.config_dir).resolve(), Path.cwd()
-    else:
-        conf_dir = find_config_dir()[0]
-        base = conf_dir.parent
-    raw = OmegaConf.load(conf_dir / "kmrun.yaml") if (conf_dir / "kmrun.yaml").is_file() else OmegaConf.create({})
-    return conf_dir, base, raw
+    composer = Composer(Path(args.config_dir) if args.config_dir else None)
+    if not (composer.config_dir / "kmrun.yaml").is_file():
+        return composer.config_dir, composer.base_dir, OmegaConf.create({})
+    with composer:
+        return composer.config_dir, composer.base_dir, composer.compose([])
 
 
 def experiment_ids(store: Store, client: MlflowClient, name: str | None) -> list[str]:
@@ -503,10 +502,9 @@ def dashboard(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("optuna_dashboard") is None:
         raise KmrunError("kmrun dashboard needs optuna-dashboard, which is not installed. "
                          "Install it: pip install optuna-dashboard")
-    store = open_store(args)
-    if not args.storage and not store.uri.startswith("sqlite:///"):
+    storage = args.storage or default_storage(open_store(args).uri)
+    if storage is None:
         raise KmrunError("kmrun dashboard: the MLflow store is not a local file, so the study storage has no "
                          "default; pass it: --storage postgresql://USER@HOST/DB (your study.storage)")
-    storage = args.storage or f"sqlite:///{Path(store.uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
     command = [sys.executable, "-m", "optuna_dashboard", storage, "--host", args.host, "--port", str(args.port)]
     return serve(command)

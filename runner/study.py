@@ -28,6 +28,7 @@ from .grid import split
 from .job import JobSpec, prepare
 from .records import BestTrial, JobResult, Outcome, Status, StudySummary
 from .redact import hide_password, is_secret_name
+from .tracking import default_storage
 from .trial import Heartbeat, TrialRef, build_from_config, fail_dead, make_pruner, own
 
 if TYPE_CHECKING:
@@ -425,14 +426,14 @@ def _corners(distributions: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _beside(uri: str) -> str:
-    """The default storage: ``optuna.db`` next to an SQLite MLflow store. A shared store
-    (a server, a database) has no default: a study kept in a file on one machine would
-    silently split a many-machine study into one study per machine."""
-    if uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
-    raise ConfigError(
-        f"study.storage is not set, and the MLflow store ({hide_password(uri)}) is shared, not a local file. "
-        "Set study.storage to a database every machine reaches (study.storage=postgresql://USER@HOST/DB), "
-        "or to sqlite:///optuna.db to keep the study on this machine only."
-    )
-
+    """The default storage (``tracking.default_storage``). A shared store (a server, a
+    database) has none: a study kept in a file on one machine would silently split a
+    many-machine study into one study per machine."""
+    found = default_storage(uri)
+    if found is None:
+        raise ConfigError(
+            f"study.storage is not set, and the MLflow store ({hide_password(uri)}) is shared, not a local file. "
+            "Set study.storage to a database every machine reaches (study.storage=postgresql://USER@HOST/DB), "
+            "or to sqlite:///optuna.db to keep the study on this machine only."
+        )
+    return found

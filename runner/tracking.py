@@ -350,6 +350,14 @@ GRACE_SECONDS = 20
 SQLITE_LOCK_TIMEOUT = 60  # seconds a writer waits for SQLite's lock before failing
 
 
+def default_storage(uri: str) -> str | None:
+    """The Optuna storage a study uses when ``study.storage`` is null: ``optuna.db`` beside
+    an SQLite MLflow store; None for a shared store."""
+    if uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+    return None
+
+
 def open_storage(url: str, key: str = "study.storage") -> optuna.storages.BaseStorage:
     """An Optuna storage: a ``*.journal`` file, or any SQLAlchemy URL (with heartbeats,
     so that trials of a killed process can be failed)."""

@@ -155,6 +155,22 @@ def test_an_empty_store_says_so(ws):
     assert done.code == 2 and "No runs in" in done.err and "kmrun +experiment=baseline" in done.err
 
 
+def test_subcommands_read_the_store_kmrun_yaml_composes_with_its_defaults_list(ws):
+    """A store named in a config group that kmrun.yaml's defaults list picks is the store
+    that ``kmrun runs`` reads, as for a run (not only the keys written in kmrun.yaml)."""
+    (ws.path / "conf" / "store").mkdir()
+    (ws.path / "conf" / "store" / "team.yaml").write_text(
+        f"# @package _global_\nmlflow:\n  tracking_uri: sqlite:///{ws.path / 'team.db'}\n")
+    primary = ws.path / "conf" / "kmrun.yaml"
+    primary.write_text(primary.read_text().replace("  - _self_\n", "  - _self_\n  - store: team\n", 1))
+    done = ws.kmrun("+experiment=baseline")
+    assert done.code == 0, done.text
+    assert (ws.path / "team.db").is_file() and ws.running(f"sqlite:///{ws.path / 'team.db'}") == 0
+    listed = ws.kmrun("runs", "--format", "json")
+    assert listed.code == 0, listed.text
+    assert json.loads(listed.out)[0]["run_id"] == ws.runs(f"sqlite:///{ws.path / 'team.db'}")[0].info.run_id
+
+
 def test_ui_answers_on_localhost(store):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "ui", "--port", str(port)], cwd=store.path,
