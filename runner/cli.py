@@ -270,6 +270,9 @@ class _signals:
     """For the command's lifetime: SIGTERM and SIGHUP end runs KILLED like Ctrl-C; a second
     signal leaves at once. The handlers found are put back afterwards."""
 
+    def __init__(self) -> None:
+        self.saved: dict[int, Any] = {}
+
     def __enter__(self) -> None:
         self.saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal sends SIGHUP

@@ -26,12 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from .compose import JobComposer, as_typed, first_of
 from .engine import Job
-from .errors import ConfigError, KmrunError, WorkerLost
+from .errors import ConfigError, KmrunBug, KmrunError, WorkerLost
 from .job import JobSpec, prepare
 from .liveness import host_name
 from .records import JobResult, Outcome, Status
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from hydra.core.override_parser.types import Override
 
     from .board import Board
@@ -110,6 +112,18 @@ class Grid:
         self._unknown: set[int] = set()  # cells of another host whose liveness no lock tells
         self._lost: dict[int, int] = {}  # cell index -> times its worker died under it
         self.superseded: str | None = None  # this grid's parent on other code, data or environment, if any
+        self.stale: list[str] = []  # what changed since the cells' finished runs (``resume``)
+        self.since = datetime.datetime.now()  # what a board's trials ended after, this store has not seen
+        self.taken = 0  # cells other processes ran while this one ran
+        self._queue: Iterator[Outcome] = iter(())  # the cells to claim, once started
+        self._tracker: Tracker | None = None  # the store, once started
+
+    @property
+    def tracker(self) -> Tracker:
+        """The store the grid runs on: ``start`` sets it (``check`` and ``resume`` come first)."""
+        if self._tracker is None:
+            raise KmrunBug("Grid.start() must come before the grid's jobs run")
+        return self._tracker
 
     def check(self, open_store: bool) -> None:
         """Compose and check every cell before any runs; report every distinct problem once."""
@@ -180,7 +194,7 @@ class Grid:
 
     def start(self, tracker: Tracker, parent: str, sweep_dir: Path) -> None:
         """Give every cell to run its child-run settings and its own output directory."""
-        self.tracker, self.taken = tracker, 0
+        self._tracker, self.taken = tracker, 0
         for cell in self._todo:
             self.specs[cell.index] = replace(
                 self.specs[cell.index],

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import runtime
 from .compose import JobComposer, as_typed
 from .engine import Job
-from .errors import ConfigError
+from .errors import ConfigError, KmrunBug
 from .grid import split
 from .job import JobSpec, prepare
 from .records import BestTrial, JobResult, Outcome, Status, StudySummary
@@ -160,6 +160,34 @@ class Study:
         self._heartbeat: Heartbeat | None = None
         self._stopped = False
         self._deadline = math.inf
+        # set in order: check() (composes, opens the storage), begin() (the study), start() (the parent)
+        self.corners: list[JobSpec] = []  # a job at each end of every distribution
+        self.storage_url = ""
+        self.storage: Any = None
+        self.target = 0  # COMPLETE + PRUNED trials the study should hold when this run ends
+        self.planned = 0  # trials this invocation means to run
+        self.parent = ""  # the parent run
+        self.sweep_dir = Path()
+        self._tracker: Tracker | None = None
+        self._study: optuna.Study | None = None
+
+    @property
+    def first(self) -> JobSpec:
+        if not self.corners:
+            raise KmrunBug("Study.check() must come first")
+        return self.corners[0]
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            raise KmrunBug("Study.begin() must come before the study's jobs run")
+        return self._tracker
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            raise KmrunBug("Study.begin() must come before the study is read")
+        return self._study
 
     def job_spec(self, values: Mapping[str, Any], open_store: bool = True) -> JobSpec:
         lines = [f"{key}={_literal(value)}" for key, value in values.items()]
@@ -172,7 +200,6 @@ class Study:
         make_pruner(self.settings.pruner)
         make_sampler(self.settings.sampler, self.distributions, 0)
         self.corners = [self.job_spec(corner) for corner in _corners(self.distributions)]
-        self.first = self.corners[0]
         self.storage_url = self.settings.storage or _beside(self.first.uri)
         self.storage = runtime.current().storage(self.storage_url)
 
@@ -181,14 +208,14 @@ class Study:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.tracker = tracker
+        self._tracker = tracker
         directions = self.conf.objective.direction
         directions = directions if isinstance(directions, list) else [directions]
         try:
             n_existing = len(optuna.load_study(study_name=self.name, storage=self.storage).trials)
         except KeyError:
             n_existing = 0
-        self.study = optuna.create_study(
+        self._study = optuna.create_study(
             study_name=self.name, storage=self.storage, load_if_exists=True, directions=directions,
             sampler=make_sampler(self.settings.sampler, self.distributions, n_existing),
             pruner=make_pruner(self.settings.pruner),

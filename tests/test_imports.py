@@ -114,3 +114,26 @@ def test_kedros_private_surfaces_kmrun_relies_on_still_exist(tmp_path):
     assert isinstance(files, set) and str(base_path).endswith("base") and str(env_path).endswith("local")
     assert loader["parameters"] == {"a": 1}
     assert list(inspect.signature(KedroServiceSession._get_config_loader).parameters)[:2] == ["self", "runtime_params"]
+
+
+def test_every_attribute_of_a_runner_object_is_made_in_its_init():
+    """An object's shape is visible in ``__init__``: no attribute appears later, in whichever
+    method happens to run first (the call order is then a state the object checks)."""
+    late = []
+    for path in sorted(RUNNER.glob("*.py")):
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+            declared = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+            for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
+                for node in ast.walk(fn):
+                    targets = node.targets if isinstance(node, ast.Assign) else (
+                        [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
+                    for target in (t for tt in targets for t in ast.walk(tt)):
+                        if isinstance(target, ast.Attribute) and getattr(target.value, "id", "") == "self":
+                            if fn.name == "__init__":
+                                declared.add(target.attr)
+                            else:
+                                late.append((cls.name, fn.name, target.attr))
+            late = [item for item in late if item[0] != cls.name or item[2] not in declared]
+    # MLflow builds a PythonModel without arguments and calls load_context: that is its __init__
+    assert {(c, a) for c, _, a in late} <= {("KmrunModel", "config"), ("KmrunModel", "data"),
+                                            ("KmrunModel", "nodes")}, late
