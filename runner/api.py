@@ -48,7 +48,7 @@ def run(
     overrides = list(overrides or [])
     runtime.current().refresh()
     with terminal.quiet_unless(verbose), Composer(_path(config_dir), config_name, _path(search_dir)) as composer:
-        sweeps = [o.input_line for o in composer.parse(overrides) if o.is_sweep_override()]
+        sweeps = [str(o.input_line) for o in composer.parse(overrides) if o.is_sweep_override()]
         if sweeps:
             raise ConfigError(f"'{sweeps[0].lstrip('+')}' is a sweep: run it with kmrun -m (or runner.sweep), "
                               "or quote the value to pass it as one string.")
@@ -165,6 +165,7 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
     from .study import Study, search_space
 
     settings = conf.study
+    assert settings is not None  # sweep() calls this for a config with a study
     base, space = search_space(composer, settings.search_space, overrides)
     study = Study(composer, conf, base, space, name)
     study.check()
@@ -220,7 +221,7 @@ def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures
     total = len(outcome.outcomes) if outcome.kind == "grid" else source.planned
     progress = terminal.SweepProgress(total, outcome.objective, label) if echo else None
     try:
-        with engine.parent_run(tracker, outcome.parent_run_id) as parent:
+        with engine.parent_run(tracker, outcome.parent_run_id or "") as parent:
             interrupted = True
             try:
                 with scheduler, (progress or nullcontext()):  # workers fork before the progress thread starts

@@ -83,7 +83,7 @@ class Board:
                 continue
             own(self.storage, trial._trial_id)
             self._heartbeat.add(trial._trial_id)
-            return trial._trial_id, cell
+            return trial._trial_id, str(cell)
         return None
 
     def attach(self, trial_id: int, run_id: str) -> None:

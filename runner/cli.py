@@ -176,11 +176,13 @@ def _command(args: Args) -> int:
     if args.cfg or args.info:
         return _show(args)
     terminal.setup_logging(args.verbose)
-    where = {"config_dir": _config_dir(args), "config_name": args.config_name, "search_dir": args.config_dir}
+    where = _config_dir(args), args.config_name, args.config_dir
     if args.multirun:
-        return api.sweep(args.overrides, echo=True, verbose=args.verbose, **where).exit_code
+        return api.sweep(args.overrides, echo=True, verbose=args.verbose, config_dir=where[0], config_name=where[1],
+                         search_dir=where[2]).exit_code
     try:
-        api.run(args.overrides, echo=True, verbose=args.verbose, **where)
+        api.run(args.overrides, echo=True, verbose=args.verbose, config_dir=where[0], config_name=where[1],
+                search_dir=where[2])
     except KeyboardInterrupt:
         terminal.error("Interrupted: the run is marked KILLED.")
         raise

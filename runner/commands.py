@@ -214,7 +214,7 @@ def grouped(found: list[Run]) -> list[Run]:
     children: dict[str, list[Run]] = {}
     for run in found:
         parent = run.data.tags.get("mlflow.parentRunId")
-        if parent in by_id:
+        if parent is not None and parent in by_id:
             children.setdefault(parent, []).append(run)
     out = []
     for run in found:
@@ -359,7 +359,7 @@ def recorded_config(args: argparse.Namespace, run_id: str) -> tuple[Store, Run, 
         raise KmrunError(f"Run {run.info.run_id} has no config.yaml artifact: it was not recorded by kmrun.")
     config = OmegaConf.to_container(OmegaConf.create(_config_text(client, run)))
     assert isinstance(config, dict)
-    return store, run, config
+    return store, run, {str(k): v for k, v in config.items()}
 
 
 def _config_text(client: MlflowClient, run: Run) -> str:

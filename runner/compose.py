@@ -231,7 +231,7 @@ def _without_hydra(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     from omegaconf import OmegaConf
 
     choices = choices_of(cfg)
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), choices
+    return OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"]), choices
 
 
 def choices_of(cfg: DictConfig) -> dict[str, Any]:

@@ -139,7 +139,7 @@ class _Walk:
                 self.reach.code[f"{name}.<closure {code.co_freevars[i]}>"] = _stable(contents, fn)
             self.value(contents)
         if getattr(fn, "__wrapped__", None) is not None:
-            self.value(fn.__wrapped__)
+            self.value(fn.__wrapped__)  # type: ignore[attr-defined]
         names, imports = _names(code)
         scope = fn.__globals__
         dynamic = sorted(n for n in names & set(DYNAMIC) if n not in scope)

@@ -64,7 +64,7 @@ def split(composer: Composer, lines: list[str]) -> tuple[list[str], dict[str, Ov
     latest: dict[str, Override] = {}
     for override in composer.parse(lines):
         latest[override.get_key_element().lstrip("+~")] = override
-    base = [as_typed([o.input_line])[0] for o in latest.values() if not o.is_sweep_override()]
+    base = [as_typed([str(o.input_line)])[0] for o in latest.values() if not o.is_sweep_override()]
     sweeps = {key: o for key, o in latest.items() if o.is_sweep_override()}
     for key in sweeps:
         check_sweepable(key)
@@ -77,10 +77,10 @@ def expand(composer: Composer, arguments: list[str], yaml_grid: dict[str, Any]) 
     base, sweeps = split(composer, from_yaml + list(arguments))
     axes: dict[str, list[str]] = {}
     for override in sweeps.values():
-        typed_key = as_typed([override.input_line])[0].split("=", 1)[0]
+        typed_key = as_typed([str(override.input_line)])[0].split("=", 1)[0]
         if not override.is_discrete_sweep():
             raise ConfigError(
-                f"{as_typed([override.input_line])[0]}: a grid needs discrete values; "
+                f"{as_typed([str(override.input_line)])[0]}: a grid needs discrete values; "
                 "interval() is for Optuna studies (+study=NAME). Use a,b,c, range() or choice()."
             )
         axes[typed_key] = [f"{typed_key}={value}" for value in override.sweep_string_iterator()]

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, models, patience, runtime
 from .compose import added_on_purpose, check_params, config_hash, origin_finder
@@ -98,8 +98,8 @@ def prepare(
     if conf.cache.dir:  # as `kmrun cache` finds it, from whichever folder kmrun was started in
         conf.cache.dir = str(base / Path(conf.cache.dir).expanduser())
     # resolved before Kedro loads its config, which unregisters OmegaConf's oc.env resolver
-    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    config = OmegaConf.to_container(job_cfg, resolve=True)
+    job_cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    config = cast(dict[str, Any], OmegaConf.to_container(job_cfg, resolve=True))
     assert isinstance(config, dict)
     project = rt.project(conf.kedro.project_path, conf.kedro.env)
     params = check_params(conf.params, project.parameters(), added_on_purpose(overrides), origin)
@@ -267,8 +267,8 @@ class _Job:
         params = self.record.params if self.record.params is not None else deep_merge(
             self.project.parameters(), spec.params)
         later = spec.conf.model.runs == "best" and spec.parent_run_id and spec.output_dir
-        folder = models.staging(Path(spec.output_dir).parent) / self.run_id if later else \
-            Path(tempfile.mkdtemp(prefix="kmrun-model-"))  # type: ignore[arg-type]
+        folder = models.staging(Path(spec.output_dir or "").parent) / self.run_id if later else \
+            Path(tempfile.mkdtemp(prefix="kmrun-model-"))
         try:
             flavor = models.save(spec.conf, self.project, params, self.record.datasets, spec.redact,
                                  folder / models.MODEL_PATH)
@@ -290,7 +290,7 @@ class _Job:
         cached = {k: v for entry in (self.record.plan.hits.values() if self.record.plan else [])
                   for k, v in entry.outputs.items()}
         for name in self.spec.conf.artifacts:
-            path = self.record.written.get(name) or self.project.filepath(name, self.spec.params)
+            path: str | Path | None = self.record.written.get(name) or self.project.filepath(name, self.spec.params)
             if name not in self.record.written and name in cached:  # not written by this job: its cached value is
                 scratch = Path(tempfile.mkdtemp(prefix="kmrun-artifact-"))
                 try:

@@ -128,7 +128,7 @@ class _Hooks:
                        None)  # a folder dataset (PartitionedDataset) says `path`
             where = conf if key else (inner if isinstance(inner, dict) and "filepath" in inner else None)
             key = key or "filepath"
-            if where is None:
+            if where is None or not isinstance(conf, dict):
                 continue
             original = Path(str(where[key]))
             try:
@@ -179,7 +179,7 @@ class _ParsedConfig:
             _, base, env, base_path, env_path, files = hit
             return _configs(base), _configs(env), base_path, env_path, set(files)
 
-        loader._read_raw_config = cached
+        loader._read_raw_config = cached  # type: ignore[method-assign]
         return loader
 
 
@@ -249,7 +249,8 @@ class KedroProject:
         if _installed("kedro_mlflow"):
             log.info("kedro-mlflow's hook is off for kmrun runs: kmrun records the MLflow run.")
         parsed, make_loader = _ParsedConfig(), self.session._get_config_loader
-        self.session._get_config_loader = lambda runtime_params=None: parsed.attach(make_loader(runtime_params))
+        self.session._get_config_loader = (  # type: ignore[method-assign]
+            lambda runtime_params=None: parsed.attach(make_loader(runtime_params)))
         self._params: dict[str, Any] | None = None
         self._catalog: Catalog | None = None
         self._runtime_catalog = False  # whether catalog entries read ${runtime_params:...}

@@ -210,7 +210,7 @@ def log_study_plots(tracker: Tracker, parent: str, study: StudySummary, names: l
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "set up pruning to plot ..." is not news
     optuna_study = optuna.load_study(study_name=study.name, storage=study.storage_url)
     multi = len(names) > 1
-    wanted = ("pareto_front",) + PLOTS[2:4] if multi else PLOTS
+    wanted: tuple[str, ...] = ("pareto_front",) + PLOTS[2:4] if multi else PLOTS
     if not any(t.intermediate_values for t in optuna_study.get_trials(deepcopy=False)):
         wanted = tuple(name for name in wanted if name != "intermediate_values")  # nothing reported: no plot
     target = {"target": lambda t: t.values[0], "target_name": names[0]} if multi else {}

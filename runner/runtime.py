@@ -26,7 +26,7 @@ class Runtime:
         self._trackers: dict[tuple[str, str], Tracker] = {}
         self._storages: dict[str, Any] = {}
         self._git: dict[Path, dict[str, str]] = {}
-        self._fingerprints: dict[tuple[Path, str | None, str, tuple[str, ...]], Any] = {}
+        self._fingerprints: dict[tuple[Any, ...], Any] = {}
         self._caches: dict[Path, Any] = {}
 
     def project(self, path: str | Path, env: str | None) -> KedroProject:

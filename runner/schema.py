@@ -8,6 +8,7 @@ against Kedro by ``compose``; everything else must match these classes exactly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -121,7 +122,7 @@ def parse(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> Kmr
     ``hydra`` is Hydra's own section and is left out. Raises ``ConfigError`` naming the
     first unknown key or bad value and what would be accepted.
     """
-    plain = {k: v for k, v in cfg.items() if k != "hydra"}
+    plain = {str(k): v for k, v in cfg.items() if k != "hydra"}
     for key in plain:
         if key not in SECTIONS:
             raise ConfigError(_unknown(str(key), SECTIONS, where="", source=origin(str(key)).strip()))
@@ -151,10 +152,10 @@ def _parse(plain: dict[str, Any], origin: Callable[[str], str]) -> KmrunConf:
     try:
         merged = OmegaConf.merge(_schema(), plain)
     except ConfigKeyError as err:
-        raise ConfigError(unknown_key(err.full_key, origin(err.full_key).strip())) from None
+        raise ConfigError(unknown_key(str(err.full_key), origin(str(err.full_key)).strip())) from None
     except OmegaConfBaseException as err:
         raise ConfigError(
-            f"Config key '{err.full_key}'{origin(err.full_key)} has a value of the wrong type: "
+            f"Config key '{err.full_key}'{origin(str(err.full_key))} has a value of the wrong type: "
             f"{str(err.msg).splitlines()[0]}"
         ) from None
     conf: KmrunConf = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -266,7 +267,7 @@ def unknown_key(key: str, source: str = "") -> str:
 def _fields_of(section: str) -> list[str]:
     classes = {"": KmrunConf, "kedro": KedroConf, "mlflow": MlflowConf, "objective": ObjectiveConf,
                "sweep": SweepConf, "study": StudyConf, "cache": CacheConf, "model": ModelConf}
-    return list(classes[section].__dataclass_fields__)
+    return [f.name for f in dataclasses.fields(classes[section])]
 
 
 def _unknown(key: str, allowed: Any, where: str, source: str = "") -> str:

@@ -76,7 +76,7 @@ def distribution(key: str, override: Override) -> optuna.distributions.BaseDistr
 
     sweep = override.value()
     log = "log" in getattr(sweep, "tags", set())
-    where = f"study.search_space {as_typed([override.input_line])[0]}"
+    where = f"study.search_space {as_typed([str(override.input_line)])[0]}"
     if isinstance(sweep, IntervalSweep):
         low, high = sweep.start, sweep.end
         if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
@@ -90,12 +90,12 @@ def distribution(key: str, override: Override) -> optuna.distributions.BaseDistr
         return FloatDistribution(float(low), float(high), log=log)
     if isinstance(sweep, RangeSweep):
         start, stop, step = sweep.start, sweep.stop, sweep.step
-        values = list(range(start, stop, step)) if all(isinstance(v, int) for v in (start, stop, step)) else None
-        if values is not None:
+        if isinstance(start, int) and isinstance(stop, int) and isinstance(step, int):
+            values = list(range(start, stop, step))
             if not values:
                 raise ConfigError(f"{where}: range() is empty.")
             return IntDistribution(values[0], values[-1], step=step, log=log)
-        floats = [float(v) for v in override.sweep_iterator()]
+        floats = [float(v) for v in override.sweep_iterator()]  # type: ignore[arg-type]
         if not floats:
             raise ConfigError(f"{where}: range() is empty.")
         return CategoricalDistribution(floats)
@@ -103,7 +103,7 @@ def distribution(key: str, override: Override) -> optuna.distributions.BaseDistr
         choices = [str(c) if isinstance(c, (list, dict)) else c for c in sweep.list]
         if not choices:
             raise ConfigError(f"{where}: choice() is empty.")
-        return CategoricalDistribution(choices)
+        return CategoricalDistribution(choices)  # type: ignore[arg-type]
     raise ConfigError(f"{where}: use interval(), int(interval()), range(), choice() or tag(log, ...).")
 
 

@@ -261,7 +261,8 @@ def print_runs(rows: list[dict[str, Any]], fmt: str, metric: str | None, columns
         order = [objective if c == "objective" else c for c in columns]
     order = [c for c in order if any(r.get(c) not in (None, "") for r in table_rows)]  # never an empty column
     width = width or (console.width if console.is_terminal else int(os.environ.get("COLUMNS", 0) or 120))
-    shown, used = [], 0
+    shown: list[str] = []
+    used = 0
     for column in order:
         size = min(max(len(column), *(len(str(r.get(column, ""))) for r in table_rows)), MAX_CELL) + 3
         if used + size > width and shown:

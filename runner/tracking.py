@@ -274,8 +274,8 @@ class Tracker:
         FAILED (its result never reached the study: the store went away before the tell)."""
         run = self.client.get_run(run_id)
         parent = run.data.tags.get("mlflow.parentRunId") if with_parent else None
-        for orphan in (run_id, parent):
-            status = self.client.get_run(orphan).info.status if orphan else None
+        for orphan in filter(None, (run_id, parent)):
+            status = self.client.get_run(orphan).info.status
             if status == "RUNNING" or (orphan == run_id and trial_failed and status == "FINISHED"):
                 self.client.set_tag(orphan, "kmrun.stale", "true")
                 self.finish(orphan, "FAILED")
@@ -366,7 +366,7 @@ def open_storage(url: str, key: str = "study.storage") -> optuna.storages.BaseSt
     try:
         if url.endswith(".journal"):
             path = url.removeprefix("journal:").removeprefix("file://")
-            backend = optuna.storages.journal.JournalFileBackend(path)
+            backend = optuna.storages.journal.JournalFileBackend(path)  # type: ignore[attr-defined]
             return optuna.storages.JournalStorage(backend)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if url.startswith("sqlite") else {}
         with creation_lock(url), warnings.catch_warnings():
