@@ -5,11 +5,9 @@ Hydra's sweep grammar. Every cell is composed and checked before anything runs. 
 that already has a FINISHED run of the same config hash in the experiment is skipped,
 so running the same command again resumes the sweep.
 
-Processes started on the same grid share its cells, each cell once. By default the
-tracking store says who runs what: a cell's child run is claimed under a lock (a file
-beside SQLite, an advisory lock in PostgreSQL). With ``sweep.storage``, an Optuna storage
-does (``board``): a cell is a queued trial that one process takes, kept alive by heartbeats.
-A cell whose worker process died runs again, once.
+Processes started on the same grid share its cells, each cell once; who runs which is
+the ``claims``' business (the tracking store's locks, or an Optuna storage with
+``sweep.storage``). A cell whose worker process died runs again, once.
 """
 
 from __future__ import annotations
@@ -24,15 +22,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .claims import BoardClaims, Claims, StoreClaims
 from .compose import JobComposer, as_typed, first_of
 from .engine import Job
 from .errors import ConfigError, KmrunBug, KmrunError, WorkerLost
 from .job import JobSpec, prepare
-from .liveness import host_name
 from .records import JobResult, Outcome, Status
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
 
     from hydra.core.override_parser.types import Override
 
@@ -105,18 +102,14 @@ class Grid:
         self._compose = JobComposer(composer, base)
         self._conf_dir, self._base_dir = composer.config_dir, composer.base_dir
         self._todo: list[Outcome] = []
-        self._elsewhere: dict[int, str] = {}  # cell index -> the run another process runs it in
-        self._again: list[Outcome] = []  # cells whose other process died: to claim again
         self.board: Board | None = None  # with sweep.storage: the cells, shared through Optuna
-        self._open: dict[str, list[Outcome]] = {}  # on the board: cells not yet ended, by identity
-        self._unknown: set[int] = set()  # cells of another host whose liveness no lock tells
         self._lost: dict[int, int] = {}  # cell index -> times its worker died under it
         self.superseded: str | None = None  # this grid's parent on other code, data or environment, if any
         self.stale: list[str] = []  # what changed since the cells' finished runs (``resume``)
         self.since = datetime.datetime.now()  # what a board's trials ended after, this store has not seen
         self.taken = 0  # cells other processes ran while this one ran
-        self._queue: Iterator[Outcome] = iter(())  # the cells to claim, once started
         self._tracker: Tracker | None = None  # the store, once started
+        self._claims: Claims | None = None  # who runs which cell, once started
 
     @property
     def tracker(self) -> Tracker:
@@ -124,6 +117,12 @@ class Grid:
         if self._tracker is None:
             raise KmrunBug("Grid.start() must come before the grid's jobs run")
         return self._tracker
+
+    @property
+    def claims(self) -> Claims:
+        if self._claims is None:
+            raise KmrunBug("Grid.start() must come before the grid's jobs run")
+        return self._claims
 
     def check(self, open_store: bool) -> None:
         """Compose and check every cell before any runs; report every distinct problem once."""
@@ -203,15 +202,10 @@ class Grid:
                 output_dir=str(sweep_dir / str(cell.index)),
                 tags={"kmrun.role": "child", "kmrun.cell": str(cell.index), "kmrun.sweep_key": self.key},
             )
-        self._queue = iter(self._todo)
-        self._elsewhere, self._again = {}, []
         if self.board is not None:
-            from .board import cell_of
-
-            self._open = {}
-            for cell in self._todo:
-                self._open.setdefault(cell_of(self.specs[cell.index]), []).append(cell)
-            self.board.queue(self._open)
+            self._claims = BoardClaims(self.board, tracker, self.specs, self._todo, self._settle)
+        else:
+            self._claims = StoreClaims(tracker, self.specs, self._todo, self.conf.sweep.rerun, self._settle)
 
     def share(self, url: str) -> None:
         """Share the cells through the Optuna storage at ``url`` (``sweep.storage``)."""
@@ -227,131 +221,37 @@ class Grid:
     def next(self) -> Job | None:
         """The next cell no other process has taken; its child run is started here. A cell
         another process runs now is waited for (``wait_outside``), not skipped."""
-        if self.board is not None:
-            return self._take()
-        while self._again:
-            job = self._claim(self._again.pop(0))
-            if job is not None:
-                return job
-        for cell in self._queue:
-            job = self._claim(cell)
-            if job is not None:
-                return job
-        return None
+        return self.claims.take()
 
-    def _claim(self, cell: Outcome) -> Job | None:
-        spec = self.specs[cell.index]
-        tags = {**spec.tags, **(spec.fingerprint.tags() if spec.fingerprint else {})}  # others compare them
-        run_id, other = self.tracker.claim(spec.config_hash, spec.run_name, tags, spec.parent_run_id or "",
-                                           rerun=self.conf.sweep.rerun,
-                                           fingerprint=spec.fingerprint.value if spec.fingerprint else None)
-        if run_id is None and other.info.status == "RUNNING":  # another kmrun runs it now
-            self._elsewhere[cell.index] = other.info.run_id
-            return None
-        if run_id is None:  # another sweep (or kmrun) finished it
-            self._done_elsewhere(cell, other)
-            return None
-        self.specs[cell.index] = spec = replace(spec, run_id=run_id)
-        return Job(spec, cell)
-
-    def _take(self) -> Job | None:
-        """A cell off the board (one no other process took), with its child run started."""
-        assert self.board is not None
-        taken = self.board.take(self._open)
-        if taken is None:
-            return None
-        trial_id, identity = taken
-        cell = self._open[identity][0]
-        spec = self.specs[cell.index]
-        tags = {**spec.tags, **(spec.fingerprint.tags() if spec.fingerprint else {}),
-                "kmrun.config_hash": spec.config_hash}
-        run_id = self.tracker.start(spec.run_name, tags, spec.parent_run_id)
-        self.board.attach(trial_id, run_id)
-        self.specs[cell.index] = spec = replace(spec, run_id=run_id)
-        return Job(spec, cell, token=(trial_id, identity))
-
-    def _done_elsewhere(self, cell: Outcome, run: Any) -> None:
-        cell.status, cell.run_id, self.taken = Status.SKIPPED, run.info.run_id, self.taken + 1
-        cell.metrics = dict(run.data.metrics)
-        cell.objective = objective_from(self.conf, cell.metrics) if run.info.status == "FINISHED" else None
+    def _settle(self, cell: Outcome, run: Any) -> None:
+        """Another process (or sweep) ended the cell, in ``run`` (None: its run is unknown)."""
+        cell.status, self.taken = Status.SKIPPED, self.taken + 1
+        if run is not None:
+            cell.run_id, cell.metrics = run.info.run_id, dict(run.data.metrics)
+            cell.objective = objective_from(self.conf, cell.metrics) if run.info.status == "FINISHED" else None
 
     def exhausted(self) -> bool:
-        if self.board is not None:
-            return not self._open
-        return not self._elsewhere and not self._again  # every cell known up front is done or ours
+        return not self.claims.pending()  # every cell known up front is done, or ours
 
     def wait_outside(self) -> None:
         """Only other processes' cells are left: wait for them to end. A cell whose process
         died (on this host by its PID; on another, through PostgreSQL, or the board's
-        heartbeats) is claimed again."""
+        heartbeats) comes back to be run here."""
         time.sleep(1.0)
-        if self.board is not None:
-            return self._wait_board()
-        for index, run_id in list(self._elsewhere.items()):
-            run = self.tracker.client.get_run(run_id)
-            if run.info.status == "RUNNING":
-                if self.tracker.owner_alive(run):
-                    self._warn_unknown(index, run)
-                    continue
-                self.tracker.end_stale(run_id)  # its process died: FAILED, kmrun.stale
-            del self._elsewhere[index]
-            cell = next(c for c in self.outcomes if c.index == index)
-            run = self.tracker.client.get_run(run_id)
-            if run.info.status == "FINISHED":
-                self._done_elsewhere(cell, run)
-            else:  # it died with its process, or failed there: this grid runs it
-                self._again.append(cell)
-
-    def _wait_board(self) -> None:
-        """Fail the cells of dead processes (their runs end FAILED) and queue them again;
-        take in the cells others ended."""
-        assert self.board is not None
-        for trial in self.board.fail_dead():
-            if trial.user_attrs.get("mlflow_run_id"):
-                self.tracker.end_stale(trial.user_attrs["mlflow_run_id"])
-        self.board.queue(self._open)
-        for identity, trial in self.board.settled(self._open).items():
-            run_id = trial.user_attrs.get("mlflow_run_id")
-            for cell in self._open.pop(identity):
-                if run_id:
-                    self._done_elsewhere(cell, self.tracker.client.get_run(run_id))
-                else:
-                    cell.status, self.taken = Status.SKIPPED, self.taken + 1
-
-    def _warn_unknown(self, index: int, run: Any) -> None:
-        """Once per cell: another host runs it, and this store cannot tell if that host lives."""
-        if index in self._unknown or run.data.tags.get("kmrun.host") == host_name():
-            return
-        self._unknown.add(index)
-        log.warning(
-            "Waiting for cell %s, which host %s runs (run %s). On this MLflow store kmrun cannot tell whether "
-            "that host is alive; if it is gone, this wait does not end. Share grids across machines through "
-            "an Optuna storage instead: sweep.storage=postgresql://USER@HOST/DB.",
-            index, run.data.tags.get("kmrun.host", "?"), run.info.run_id)
+        self.claims.poll()
 
     def record(self, job: Job, result: JobResult) -> None:
-        if job.spec.run_id:
-            self.tracker.release(job.spec.run_id)
         if not result.run_id and job.spec.run_id:  # its worker died before it could end the run
             result.run_id = job.spec.run_id
             if self.tracker.client.get_run(job.spec.run_id).info.status == "RUNNING":
                 self.tracker.finish(job.spec.run_id, "FAILED")
         index = job.outcome.index
         lost = isinstance(result.error, WorkerLost) and self._lost.get(index, 0) < LOST_RETRIES
-        twins: list[Outcome] = []  # on the board: cells of the same config, settled by this job
-        if self.board is not None and job.token is not None:
-            trial_id, identity = job.token
-            self.board.end(trial_id, Status.KILLED if lost else result.status)  # KILLED: queued again
-            if lost:
-                self.board.queue([identity])
-            else:
-                twins = [c for c in self._open.pop(identity, []) if c is not job.outcome]
+        twins = self.claims.end(job, result.status, lost)  # cells of the same config this job settled
         if lost:
             self._lost[index] = self._lost.get(index, 0) + 1
             log.warning("Cell %s: its worker process died (killed, or out of memory); it runs again.",
                         job.outcome.label)
-            if self.board is None:
-                self._again.append(job.outcome)
             job.outcome.status = Status.NOT_STARTED
             return
         job.outcome.take(result)
@@ -361,16 +261,15 @@ class Grid:
 
     def abandon(self, job: Job) -> None:
         job.outcome.status = Status.KILLED
-        if self.board is not None and job.token is not None:
-            self.board.end(job.token[0], Status.KILLED)  # another process may run it again
-        if job.spec.run_id:
-            self.tracker.release(job.spec.run_id)
-            # its worker may have been stopped before its job could end the run
-            if self.tracker.client.get_run(job.spec.run_id).info.status == "RUNNING":
-                self.tracker.finish(job.spec.run_id, "KILLED")
+        self.claims.abandon(job)
+        # its worker may have been stopped before its job could end the run
+        if job.spec.run_id and self.tracker.client.get_run(job.spec.run_id).info.status == "RUNNING":
+            self.tracker.finish(job.spec.run_id, "KILLED")
 
     def close(self) -> None:
-        if self.board is not None:
+        if self._claims is not None:
+            self._claims.close()
+        elif self.board is not None:
             self.board.close()
 
 

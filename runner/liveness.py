@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 def host_name() -> str:
@@ -66,6 +67,21 @@ def owner_alive(tags: Mapping[str, str]) -> bool:
         return True
     pid = tags.get("kmrun.pid", "")
     return pid.isdigit() and alive(int(pid), tags.get("kmrun.started", ""))
+
+
+_stale_trials: list[Any] = []  # trials Optuna failed as stale in this process, not yet taken
+
+
+def note_stale_trial(study: Any, trial: Any) -> None:
+    """Optuna's ``heartbeat_stale_trial_callback``: a trial whose heartbeat stopped, failed."""
+    _stale_trials.append(trial)
+
+
+def stale_trials() -> list[Any]:
+    """The trials Optuna failed as stale since the last call (``note_stale_trial``)."""
+    taken = list(_stale_trials)
+    _stale_trials.clear()
+    return taken
 
 
 def owner_label() -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from .errors import TrackingError
-from .liveness import host_name, owner_alive, process_tags
+from .liveness import host_name, note_stale_trial, owner_alive, process_tags
 from .locks import RunLocks, creation_lock
 from .patience import Patient, patient_storage
 from .redact import Redactor, hide_password, url_password
@@ -376,6 +376,7 @@ def open_storage(url: str, key: str = "study.storage") -> optuna.storages.BaseSt
                 engine_kwargs={**engine_kwargs, "pool_pre_ping": True},  # a restarted server's dead connections
                 heartbeat_interval=HEARTBEAT_SECONDS,
                 grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=note_stale_trial,  # what fail_stale_trials failed: trial.fail_dead
             )
         return patient_storage(storage, hide_password(url))
     except Exception as err:

@@ -1,8 +1,10 @@
-"""Optuna on the worker's side: open the study's storage, build its pruner, and let a
-node report intermediate values to its trial (and be pruned) through that storage.
+"""Optuna trials, as a job and its sweep see them.
 
-Kept apart from ``study`` (the orchestrator) so that a worker process, or one day a
-worker on another machine, needs only this and ``job``.
+A job's side: open the study's storage, build its pruner, and let a node report
+intermediate values to its trial (and be pruned) through that storage; a worker process
+needs only this and ``job``. The sweep's side (``study``, ``board``): keep the heartbeats
+of the trials this process runs (``Heartbeat``, ``own``), and fail the trials of dead
+processes (``fail_dead``: Optuna's stale-trial check, and ``liveness`` for this host).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import runtime
 from .errors import ConfigError
-from .liveness import owner_gone, owner_label
+from .liveness import owner_gone, owner_label, stale_trials
 from .tracking import HEARTBEAT_SECONDS
 
 if TYPE_CHECKING:
@@ -111,7 +113,7 @@ class Heartbeat:
         self.trials: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if hasattr(storage, "record_heartbeat") and getattr(storage, "heartbeat_interval", None):
+        if _beats(storage):
             self._thread = threading.Thread(target=self._beat, name="kmrun-heartbeat", daemon=True)
             self._thread.start()
 
@@ -135,6 +137,11 @@ class Heartbeat:
         self._stop.set()
 
 
+def _beats(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether the storage keeps heartbeats (an RDB storage opened by ``open_storage``)."""
+    return bool(getattr(storage, "get_heartbeat_interval", lambda: None)())
+
+
 def own(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
     """Record this process as the trial's owner (``fail_dead`` reads it)."""
     storage.set_trial_user_attr(trial_id, OWNER, owner_label())
@@ -148,25 +155,22 @@ def fail_dead(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list
     import optuna
     from optuna.trial import TrialState
 
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if not running:
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         return []
-    if hasattr(storage, "record_heartbeat"):
+    dead: list[optuna.trial.FrozenTrial] = []
+    if _beats(storage):
+        stale_trials()  # only this call's: Optuna reports each through note_stale_trial
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-    now_state = {t._trial_id: t.state for t in study.get_trials(deepcopy=False)}
+        dead += stale_trials()  # this study's: the callback runs inside fail_stale_trials
     now = datetime.datetime.now()
-    dead = []
-    for trial in running:
-        if now_state.get(trial._trial_id) == TrialState.FAIL:  # its heartbeat stopped
-            dead.append(trial)
-            continue
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(OWNER)
         gone = owner is not None and owner_gone(str(owner))
         unclaimed = owner is None and trial.datetime_start is not None and (
             now - trial.datetime_start).total_seconds() > UNCLAIMED_SECONDS
-        if now_state.get(trial._trial_id) == TrialState.RUNNING and (gone or unclaimed):
+        if gone or unclaimed:
             try:
                 storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
