@@ -13,16 +13,23 @@ import shlex
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import patience, runtime
 from .errors import ConfigError, JobFailed, KmrunError, StoreUnavailable
 from .redact import Redactor
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from .compose import Composer
-    from .records import JobResult, SweepOutcome
+    from .engine import Source
+    from .job import JobSpec
+    from .models import BestModel
+    from .records import JobResult, Objective, Outcome, SweepOutcome
     from .schema import KmrunConf
+    from .terminal import SweepProgress
+    from .tracking import Tracker
 
 
 def run(
@@ -194,9 +201,10 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
         study.close()
 
 
-def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures: float | None,
-             outcome: SweepOutcome, redact: Any, echo: bool, summarise: Any = None, shared: Any = (),
-             jobs_dir: Path | None = None, best_model: Any = None) -> SweepOutcome:
+def _execute(source: Source, tracker: Tracker, n_jobs: int, verbose: bool, max_failures: float | None,
+             outcome: SweepOutcome, redact: Redactor, echo: bool, summarise: Callable[[], None] | None = None,
+             shared: Sequence[JobSpec] = (), jobs_dir: Path | None = None,
+             best_model: BestModel | None = None) -> SweepOutcome:
     """The engine's loop inside the parent run, then the results on the parent, also when
     interrupted (without plots, so that an interrupt ends fast). Workers: no more than
     the jobs to run; before they fork, the nodes all jobs share run once here (``shared``:
@@ -258,7 +266,7 @@ def _execute(source: Any, tracker: Any, n_jobs: int, verbose: bool, max_failures
     return outcome
 
 
-def _best_model(conf: KmrunConf, jobs_dir: Path, register: str | None) -> Any:
+def _best_model(conf: KmrunConf, jobs_dir: Path, register: str | None) -> BestModel | None:
     """What keeps the best job's model (``model.runs: best``) and registers it."""
     from . import models
 
@@ -269,9 +277,9 @@ def _best_model(conf: KmrunConf, jobs_dir: Path, register: str | None) -> Any:
                             register)
 
 
-def _each(progress: Any, best_model: Any) -> Any:
+def _each(progress: SweepProgress | None, best_model: BestModel | None) -> Callable[[Outcome], None]:
     """What the engine calls with each finished job."""
-    def each(outcome: Any) -> None:
+    def each(outcome: Outcome) -> None:
         if progress is not None:
             progress.update(outcome)
         if best_model is not None:
@@ -279,7 +287,7 @@ def _each(progress: Any, best_model: Any) -> Any:
     return each
 
 
-def sweep_dir(conf: Any, base: Path) -> Path:
+def sweep_dir(conf: KmrunConf, base: Path) -> Path:
     """Where a sweep's jobs write their datasets: ``sweep.dir``, else multirun/DATE/TIME
     (relative to ``base``, the folder holding conf/); made now, so that a folder that
     cannot be written fails before any job runs."""
@@ -300,7 +308,7 @@ def resume_command(overrides: list[str], config_dir: str | Path | None, config_n
     return " ".join(["kmrun", "-m", *(shlex.quote(a) for a in flags + kept)])
 
 
-def _shown(command: str, overrides: list[str], redact: Any) -> str:
+def _shown(command: str, overrides: list[str], redact: Redactor) -> str:
     """The resume command as it may be shown and logged: secret values as ***."""
     shown = command
     for override in overrides:
@@ -312,7 +320,7 @@ def _shown(command: str, overrides: list[str], redact: Any) -> str:
     return shown
 
 
-def _objective(conf: Any) -> Any:
+def _objective(conf: KmrunConf) -> Objective:
     from .records import Objective
 
     metric, direction = conf.objective.metric, conf.objective.direction

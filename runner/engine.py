@@ -38,7 +38,9 @@ class Job:
 class Source(Protocol):
     """Where jobs come from."""
 
-    planned: int  # jobs this invocation means to run (the failure policy's base)
+    @property
+    def planned(self) -> int:
+        """Jobs this invocation means to run (the failure policy's base)."""
 
     def next(self) -> Job | None:
         """The next job to start now, or None when there is none to start now."""
