@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .job import JobSpec
     from .models import BestModel
     from .records import JobResult, Objective, Outcome, SweepOutcome
-    from .schema import KmrunConf
+    from .schema import KmrunConf, RayConf
     from .terminal import SweepProgress
     from .tracking import Tracker
 
@@ -131,6 +131,7 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
         if echo:
             terminal.dry_run(outcome)
         return outcome
+    ray = _on_ray(conf, {"mlflow.tracking_uri": grid.first.uri, "sweep.storage": conf.sweep.storage or ""}, verbose)
     jobs_dir = sweep_dir(conf, composer.base_dir)
     tracker = runtime.current().tracker(grid.first.uri, grid.first.experiment_name)
     tracker.fail_stale_runs()
@@ -161,7 +162,7 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
     try:
         return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo,
                         shared=[grid.specs[c.index] for c in grid.outcomes if c.status is Status.NOT_STARTED],
-                        jobs_dir=jobs_dir, best_model=_best_model(conf, jobs_dir, conf.sweep.register_best))
+                        jobs_dir=jobs_dir, best_model=_best_model(conf, jobs_dir, conf.sweep.register_best), ray=ray)
     finally:
         grid.close()
 
@@ -176,6 +177,7 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
     base, space = search_space(composer, settings.search_space, overrides)
     study = Study(composer, conf, base, space, name)
     study.check()
+    ray = _on_ray(conf, {"mlflow.tracking_uri": study.first.uri, "study.storage": study.storage_url}, verbose)
     jobs_dir = sweep_dir(conf, composer.base_dir)
     tracker = runtime.current().tracker(study.first.uri, study.first.experiment_name)
     redact = study.first.redact
@@ -196,7 +198,7 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
 
         return _execute(study, tracker, settings.n_jobs, verbose, settings.max_failures, outcome, redact, echo,
                         summarise, shared=study.corners, jobs_dir=jobs_dir,
-                        best_model=_best_model(conf, jobs_dir, settings.register_best))
+                        best_model=_best_model(conf, jobs_dir, settings.register_best), ray=ray)
     finally:
         study.close()
 
@@ -204,7 +206,7 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
 def _execute(source: Source, tracker: Tracker, n_jobs: int, verbose: bool, max_failures: float | None,
              outcome: SweepOutcome, redact: Redactor, echo: bool, summarise: Callable[[], None] | None = None,
              shared: Sequence[JobSpec] = (), jobs_dir: Path | None = None,
-             best_model: BestModel | None = None) -> SweepOutcome:
+             best_model: BestModel | None = None, ray: RayConf | None = None) -> SweepOutcome:
     """The engine's loop inside the parent run, then the results on the parent, also when
     interrupted (without plots, so that an interrupt ends fast). Workers: no more than
     the jobs to run; before they fork, the nodes all jobs share run once here (``shared``:
@@ -216,13 +218,13 @@ def _execute(source: Source, tracker: Tracker, n_jobs: int, verbose: bool, max_f
     from .scheduler import make_scheduler
 
     n_jobs = max(1, min(n_jobs, source.planned))
-    if n_jobs > (os.cpu_count() or 1):
+    if n_jobs > (os.cpu_count() or 1) and ray is None:
         _note(outcome, f"{n_jobs} workers on {os.cpu_count()} CPUs: jobs will compete for them.", echo)
     if n_jobs > 1 and jobs_dir is not None:
         ran = job.prewarm(list(shared), jobs_dir / "shared", outcome.parent_run_id or "")
         if ran:
             _note(outcome, f"Ran {', '.join(ran)} once for every job (node cache).", echo)
-    scheduler = make_scheduler(n_jobs, verbose)
+    scheduler = make_scheduler(n_jobs, verbose, ray)
 
     label = "study" if outcome.kind == "study" else "sweep"
     policy = engine.FailurePolicy(max_failures, source.planned)
@@ -264,6 +266,17 @@ def _execute(source: Source, tracker: Tracker, n_jobs: int, verbose: bool, max_f
         raise StoreUnavailable(f"{err}\nThe {label} stopped. Once the store answers, resume:\n"
                                f"  {outcome.command}") from None
     return outcome
+
+
+def _on_ray(conf: KmrunConf, stores: dict[str, str], verbose: bool) -> RayConf | None:
+    """With ``sweep.executor=ray``: join the cluster and check that its nodes reach the
+    stores, before any run is made; the Ray settings, else None (local)."""
+    if conf.sweep.executor != "ray":
+        return None
+    from . import raycluster
+
+    raycluster.connect(conf.ray, {k: v for k, v in stores.items() if v}, verbose)
+    return conf.ray
 
 
 def _best_model(conf: KmrunConf, jobs_dir: Path, register: str | None) -> BestModel | None:

@@ -14,11 +14,14 @@ import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .job import JobSpec, execute
 from .processes import STOPS, die_with_parent
 from .records import JobResult
+
+if TYPE_CHECKING:
+    from .schema import RayConf
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +105,13 @@ class Workers:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-def make_scheduler(n_jobs: int, verbose: bool = False) -> Scheduler:
-    """``Inline`` for one job at a time, else ``Workers``."""
+def make_scheduler(n_jobs: int, verbose: bool = False, ray: RayConf | None = None) -> Scheduler:
+    """``Inline`` for one job at a time, else ``Workers``; with ``ray`` settings, Ray tasks
+    (``raycluster``: ``connect`` comes first)."""
+    if ray is not None:
+        from .raycluster import RayWorkers
+
+        return RayWorkers(n_jobs, ray, verbose)
     return Workers(n_jobs, verbose) if n_jobs > 1 else Inline()
 
 

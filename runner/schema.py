@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,13 @@ class SweepConf:
     dir: Optional[str] = None  # where each job writes its datasets; None: multirun/DATE/TIME/<job>
     register_best: Optional[str] = None  # register the best cell's model under this name when the grid ends
     storage: Optional[str] = None  # Optuna storage URL sharing the cells among processes/machines; None: MLflow store
+    executor: str = "local"  # where a sweep's jobs run: local (this machine's processes) or ray (a Ray cluster)
+
+
+@dataclass
+class RayConf:
+    address: Optional[str] = None  # None: $RAY_ADDRESS, else a running local Ray, else one started for the sweep
+    resources: Dict[str, Any] = field(default_factory=lambda: {"cpus": 1})  # each job's: cpus, gpus, memory, custom
 
 
 @dataclass
@@ -108,11 +116,13 @@ class KmrunConf:
     cache: CacheConf = field(default_factory=CacheConf)  # the node cache
     model: ModelConf = field(default_factory=ModelConf)  # log the trained model as an MLflow Model
     artifacts: List[str] = field(default_factory=list)  # Kedro datasets whose files are logged with each run
+    ray: RayConf = field(default_factory=RayConf)  # with sweep.executor=ray: the cluster and each job's resources
 
 
 SECTIONS = ("kedro", "params", "mlflow", "objective", "metrics", "verbose", "store_patience", "sweep", "study",
-            "cache", "model", "artifacts")
+            "cache", "model", "artifacts", "ray")
 MODEL_RUNS = ("best", "all", "none")
+EXECUTORS = ("local", "ray")
 DIRECTIONS = ("minimize", "maximize")
 
 
@@ -191,6 +201,12 @@ def _check_bounds(conf: KmrunConf) -> None:
     sweep, study = conf.sweep, conf.study
     if sweep.n_jobs < 1:
         problems.append(f"sweep.n_jobs is {sweep.n_jobs}; use 1 or more (jobs at a time).")
+    if sweep.executor not in EXECUTORS:
+        problems.append(f"sweep.executor is '{sweep.executor}'; use {' or '.join(EXECUTORS)}.")
+    for name, amount in conf.ray.resources.items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 <= amount < math.inf:
+            problems.append(f"ray.resources.{name} is {amount!r}; use a number ≥ 0 (cpus, gpus, memory in bytes, "
+                            "or a custom resource of your cluster).")
     if not 0 <= conf.store_patience <= 86400:
         problems.append(f"store_patience is {conf.store_patience}; use seconds from 0 (do not wait) to 86400.")
     if sweep.max_failures is not None and sweep.max_failures <= 0:
@@ -266,7 +282,7 @@ def unknown_key(key: str, source: str = "") -> str:
 
 def _fields_of(section: str) -> list[str]:
     classes = {"": KmrunConf, "kedro": KedroConf, "mlflow": MlflowConf, "objective": ObjectiveConf,
-               "sweep": SweepConf, "study": StudyConf, "cache": CacheConf, "model": ModelConf}
+               "sweep": SweepConf, "study": StudyConf, "cache": CacheConf, "model": ModelConf, "ray": RayConf}
     return [f.name for f in dataclasses.fields(classes[section])]
 
 

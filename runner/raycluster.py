@@ -1,0 +1,156 @@
+"""Where jobs run with ``sweep.executor=ray``: as tasks on a Ray cluster.
+
+Only *where* a job runs changes: kmrun, the driver, keeps the engine (the grid's cells or
+Optuna's ask and tell, the failure policy, the parent run, progress). ``RayWorkers`` is a
+scheduler like ``scheduler.Workers``: ``submit(spec)`` returns a future of the job's
+result, at most ``size`` jobs run at a time, each with ``ray.resources``.
+
+- Every node runs the same Python environment, with kmrun and the Kedro project at the
+  same paths (a shared disk, or the same image): the task ships the job's spec only.
+- A task is not retried by Ray: a job whose node or worker died comes back as a lost
+  worker, and kmrun runs it again once, as for a local worker.
+- The stores must be reachable from every node: an SQLite file (or a journal file) is
+  refused on a cluster of several nodes before any run starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, TrackingError, WorkerLost
+from .redact import hide_password
+
+if TYPE_CHECKING:
+    from .job import JobSpec
+    from .records import JobResult
+    from .schema import RayConf
+
+log = logging.getLogger(__name__)
+
+RESOURCES = {"cpus": "num_cpus", "gpus": "num_gpus", "memory": "memory"}  # ray.resources -> Ray's option
+LOCAL_FILES = ("sqlite:", "file:", "journal:")
+
+
+def connect(settings: RayConf, stores: dict[str, str], verbose: bool = False) -> int:
+    """Join the Ray cluster (``ray.address``, else ``$RAY_ADDRESS``, else a running local
+    Ray, else one started now) and check that every node can reach ``stores`` (setting ->
+    URL). Returns the number of live nodes. Raises ``ConfigError`` before any run."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("sweep.executor=ray needs Ray, which is not installed. Install it: "
+                          "pip install 'kmrun[ray]'") from None
+    if not ray.is_initialized():
+        address = settings.address or os.environ.get("RAY_ADDRESS")
+        options: dict[str, Any] = {
+            "log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR,
+            "runtime_env": {"env_vars": {"KEDRO_DISABLE_TELEMETRY": "true"}}}
+        try:
+            if address:
+                _reachable(address)
+                ray.init(address=address, **options)
+            else:
+                try:
+                    ray.init(address="auto", **options)
+                except ConnectionError:  # no Ray runs here: one for this sweep
+                    ray.init(**options)
+        except Exception as err:
+            raise ConfigError(f"ray.address: cannot join the Ray cluster at '{hide_password(address or 'auto')}': "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}. "
+                              "Start it (ray start --head), or set ray.address (or RAY_ADDRESS) to its address, "
+                              "e.g. ray.address=ray://HEAD:10001.") from None
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    local = {key: url for key, url in stores.items() if url.startswith(LOCAL_FILES) or url.endswith(".journal")}
+    if nodes > 1 and local:
+        key, url = next(iter(local.items()))
+        ray.shutdown()
+        raise TrackingError(
+            f"{key} is a file on this machine ({hide_password(url)}), which the other {nodes - 1} nodes of the "
+            "Ray cluster cannot reach. Use a store every node reaches: an MLflow server "
+            "(mlflow.tracking_uri=http://HOST:5000) and a database (study.storage=postgresql://USER@HOST/DB).")
+    return nodes
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """A cluster address that does not answer fails in seconds (Ray itself retries for minutes)."""
+    import socket
+
+    if address == "auto" or address.startswith("local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not port.isdigit():
+        return
+    socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+
+
+class RayWorkers:
+    """Jobs as Ray tasks; ``size`` at a time (``connect`` comes first)."""
+
+    def __init__(self, size: int, settings: RayConf, verbose: bool = False) -> None:
+        import ray
+
+        self.size, self.verbose = size, verbose
+        options = {RESOURCES.get(k, k): v for k, v in settings.resources.items() if k in RESOURCES}
+        custom = {k: float(v) for k, v in settings.resources.items() if k not in RESOURCES}
+        self._task = ray.remote(_on_node).options(max_retries=0, retry_exceptions=False, resources=custom or None,
+                                                  **options)
+        self._refs: dict[Future[JobResult], Any] = {}
+
+    def submit(self, spec: JobSpec) -> Future[JobResult]:
+        ref = self._task.remote(spec)
+        result: Future[JobResult] = Future()
+        self._refs[result] = ref
+        ref.future().add_done_callback(lambda done: _settle(result, done, self._refs))
+        return result
+
+    def __enter__(self) -> RayWorkers:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        import ray
+
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            # each running job gets KeyboardInterrupt in its task: it ends its run KILLED
+            for ref in list(self._refs.values()):
+                ray.cancel(ref)
+            ray.wait(list(self._refs.values()), num_returns=len(self._refs), timeout=10)
+        ray.shutdown()
+
+
+def _on_node(spec: JobSpec) -> JobResult:
+    """A job in a Ray worker process (imported there by name: every node has kmrun). Its
+    run records the node (``kmrun.ray_node``)."""
+    from dataclasses import replace
+
+    import ray
+
+    from .job import execute
+
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.disable(logging.INFO)
+    node = ray.get_runtime_context().get_node_id()
+    return execute(replace(spec, tags={**spec.tags, "kmrun.ray_node": node[:12]}))
+
+
+def _settle(result: Future[JobResult], done: Future[Any], refs: dict[Future[JobResult], Any]) -> None:
+    """The job's result, or why its task did not return one: the job's own exception, or a
+    lost worker (its node died, its process was killed, it ran out of memory)."""
+    import ray.exceptions as errors
+
+    refs.pop(result, None)
+    try:
+        result.set_result(done.result())
+    except errors.RayTaskError as err:  # the task raised: kmrun's own error, as it was raised
+        cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
+        result.set_exception(cause)
+    except (errors.TaskCancelledError, KeyboardInterrupt):
+        result.set_exception(KeyboardInterrupt())
+    except errors.OutOfMemoryError as err:
+        result.set_exception(WorkerLost(f"Ray's memory monitor killed the worker running this job (out of memory): "
+                                        f"{str(err).strip().splitlines()[0]}"))
+    except Exception as err:  # a node or worker died, an object was lost
+        result.set_exception(WorkerLost(f"The Ray worker running this job died ({type(err).__name__}): "
+                                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"))

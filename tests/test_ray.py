@@ -1,0 +1,121 @@
+"""Sweeps on a real Ray cluster: two nodes of one CPU each on this machine (Ray's own
+``cluster_utils.Cluster``), started here and stopped here. kmrun keeps the engine; the
+jobs run as Ray tasks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from conftest import mlflow_server
+
+pytestmark = pytest.mark.slow
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+
+GRID = ["-m", "+experiment=forest", "params.model.n_estimators=range(300,1500,300)", "sweep.executor=ray",
+        "sweep.n_jobs=2", "cache=false"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    made = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = made.add_node(num_cpus=1)
+    made.wait_for_nodes()
+    made.worker = worker
+    yield made
+    made.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ray_server")
+    with mlflow_server(home, f"sqlite:///{home / 'server.db'}") as url:
+        yield url
+
+
+def kmrun(ws, args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path, text=True,
+                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+def children(uri: str, experiment: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=1000) if found else []
+    assert not [r for r in runs if r.info.status == "RUNNING"], "a run was left RUNNING"
+    return [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+
+
+def test_a_grid_on_two_ray_nodes_runs_each_cell_once_with_the_local_results(ws, cluster, server):
+    args = [*GRID, f"ray.address={cluster.address}", f"mlflow.tracking_uri={server}",
+            "mlflow.experiment_name=ray-grid"]
+    out = kmrun(ws, args).communicate(timeout=600)[0]
+    assert "3 ran" not in out and "4 ran and finished" in out, out[-3000:]
+    runs = children(server, "ray-grid")
+    assert Counter(r.data.params["model.n_estimators"] for r in runs if r.info.status == "FINISHED") == {
+        "300": 1, "600": 1, "900": 1, "1200": 1}
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1
+    assert len({r.data.tags["kmrun.ray_node"] for r in runs}) == 2  # both nodes ran jobs
+    local = kmrun(ws, ["-m", "+experiment=forest", "params.model.n_estimators=300,1200", "cache=false",
+                       "mlflow.experiment_name=ray-grid-local", f"mlflow.tracking_uri={server}"])
+    assert local.wait(timeout=600) == 0
+    here = {r.data.params["model.n_estimators"]: r.data.metrics["accuracy"] for r in children(server, "ray-grid-local")}
+    there = {r.data.params["model.n_estimators"]: r.data.metrics["accuracy"] for r in runs}
+    assert here == {k: there[k] for k in here}  # the same numbers as the local executor
+
+
+def test_a_node_removed_mid_grid_has_its_job_run_again_elsewhere(ws, tmp_path, server):
+    from ray.cluster_utils import Cluster
+
+    own = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    doomed = own.add_node(num_cpus=1)
+    own.wait_for_nodes()
+    try:
+        proc = kmrun(ws, [*GRID, f"ray.address={own.address}", f"mlflow.tracking_uri={server}",
+                          "mlflow.experiment_name=ray-node-lost", "params.model.n_estimators=range(1500,2700,300)"])
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(server)
+            found = client.get_experiment_by_name("ray-node-lost")
+            running = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
+            if len([r for r in running if r.data.tags.get("kmrun.role") == "child"]) == 2:
+                break
+            time.sleep(0.3)
+        time.sleep(1.0)
+        own.remove_node(doomed)  # its raylet and workers die: a node lost mid-job
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-4000:]
+        assert "runs again" in out and "Traceback" not in out, out[-4000:]
+        runs = children(server, "ray-node-lost")
+        finished = Counter(r.data.params["model.n_estimators"] for r in runs if r.info.status == "FINISHED")
+        assert finished == {"1500": 1, "1800": 1, "2100": 1, "2400": 1}, finished
+        assert {r.info.status for r in runs} <= {"FINISHED", "FAILED"} and len(runs) == 5
+    finally:
+        own.shutdown()
+
+
+def test_a_store_in_a_file_is_refused_on_a_cluster_of_several_nodes_before_any_run(ws, cluster):
+    out = kmrun(ws, [*GRID, f"ray.address={cluster.address}"])
+    text = out.communicate(timeout=300)[0]
+    assert out.returncode == 2, text[-3000:]
+    assert "mlflow.tracking_uri is a file on this machine" in text and "other 1 nodes" in text, text[-3000:]
+    assert "Traceback" not in text and ws.running() == 0 and not ws.runs()
+
+
+def test_an_unreachable_cluster_exits_2_before_any_run(ws):
+    sent = time.time()
+    out = kmrun(ws, [*GRID, "ray.address=127.0.0.1:1"])
+    text = out.communicate(timeout=300)[0]
+    assert out.returncode == 2 and "cannot join the Ray cluster at '127.0.0.1:1'" in text, text[-3000:]
+    assert "Traceback" not in text and not ws.runs() and time.time() - sent < 120
