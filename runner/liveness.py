@@ -44,7 +44,10 @@ def _boot_id() -> str:
 def process_tags() -> dict[str, str]:
     """What a run records of the process that owns it."""
     pid = os.getpid()
-    return {"kmrun.host": host_name(), "kmrun.pid": str(pid), "kmrun.started": started(pid)}
+    tags = {"kmrun.host": host_name(), "kmrun.pid": str(pid), "kmrun.started": started(pid)}
+    if os.environ.get("KMRUN_RAY_NODE"):  # a Ray worker (raycluster): which node of the cluster
+        tags["kmrun.ray_node"] = os.environ["KMRUN_RAY_NODE"]
+    return tags
 
 
 def alive(pid: int, since: str = "") -> bool:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 RESOURCES = {"cpus": "num_cpus", "gpus": "num_gpus", "memory": "memory"}  # ray.resources -> Ray's option
 LOCAL_FILES = ("sqlite:", "file:", "journal:")
+NODE = "KMRUN_RAY_NODE"  # set in a Ray worker: its node, which the runs it owns record
 
 
 def connect(settings: RayConf, stores: dict[str, str], verbose: bool = False) -> int:
@@ -121,18 +122,16 @@ class RayWorkers:
 
 
 def _on_node(spec: JobSpec) -> JobResult:
-    """A job in a Ray worker process (imported there by name: every node has kmrun). Its
-    run records the node (``kmrun.ray_node``)."""
-    from dataclasses import replace
-
+    """A job in a Ray worker process (imported there by name: every node has kmrun). The
+    worker owns the job's run, which records its node (``kmrun.ray_node``)."""
     import ray
 
     from .job import execute
 
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         logging.disable(logging.INFO)
-    node = ray.get_runtime_context().get_node_id()
-    return execute(replace(spec, tags={**spec.tags, "kmrun.ray_node": node[:12]}))
+    os.environ[NODE] = ray.get_runtime_context().get_node_id()[:12]
+    return execute(spec)
 
 
 def _settle(result: Future[JobResult], done: Future[Any], refs: dict[Future[JobResult], Any]) -> None:

@@ -215,7 +215,7 @@ class Tracker:
         so that its death, not the sweep's, marks the run stale."""
         import multiprocessing
 
-        if multiprocessing.parent_process() is not None:
+        if multiprocessing.parent_process() is not None or "kmrun.ray_node" in process_tags():
             self.log(run_id, tags=process_tags())
 
     def log(
