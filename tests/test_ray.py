@@ -5,10 +5,12 @@ jobs run as Ray tasks."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest import mlflow_server
@@ -119,3 +121,63 @@ def test_an_unreachable_cluster_exits_2_before_any_run(ws):
     text = out.communicate(timeout=300)[0]
     assert out.returncode == 2 and "cannot join the Ray cluster at '127.0.0.1:1'" in text, text[-3000:]
     assert "Traceback" not in text and not ws.runs() and time.time() - sent < 120
+
+
+def wait_running(server: str, experiment: str, count: int, timeout: float = 300) -> None:
+    from mlflow import MlflowClient
+
+    client, deadline = MlflowClient(server), time.time() + timeout
+    while time.time() < deadline:
+        found = client.get_experiment_by_name(experiment)
+        running = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
+        if len([r for r in running if "kmrun.ray_node" in r.data.tags]) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {count} jobs running on Ray")
+
+
+def test_ctrl_c_on_a_ray_sweep_cancels_its_tasks_ends_runs_killed_and_the_command_resumes(ws, cluster, server):
+    args = [*GRID, f"ray.address={cluster.address}", f"mlflow.tracking_uri={server}",
+            "mlflow.experiment_name=ray-interrupt", "params.model.n_estimators=range(1500,2700,300)"]
+    proc = kmrun(ws, args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_running(server, "ray-interrupt", 2)
+    time.sleep(1.0)
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and time.time() - sent < 30, out[-3000:]
+    assert "To resume:" in out and "Traceback" not in out, out[-3000:]
+    killed = [r for r in children(server, "ray-interrupt") if r.info.status == "KILLED"]
+    assert len(killed) == 2, [(r.info.status) for r in children(server, "ray-interrupt")]
+    again = kmrun(ws, args)
+    text = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, text[-3000:]
+    finished = Counter(r.data.params["model.n_estimators"] for r in children(server, "ray-interrupt")
+                       if r.info.status == "FINISHED")
+    assert finished == {"1500": 1, "1800": 1, "2100": 1, "2400": 1}, finished
+
+
+def test_a_study_on_two_ray_nodes_holds_exactly_n_trials(ws, cluster, server):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import pgcluster
+
+    if pgcluster.unavailable():
+        pytest.skip(pgcluster.unavailable())
+    pytest.importorskip("psycopg")
+    import optuna
+
+    database = pgcluster.Cluster()
+    try:
+        storage = database.database("ray_study")
+        out = kmrun(ws, ["-m", "+experiment=baseline", "+study=tune", "study.n_trials=6", "study.n_jobs=2",
+                         "sweep.executor=ray", f"ray.address={cluster.address}", f"mlflow.tracking_uri={server}",
+                         f"study.storage={storage}", "mlflow.experiment_name=ray-study"]).communicate(timeout=900)[0]
+        study = optuna.load_study(study_name="tune", storage=storage)
+        states = Counter(t.state.name for t in study.trials)
+        assert states == {"COMPLETE": 6}, (states, out[-3000:])
+        runs = [r for r in children(server, "ray-study") if r.data.tags.get("kmrun.kind") == "trial"]
+        assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs if r.info.status == "FINISHED") == list(range(6))
+        assert len({r.data.tags["kmrun.ray_node"] for r in runs}) == 2
+        assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1
+    finally:
+        database.stop()
