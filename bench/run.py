@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -254,6 +255,51 @@ def wait_http(url: str, seconds: float = 120) -> None:
     raise RuntimeError(f"{url} did not answer in {seconds} s")
 
 
+def ray_figures(base: Path, template: Path, n: int) -> dict[str, Any]:
+    """The Ray executor: its marginal cost per trial against the local executor (the same
+    grid, one job at a time, on a one-node Ray), and the speedup of two 1-CPU nodes over one
+    (a grid of heavier jobs, two at a time, through an MLflow server: a file store is refused
+    on two nodes). Ray's start is outside the timings; each kmrun joins the running cluster."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        return {"ray_overhead_ms_per_trial": None, "ray_two_node_speedup": None, "ray_note": "ray is not installed"}
+    from ray.cluster_utils import Cluster
+
+    def grid(ws: Path, cells: int, *extra: str) -> float:
+        return kmrun(ws, "-m", "+experiment=baseline", f"params.model.C={values(cells)}", "cache=false", *extra)
+
+    one = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        on_ray = ("sweep.executor=ray", f"ray.address={one.address}")
+        small, large = BASE_TRIALS, BASE_TRIALS + n
+        local = (grid(workspace(base, template), large) - grid(workspace(base, template), small)) / n
+        remote = (grid(workspace(base, template), large, *on_ray) - grid(workspace(base, template), small, *on_ray)) / n
+        heavy = ("-m", "+experiment=forest", "params.model.n_estimators=range(400,2000,200)", "cache=false",
+                 "sweep.executor=ray", "sweep.n_jobs=2")
+        home = Path(tempfile.mkdtemp(dir=base))
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                   f"sqlite:///{home / 'server.db'}", "--artifacts-destination", str(home / "art"),
+                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                  cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health")
+            store = f"mlflow.tracking_uri=http://127.0.0.1:{port}"
+            single = kmrun(workspace(base, template), *heavy, f"ray.address={one.address}", store,
+                           "mlflow.experiment_name=one")
+            one.add_node(num_cpus=1)
+            one.wait_for_nodes()
+            double = kmrun(workspace(base, template), *heavy, f"ray.address={one.address}", store,
+                           "mlflow.experiment_name=two")
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+    finally:
+        one.shutdown()
+    return {"ray_overhead_ms_per_trial": round((remote - local) * 1000, 1),
+            "ray_two_node_speedup": round(single / double, 3)}
+
+
 def startup(base: Path, template: Path) -> dict[str, float]:
     """`kmrun --help`, and a whole one-trial run against bare imports of the libraries."""
     ws = workspace(base, template)
@@ -418,6 +464,7 @@ def main() -> None:
         results.setdefault("runs_query_seconds_500", results.get("runs_query_seconds_small"))
         results.update(show_lookup(base, template, SMALL_STORE, n["big_store"]))
         results.update(postgres(base, template, n["parallel_jobs"], n["trials"]))
+        results.update(ray_figures(base, template, n["trials"]))
     results["bench_seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
