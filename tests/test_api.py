@@ -9,6 +9,7 @@ from runner.errors import JobFailed, KmrunError, ParamError
 from runner.records import Status
 
 
+@pytest.mark.slow  # runs pipelines
 def test_twenty_runs_in_one_process_log_what_kedro_ran_and_print_nothing(ws, monkeypatch, capfd):
     monkeypatch.chdir(ws.path)
     params = ws.path / "examples/digits/conf/base/parameters.yml"
@@ -29,6 +30,7 @@ def test_twenty_runs_in_one_process_log_what_kedro_ran_and_print_nothing(ws, mon
     assert ws.running() == 0
 
 
+@pytest.mark.slow  # runs pipelines
 def test_echo_prints_the_summary(ws, monkeypatch, capfd):
     monkeypatch.chdir(ws.path)
     result = runner.run(["+experiment=baseline"], echo=True)
@@ -36,6 +38,7 @@ def test_echo_prints_the_summary(ws, monkeypatch, capfd):
     assert result.run_id in out and "mlflow ui" in out
 
 
+@pytest.mark.slow  # runs pipelines
 def test_errors_keep_their_type(ws, monkeypatch):
     monkeypatch.chdir(ws.path)
     with pytest.raises(ParamError, match="modle"):
@@ -50,6 +53,7 @@ def test_errors_keep_their_type(ws, monkeypatch):
     assert ws.running() == 0
 
 
+@pytest.mark.slow  # runs pipelines
 def test_sweep_returns_its_outcome_and_prints_nothing(ws, monkeypatch, capfd):
     monkeypatch.chdir(ws.path)
     outcome = runner.sweep(["+experiment=baseline", "params.model.C=0.1,1"])

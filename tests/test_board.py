@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import ROOT
 from optuna.trial import TrialState
 
@@ -58,6 +59,7 @@ def test_cells_ended_before_a_process_began_are_queued_again(tmp_path):
     assert later.queue(["a"]) == 1
 
 
+@pytest.mark.slow  # starts a process
 def test_the_cell_of_a_process_that_died_is_failed_and_queued_again(tmp_path):
     live = board(tmp_path)
     live.queue(["a", "b"])

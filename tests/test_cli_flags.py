@@ -69,6 +69,7 @@ def test_kedro_run_flags_are_translated(argv, said, capsys):
     assert "`kedro run`'s flag" in err and said in err
 
 
+@pytest.mark.slow  # runs pipelines
 def test_the_config_is_found_from_a_subfolder_and_paths_start_beside_it(ws, monkeypatch, capsys):
     monkeypatch.chdir(ws.path / "examples/digits/src")
     assert main(["--cfg", "job", "-p", "kedro.project_path"]) == 0

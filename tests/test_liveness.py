@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from runner import liveness
 
 
@@ -18,6 +20,7 @@ def test_this_process_lives_and_its_pid_with_another_start_time_does_not():
     assert liveness.owner_alive({**tags, "kmrun.host": "elsewhere", "kmrun.pid": "1"})  # not ours to judge
 
 
+@pytest.mark.slow  # starts a process
 def test_a_dead_process_is_gone_by_pid_and_by_owner_label():
     child = subprocess.Popen(["true"])
     child.wait()
