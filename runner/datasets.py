@@ -109,7 +109,8 @@ def file_state(path: Path) -> str:
     if not path.exists():
         return "missing"
     if path.is_dir():
-        return _digest(f"{p.relative_to(path)}:{file_state(p)}" for p in sorted(path.rglob("*")) if p.is_file())
+        return _digest(f"{p.relative_to(path)}:{file_state(p)}" for p in sorted(path.rglob("*"))
+                       if p.is_file() and not _junk(p.relative_to(path)))
     stat = path.stat()
     if stat.st_size > CONTENT_HASH_LIMIT:
         return f"{stat.st_size}:{stat.st_mtime_ns}"
@@ -120,6 +121,15 @@ def file_state(path: Path) -> str:
 
 
 _HASHED: dict[tuple[Path, int, int, int], str] = {}
+JUNK = (".DS_Store", "Thumbs.db", "desktop.ini")  # what file managers leave in folders
+
+
+def _junk(relative: Path) -> bool:
+    """A file no dataset means to read: a file manager's, an editor's backup or swap file,
+    or one in a notebook checkpoint or bytecode folder."""
+    name = relative.name
+    return (name in JUNK or name.endswith("~") or (name.startswith(".") and name.endswith((".swp", ".swo")))
+            or any(part in (".ipynb_checkpoints", "__pycache__") for part in relative.parts[:-1]))
 
 
 def _digest(parts: Any) -> str:

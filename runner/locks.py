@@ -74,15 +74,11 @@ class RunLocks:
 
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
+    from filelock import FileLock  # flock on POSIX, as before; Windows too
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(path.with_name(path.name + ".lock")):
+        yield
 
 
 CREATION_LOCK_KEY = 0x6B6D72756E  # "kmrun": one advisory lock id, shared by every kmrun process

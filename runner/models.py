@@ -221,7 +221,7 @@ def register(tracker: Tracker, run_id: str, name: str, alias: str | None = None)
     try:
         client.create_registered_model(name)
     except MlflowException as err:
-        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise KmrunError(f"Cannot register a model named {name!r}: {err}") from None
     version = client.create_model_version(name, f"{run.info.artifact_uri}/{MODEL_PATH}", run_id=run_id)
     if alias:

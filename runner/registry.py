@@ -83,11 +83,7 @@ def models(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
-    metric = store.metric or "metric"
-    terminal.say("\n".join(
-        [f"{'name':<20} {'version':>7}  {'aliases':<12} {metric:>10}  run"]
-        + [f"{r['name']:<20} {r['version']:>7}  {r['aliases']:<12} "
-           f"{'' if r['metric'] is None else format(r['metric'], '.4g'):>10}  {r['run_id']}" for r in rows]))
+    terminal.models_table(rows, store.metric or "metric")
     return 0
 
 

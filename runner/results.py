@@ -48,10 +48,15 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[h]) for h in head) + " |")
+        lines.append("| " + " | ".join(_cell(_fmt(row[h])) for h in head) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """A Markdown table cell: a ``|`` escaped, line breaks as ``<br>``."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
 
 
 def _fmt(value: Any) -> str:

@@ -87,6 +87,18 @@ def say(message: str) -> None:
     console.print(message, markup=False)
 
 
+def models_table(rows: list[dict[str, Any]], metric: str) -> None:
+    """``kmrun models``: one row per registered model version."""
+    table = Table(box=None, pad_edge=False)
+    for name, justify in (("name", "left"), ("version", "right"), ("aliases", "left"), (metric, "right"),
+                          ("run", "left")):
+        table.add_column(name, justify=justify, no_wrap=name in ("run", "version"))  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(r["name"], str(r["version"]), r["aliases"],
+                      "" if r["metric"] is None else format(r["metric"], ".4g"), r["run_id"])
+    console.print(table)
+
+
 def dry_run(outcome: SweepOutcome) -> None:
     console.print(f"Dry run: {len(outcome.outcomes)} job(s). Nothing was run or recorded.")
     table = Table(box=None)

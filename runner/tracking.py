@@ -125,6 +125,8 @@ class Tracker:
         return self._run_locks
 
     def _experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             if found.lifecycle_stage == "deleted":
@@ -136,8 +138,8 @@ class Tracker:
             return str(found.experiment_id)
         try:
             experiment_id = str(self.client.create_experiment(name, artifact_location=self._artifact_root(name)))
-        except Exception as err:  # another process created it first (a server takes no creation lock)
-            if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
+        except MlflowException as err:  # another process created it first (a server takes no creation lock)
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             return self._experiment(name)
         self._warn_local_artifacts(self.client.get_experiment(experiment_id).artifact_location)

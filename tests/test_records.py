@@ -81,3 +81,10 @@ def test_the_runs_table_takes_chosen_columns(capsys):
     assert lines[1].split() == ["name", "model.C", "f1_macro"] and lines[2].split() == ["C=0", "0", "0.8"]
     with pytest.raises(ValueError, match="no column nope"):
         print_runs(runs_rows(), "table", "accuracy", columns=["nope"])
+
+
+def test_a_markdown_table_escapes_pipes_and_line_breaks():
+    from runner.results import to_markdown
+
+    text = to_markdown([{"a|b": "x|y", "note": "one\ntwo"}])
+    assert text.splitlines() == ["| a\\|b | note |", "|---|---|", "| x\\|y | one<br>two |"]
