@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .claims import BoardClaims, Claims, StoreClaims
-from .compose import JobComposer, as_typed, first_of
+from .compose import JobComposer, as_typed
 from .engine import Job
 from .errors import ConfigError, KmrunBug, KmrunError, WorkerLost
 from .job import JobSpec, prepare
+from .params import first_of
 from .records import JobResult, Outcome, Status
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, models, patience, runtime
-from .compose import added_on_purpose, check_params, config_hash, origin_finder
+from .compose import config_hash, origin_finder
 from .errors import (
     ConfigError,
     JobFailed,
@@ -34,6 +34,7 @@ from .errors import (
 )
 from .kedro_bridge import KedroRun
 from .metrics import is_number, is_point, latest, objective_of, read_metrics
+from .params import added_on_purpose, check_params
 from .records import JobResult, Status
 from .redact import Redactor, flatten
 from .schema import KmrunConf, parse

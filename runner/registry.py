@@ -10,15 +10,15 @@ import sys
 import tempfile
 from typing import TYPE_CHECKING
 
-from .commands import open_store, resolve_run
 from .errors import KmrunError
 from .processes import serve as run_server
 from .redact import hide_password
+from .store import open_store, resolve_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from .commands import Store
+    from .store import Store
 
 
 def _check_alias(alias: str) -> None:

@@ -2,15 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from runner.compose import (
-    added_on_purpose,
-    as_typed,
-    check_params,
-    coerce,
-    config_hash,
-    hydra_args,
-)
+from runner.compose import as_typed, config_hash, hydra_args
 from runner.errors import ParamError
+from runner.params import added_on_purpose, check_params, coerce
 
 BASE = {
     "split": {"test_size": 0.25, "seed": 42},
