@@ -53,6 +53,9 @@ def wait_for(ws, sql, at_least=1, timeout=120):
 RUNNING_CHILD = ("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
                  "where r.status = 'RUNNING' and t.key = 'kmrun.role' and t.value = 'child'")
 FINISHED_CHILD = RUNNING_CHILD.replace("'RUNNING'", "'FINISHED'")
+# a child that started moments ago: its pipeline (seconds long) is surely mid-way, so a kill
+# sent now cannot land after the job ended (the race CI caught in the PostgreSQL kill tests)
+JUST_STARTED_CHILD = RUNNING_CHILD + " and r.start_time > cast(strftime('%s', 'now') as integer) * 1000 - 1500"
 
 
 def left_behind(ws, wait: float = 15.0) -> list[int]:
@@ -78,7 +81,7 @@ def statuses(ws):
 def test_kill_9_during_a_grid_then_rerun_loses_and_repeats_nothing(ws):
     proc = start(ws, SLOW_GRID)
     wait_for(ws, FINISHED_CHILD, 2)
-    wait_for(ws, RUNNING_CHILD, 1)
+    wait_for(ws, JUST_STARTED_CHILD, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished_before = {r.data.tags["kmrun.config_hash"] for r in ws.runs() if r.info.status == "FINISHED"}
@@ -220,8 +223,9 @@ def test_a_killed_worker_has_its_cell_run_again_and_the_sweep_goes_on(ws, sig):
     """kill -9 (the OOM killer) or SIGTERM (a container runtime) to one worker, not to kmrun."""
     proc = start(ws, SLOW_GRID + ["sweep.n_jobs=2"])
     wait_for(ws, FINISHED_CHILD, 1)
-    wait_for(ws, RUNNING_CHILD, 1)
-    running = [r for r in ws.runs() if r.info.status == "RUNNING" and r.data.tags.get("kmrun.role") == "child"]
+    wait_for(ws, JUST_STARTED_CHILD, 1)
+    running = sorted((r for r in ws.runs() if r.info.status == "RUNNING" and r.data.tags.get("kmrun.role") == "child"),
+                     key=lambda r: -r.info.start_time)  # the newest first: the one just started
     worker = int(running[0].data.tags["kmrun.pid"])
     assert worker != proc.pid  # the job's run belongs to its worker
     os.kill(worker, sig)
