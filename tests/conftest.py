@@ -102,31 +102,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def answers(url: str, seconds: float = 120, proc: subprocess.Popen | None = None) -> bool:
+    """Poll ``url`` until it answers 200 (True), ``seconds`` pass or ``proc`` exits (False)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        try:
+            if urllib.request.urlopen(url, timeout=5).status == 200:
+                return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def start_server(command: list[str], home: Path, health: str) -> subprocess.Popen:
+    """A server in its own process group, its output in ``home/server.log``, once ``health``
+    answers (else the test fails with the log's end)."""
+    with open(home / "server.log", "a") as log:
+        proc = subprocess.Popen(command, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if not answers(health, proc=proc):
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the server did not start: " + (home / "server.log").read_text()[-2000:])
+    return proc
+
+
+def mlflow_command(backend: str, home: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
+            str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+
 @contextmanager
 def mlflow_server(home: Path, backend: str):
     """A real ``mlflow server`` on 127.0.0.1 over ``backend``, serving artifacts kept in
     ``home/artifacts``; yields its URL, and stops it (its whole process group) after."""
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-               "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
-    with open(home / "server.log", "w") as log:
-        proc = subprocess.Popen(command, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
-                        break
-                except OSError:
-                    if time.time() > deadline or proc.poll() is not None:
-                        pytest.fail("mlflow server did not start: " + (home / "server.log").read_text()[-2000:])
-                    time.sleep(1)
-            yield url
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+    proc = start_server(mlflow_command(backend, home, port), home, f"http://127.0.0.1:{port}/health")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def make_workspace(tmp_path: Path, template_store: Path) -> Workspace:

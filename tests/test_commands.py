@@ -10,11 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, free_port, make_workspace
+from conftest import Workspace, answers, free_port, make_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -176,14 +175,7 @@ def test_ui_answers_on_localhost(store):
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "ui", "--port", str(port)], cwd=store.path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline, status = time.time() + 90, None
-        while time.time() < deadline and status != 200:
-            time.sleep(1)
-            try:
-                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status
-            except OSError:
-                pass
-        assert status == 200
+        assert answers(f"http://127.0.0.1:{port}/", seconds=90, proc=proc)
     finally:
         proc.send_signal(signal.SIGTERM)  # to kmrun alone: it stops MLflow's server and its workers
         assert proc.wait(timeout=30) == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port
+from conftest import answers, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,17 +36,6 @@ def kedro_predictions(ws, model_file: Path) -> list[int]:
     return [int(v) for v in predict(estimator, features(images(ws)))]
 
 
-def wait_for(url: str, seconds: float = 120) -> bool:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(url, timeout=5).status == 200:
-                return True
-        except OSError:
-            time.sleep(1)
-    return False
-
-
 def serve(ws, model: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
     """``kmrun serve MODEL`` in its own process group, on a free port."""
     port = free_port()
@@ -58,7 +47,7 @@ def serve(ws, model: str, env: dict[str, str] | None = None) -> tuple[subprocess
 
 def served_predictions(ws, server: subprocess.Popen, port: int) -> list:
     """What the served model answers for the sample images, once it is up."""
-    assert wait_for(f"http://127.0.0.1:{port}/ping"), server.stdout.read1().decode() if server.stdout else ""
+    assert answers(f"http://127.0.0.1:{port}/ping"), server.stdout.read1().decode() if server.stdout else ""
     body = json.dumps({"dataframe_split": images(ws).to_dict(orient="split")}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                      headers={"Content-Type": "application/json"})

@@ -13,13 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import free_port
+from conftest import free_port, mlflow_command, start_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import pgcluster
@@ -153,20 +152,8 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.home}/server.db",
-                   "--artifacts-destination", str(self.home / "artifacts"), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", "1"]
-        with open(self.home / "server.log", "a") as log:
-            self.proc = subprocess.Popen(command, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"{self.url}/health", timeout=5).status == 200:
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError("mlflow server did not start: " + (self.home / "server.log").read_text()[-2000:])
+        self.proc = start_server(mlflow_command(f"sqlite:///{self.home}/server.db", self.home, self.port), self.home,
+                                 f"{self.url}/health")
 
     def kill(self) -> None:
         assert self.proc is not None
