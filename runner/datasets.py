@@ -109,8 +109,9 @@ def file_state(path: Path) -> str:
     if not path.exists():
         return "missing"
     if path.is_dir():
-        return _digest(f"{p.relative_to(path)}:{file_state(p)}" for p in sorted(path.rglob("*"))
-                       if p.is_file() and not _junk(p.relative_to(path)))
+        # every file counts, .DS_Store and editor backups too: a folder dataset without a
+        # filename_suffix reads them, and a needless rerun is better than a stale result
+        return _digest(f"{p.relative_to(path)}:{file_state(p)}" for p in sorted(path.rglob("*")) if p.is_file())
     stat = path.stat()
     if stat.st_size > CONTENT_HASH_LIMIT:
         return f"{stat.st_size}:{stat.st_mtime_ns}"
@@ -121,16 +122,5 @@ def file_state(path: Path) -> str:
 
 
 _HASHED: dict[tuple[Path, int, int, int], str] = {}
-JUNK = (".DS_Store", "Thumbs.db", "desktop.ini")  # what file managers leave in folders
-
-
-def _junk(relative: Path) -> bool:
-    """A file no dataset means to read: a file manager's, an editor's backup or swap file,
-    or one in a notebook checkpoint or bytecode folder."""
-    name = relative.name
-    return (name in JUNK or name.endswith("~") or (name.startswith(".") and name.endswith((".swp", ".swo")))
-            or any(part in (".ipynb_checkpoints", "__pycache__") for part in relative.parts[:-1]))
-
-
 def _digest(parts: Any) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

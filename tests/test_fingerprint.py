@@ -74,17 +74,16 @@ def test_runs_without_a_recorded_fingerprint_are_not_trusted(root):
     assert fp(root).changed({}) == ["unrecorded"]
 
 
-def test_a_folder_is_hashed_by_its_data_files_not_what_editors_and_file_managers_leave(tmp_path):
+def test_every_file_of_a_folder_dataset_counts_even_an_editor_backup(tmp_path):
+    """A folder dataset without a filename_suffix (PartitionedDataset) reads every file in
+    it, a backup too: kmrun cannot tell which files a dataset skips, so none is left out."""
     from runner.datasets import file_state
 
     folder = tmp_path / "parts"
     folder.mkdir()
     (folder / "part-0.csv").write_text("x\n1\n")
     before = file_state(folder)
-    (folder / ".DS_Store").write_bytes(b"\0\1")
-    (folder / "part-0.csv~").write_text("old")
-    (folder / ".ipynb_checkpoints").mkdir()
-    (folder / ".ipynb_checkpoints" / "part-0.csv").write_text("x\n9\n")
-    assert file_state(folder) == before
-    (folder / "part-1.csv").write_text("x\n2\n")  # a new partition is data
+    (folder / "part-0.csv~").write_text("x\n9\n")
     assert file_state(folder) != before
+    (folder / "part-0.csv~").unlink()
+    assert file_state(folder) == before
