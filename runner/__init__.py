@@ -34,7 +34,7 @@ def report(value: float, step: int) -> None:
     may stop the node here. Outside a kmrun run, nothing happens, so the node still runs
     under plain ``kedro run``.
     """
-    from .job import report_step
+    from .fluent import report_step
 
     report_step(value, step)
 

@@ -213,7 +213,7 @@ def _execute(source: Source, tracker: Tracker, n_jobs: int, verbose: bool, max_f
     specs that span the sweep)."""
     import os
 
-    from . import engine, job, results, terminal
+    from . import engine, job_cache, results, terminal
     from .records import Status
     from .scheduler import make_scheduler
 
@@ -221,7 +221,7 @@ def _execute(source: Source, tracker: Tracker, n_jobs: int, verbose: bool, max_f
     if n_jobs > (os.cpu_count() or 1) and ray is None:
         _note(outcome, f"{n_jobs} workers on {os.cpu_count()} CPUs: jobs will compete for them.", echo)
     if n_jobs > 1 and jobs_dir is not None:
-        ran = job.prewarm(list(shared), jobs_dir / "shared", outcome.parent_run_id or "")
+        ran = job_cache.prewarm(shared, jobs_dir / "shared", outcome.parent_run_id or "")
         if ran:
             _note(outcome, f"Ran {', '.join(ran)} once for every job (node cache).", echo)
     scheduler = make_scheduler(n_jobs, verbose, ray)

@@ -26,7 +26,7 @@ from .records import Outcome, Status
 if TYPE_CHECKING:
     from .board import Board
     from .job import JobSpec
-    from .tracking import Tracker
+    from .tracking import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _tags(spec: JobSpec) -> dict[str, str]:
 class StoreClaims:
     """Cells claimed in the MLflow store, one child run per cell, under its lock."""
 
-    def __init__(self, tracker: Tracker, specs: dict[int, JobSpec], todo: list[Outcome], rerun: bool,
+    def __init__(self, tracker: RunStore, specs: dict[int, JobSpec], todo: list[Outcome], rerun: bool,
                  settle: Settle) -> None:
         self.tracker, self.specs, self.rerun, self.settle = tracker, specs, rerun, settle
         self._queue = iter(todo)
@@ -149,7 +149,7 @@ class StoreClaims:
 class BoardClaims:
     """Cells as queued trials of an Optuna study that every sharing process sees."""
 
-    def __init__(self, board: Board, tracker: Tracker, specs: dict[int, JobSpec], todo: list[Outcome],
+    def __init__(self, board: Board, tracker: RunStore, specs: dict[int, JobSpec], todo: list[Outcome],
                  settle: Settle) -> None:
         from .board import cell_of
 

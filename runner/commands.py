@@ -17,8 +17,9 @@ from .processes import serve
 from .redact import Redactor, hide_password
 from .results import without_redacted
 from .schema import check_experiment_name
+from .storage import default_storage
 from .store import Store, composed_config, experiment_ids, open_store, resolve_run, search
-from .tracking import default_storage, git_tags, resolve_uri
+from .tracking import git_tags, resolve_uri
 
 if TYPE_CHECKING:
     import argparse

@@ -6,6 +6,10 @@ kmrun (3) is ours, and is always shown with its traceback.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class KmrunError(Exception):
     """Bad input or set-up: a message for the user, shown without a traceback."""
@@ -63,3 +67,10 @@ class KmrunBug(KmrunError):
     """An error in kmrun's own code, not in the pipeline or the input. Please report it."""
 
     exit_code = 3
+
+
+def after(step: str, value: T | None) -> T:
+    """``value``, which ``step`` sets: an object's attribute read before its step ran is a bug."""
+    if value is None:
+        raise KmrunBug(f"{step} must come first")
+    return value

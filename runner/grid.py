@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .claims import BoardClaims, Claims, StoreClaims
 from .compose import JobComposer, as_typed
 from .engine import Job
-from .errors import ConfigError, KmrunBug, KmrunError, WorkerLost
+from .errors import ConfigError, KmrunError, WorkerLost, after
 from .job import JobSpec, prepare
 from .params import first_of
 from .records import JobResult, Outcome, Status
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .board import Board
     from .compose import Composer
     from .schema import KmrunConf
-    from .tracking import Tracker
+    from .tracking import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +109,17 @@ class Grid:
         self.stale: list[str] = []  # what changed since the cells' finished runs (``resume``)
         self.since = datetime.datetime.now()  # what a board's trials ended after, this store has not seen
         self.taken = 0  # cells other processes ran while this one ran
-        self._tracker: Tracker | None = None  # the store, once started
+        self._tracker: RunStore | None = None  # the store, once started
         self._claims: Claims | None = None  # who runs which cell, once started
 
     @property
-    def tracker(self) -> Tracker:
-        """The store the grid runs on: ``start`` sets it (``check`` and ``resume`` come first)."""
-        if self._tracker is None:
-            raise KmrunBug("Grid.start() must come before the grid's jobs run")
-        return self._tracker
+    def tracker(self) -> RunStore:
+        """The store the grid runs on (``check`` and ``resume`` come before ``start``)."""
+        return after("Grid.start()", self._tracker)
 
     @property
     def claims(self) -> Claims:
-        if self._claims is None:
-            raise KmrunBug("Grid.start() must come before the grid's jobs run")
-        return self._claims
+        return after("Grid.start()", self._claims)
 
     def check(self, open_store: bool) -> None:
         """Compose and check every cell before any runs; report every distinct problem once."""
@@ -151,7 +147,7 @@ class Grid:
         hashes = sorted(spec.config_hash for spec in self.specs.values())
         return hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
 
-    def resume(self, tracker: Tracker, rerun: bool) -> tuple[int, str | None]:
+    def resume(self, tracker: RunStore, rerun: bool) -> tuple[int, str | None]:
         """Mark the cells this same grid already FINISHED, on the same code and data, SKIPPED
         (one query, whatever the store's size; a cell another grid finished is found when
         it is claimed). Returns how many, and the parent run this grid had before (None for
@@ -192,7 +188,7 @@ class Grid:
         values = sorted({spec.fingerprint.value for spec in self.specs.values() if spec.fingerprint is not None})
         return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
-    def start(self, tracker: Tracker, parent: str, sweep_dir: Path) -> None:
+    def start(self, tracker: RunStore, parent: str, sweep_dir: Path) -> None:
         """Give every cell to run its child-run settings and its own output directory."""
         self._tracker, self.taken = tracker, 0
         for cell in self._todo:

@@ -14,8 +14,8 @@ import logging
 import shutil
 import tempfile
 import traceback
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -32,19 +32,20 @@ from .errors import (
     ParamError,
     TrackingError,
 )
+from .fluent import active_run, reporting_done, reporting_to
+from .job_cache import cache_plan, cache_tags, kedro_run_id
 from .kedro_bridge import KedroRun
-from .metrics import is_number, is_point, latest, objective_of, read_metrics
-from .params import added_on_purpose, check_params
+from .metrics import is_point, latest, objective_of, read_metrics
+from .params import added_on_purpose, check_params, deep_merge
 from .records import JobResult, Status
 from .redact import Redactor, flatten
 from .schema import KmrunConf, parse
 from .tracking import name_rule, rejected_names, resolve_uri
-from .trial import TrialRef, attach, report
+from .trial import TrialRef, attach
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from .cache import NodeCache, Plan
     from .fingerprint import Fingerprint
     from .kedro_bridge import KedroProject
     from .tracking import Tracker
@@ -152,7 +153,7 @@ def execute(spec: JobSpec) -> JobResult:
     patience.configure(conf.store_patience)
     project = rt.project(conf.kedro.project_path, conf.kedro.env)
     tracker = rt.tracker(spec.uri, spec.experiment_name)
-    record = KedroRun(_kedro_run_id(), capture=set(conf.metrics) | models.captured(conf, project),
+    record = KedroRun(kedro_run_id(), capture=set(conf.metrics) | models.captured(conf, project),
                       output_dir=Path(spec.output_dir) if spec.output_dir else None)
     record.cache, record.plan = cache_plan(spec, project)  # cache=false: computes all, refreshes the entries
     tags = {
@@ -215,7 +216,7 @@ class _Job:
         from omegaconf import OmegaConf
 
         spec, redact = self.spec, self.spec.redact
-        _current.update(tracker=self.tracker, run_id=self.run_id, trial=spec.trial)
+        reporting_to(self.tracker, self.run_id, spec.trial)
         try:
             config_text = OmegaConf.to_yaml(OmegaConf.create(redact.tree(spec.config)))
             self.tracker.log_text(self.run_id, config_text, "config.yaml")
@@ -246,7 +247,7 @@ class _Job:
         except Exception as err:
             self._failed(KmrunBug(f"kmrun bug while running the job: {type(err).__name__}: {err}"))
         finally:
-            _current.clear()
+            reporting_done()
 
     def _pipeline(self) -> None:
         spec = self.spec
@@ -358,96 +359,6 @@ class _Job:
                          self.error, dict(self.record.written), plan.sources if plan else {})
 
 
-@contextmanager
-def active_run(uri: str, run_id: str) -> Iterator[None]:
-    """For the pipeline's duration, this job's run is MLflow's active run, so that
-    kedro-mlflow's datasets and a node's own ``mlflow.log_*`` calls land in it. It is left
-    RUNNING afterwards: kmrun ends it, with the status the job earned."""
-    import os
-
-    import mlflow
-    from mlflow.tracking._tracking_service import utils  # no public way to set the URI for a while
-
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also writes it
-    try:
-        with utils._use_tracking_uri(uri):
-            try:
-                mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
-                started = True
-            except Exception as err:  # the job still runs; only fluent logging has no run to go to
-                log.warning("Could not make run %s MLflow's active run: %s", run_id, err)
-                started = False
-            try:
-                yield
-            finally:
-                if started:
-                    mlflow.end_run(status="RUNNING")
-    finally:
-        if saved_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
-
-
-def cache_plan(spec: JobSpec, project: KedroProject) -> tuple[NodeCache, Plan]:
-    """The node cache this job uses, and what it serves for this job."""
-    from . import cache
-
-    conf = spec.conf
-    root = Path(conf.cache.dir) if conf.cache.dir else cache.default_dir(spec.uri)
-    store = runtime.current().node_cache(root.resolve(), conf.cache.max_gb)
-    params = deep_merge(project.parameters(), spec.params)
-    pipeline = project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
-    return store, cache.plan(pipeline, params, project.catalog(spec.params), project.root, store,
-                             serve=conf.cache.enabled, allow_secrets=conf.cache.secrets)
-
-
-def prewarm(specs: list[JobSpec], output_dir: Path, source: str) -> list[str]:
-    """Run here, once, the nodes every job of a sweep shares and the cache lacks, so that
-    the workers forked next find them. Returns the nodes it ran."""
-    from . import cache
-
-    if len(specs) < 2 or not specs[0].conf.cache.enabled:
-        return []
-    conf = specs[0].conf
-    project = runtime.current().project(conf.kedro.project_path, conf.kedro.env)
-    store, first = cache_plan(specs[0], project)
-    others = [cache_plan(spec, project)[1] for spec in specs[1:]]
-    shared = [n for n in first.run if first.keys[n] is not None and all(p.keys[n] == first.keys[n] for p in others)]
-    if not shared:
-        return []
-    pipeline = project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
-    record = KedroRun(_kedro_run_id(), mlflow_run_id=source, output_dir=output_dir, cache=store,
-                      plan=cache.restrict(first, pipeline, shared))
-    try:
-        project.run(record, specs[0].params, conf.kedro.pipeline, conf.kedro.tags)
-    except Exception as err:  # each job runs these nodes itself, and reports what fails
-        log.warning("Could not run the shared nodes %s once for the sweep: %s", ", ".join(shared), err)
-        return []
-    return shared
-
-
-def cache_tags(record: KedroRun) -> dict[str, str]:
-    """What the run took from the cache, and from which runs; what was not cached, and why."""
-    plan = record.plan
-    if plan is None:
-        return {"kmrun.cache": "off"}
-    tags = {"kmrun.cache.hits": ",".join(plan.hits) or "none"}
-    if not plan.serve:
-        tags["kmrun.cache"] = "refresh"  # cache=false: computed every node, stored what it computed
-    coarse = {node: parts["coarse"] for node, parts in plan.parts.items() if "coarse" in parts}
-    if coarse:
-        tags["kmrun.cache.coarse"] = "; ".join(f"{node}: {why}" for node, why in coarse.items())[:5000]
-    if plan.why:
-        tags["kmrun.cache.misses"] = "; ".join(f"{node}: {why}" for node, why in plan.why.items())[:5000]
-    if plan.hits:
-        tags["kmrun.cache.from"] = ",".join(sorted(set(plan.sources.values())))[:5000]
-    why = {**plan.reasons, **record.not_cached}
-    if why:
-        tags["kmrun.cache.not_cached"] = "; ".join(f"{node}: {reason}" for node, reason in why.items())[:5000]
-    return tags
-
-
 class _Pruned(Exception):
     """The pipeline stopped because the trial's pruner said so."""
 
@@ -458,29 +369,10 @@ def _is_pruned(err: BaseException) -> bool:
     return isinstance(err, optuna.TrialPruned)
 
 
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Kedro's runtime-params merge: nested dicts merge, everything else replaces."""
-    merged = dict(base)
-    for key, value in over.items():
-        # dict, not Mapping: a first isinstance(x, Mapping) on a big process walks every
-        # registered ABC and costs a quarter of a second; Kedro's params are plain dicts
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _describe(err: BaseException) -> str:
     node = getattr(err, "__notes__", None)
     where = f" ({'; '.join(node)})" if node else ""
     return f"The pipeline raised {type(err).__name__}: {err}{where}"
-
-
-def _kedro_run_id() -> str:
-    from kedro.io.core import generate_timestamp
-
-    return generate_timestamp()
 
 
 def _user() -> str:
@@ -488,18 +380,3 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry for this uid (containers)
         return "unknown"
-
-
-_current: dict[str, Any] = {}  # the run ``report`` writes to: a process runs one job at a time
-
-
-def report_step(value: float, step: int, name: str = "intermediate") -> None:
-    """Log ``value`` at ``step`` on the current job's run and, in a study, report it to
-    the trial, raising ``optuna.TrialPruned`` when the pruner stops it. Outside a kmrun
-    job, nothing happens."""
-    tracker, run_id, trial = _current.get("tracker"), _current.get("run_id"), _current.get("trial")
-    if tracker is None or not is_number(value):
-        return
-    tracker.log_step(run_id, name, float(value), int(step))
-    if trial is not None:
-        report(trial, float(value), int(step))

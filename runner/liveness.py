@@ -41,6 +41,13 @@ def _boot_id() -> str:
         return "?"
 
 
+def in_worker() -> bool:
+    """Whether this process runs jobs for a sweep's driver: a forked worker, or a Ray task."""
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None or bool(os.environ.get("KMRUN_RAY_NODE"))
+
+
 def process_tags() -> dict[str, str]:
     """What a run records of the process that owns it."""
     pid = os.getpid()

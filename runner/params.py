@@ -133,3 +133,16 @@ def _all_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
         if isinstance(value, Mapping):
             keys += _all_keys(value, f"{prefix}{key}.")
     return keys
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Kedro's runtime-params merge: nested dicts merge, everything else replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        # dict, not Mapping: a first isinstance(x, Mapping) on a big process walks every
+        # registered ABC and costs a quarter of a second; Kedro's params are plain dicts
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -48,7 +48,7 @@ class Runtime:
 
     def storage(self, url: str, key: str = "study.storage") -> Any:
         """The Optuna storage at ``url`` (``key``: the setting that names it, for errors)."""
-        from .tracking import open_storage
+        from .storage import open_storage
 
         if url not in self._storages:
             self._storages[url] = open_storage(url, key)

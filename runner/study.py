@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 from . import runtime
 from .compose import JobComposer, as_typed
 from .engine import Job
-from .errors import ConfigError, KmrunBug
+from .errors import ConfigError, after
 from .grid import split
 from .job import JobSpec, prepare
 from .records import BestTrial, JobResult, Outcome, Status, StudySummary
 from .redact import hide_password, is_secret_name
-from .tracking import default_storage
+from .storage import default_storage
 from .trial import Heartbeat, TrialRef, build_from_config, fail_dead, make_pruner, own
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from .compose import Composer
     from .schema import KmrunConf, StudyConf
-    from .tracking import Tracker
+    from .tracking import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -168,26 +168,20 @@ class Study:
         self.planned = 0  # trials this invocation means to run
         self.parent = ""  # the parent run
         self.sweep_dir = Path()
-        self._tracker: Tracker | None = None
+        self._tracker: RunStore | None = None
         self._study: optuna.Study | None = None
 
     @property
     def first(self) -> JobSpec:
-        if not self.corners:
-            raise KmrunBug("Study.check() must come first")
-        return self.corners[0]
+        return after("Study.check()", self.corners[0] if self.corners else None)
 
     @property
-    def tracker(self) -> Tracker:
-        if self._tracker is None:
-            raise KmrunBug("Study.begin() must come before the study's jobs run")
-        return self._tracker
+    def tracker(self) -> RunStore:
+        return after("Study.begin()", self._tracker)
 
     @property
     def study(self) -> optuna.Study:
-        if self._study is None:
-            raise KmrunBug("Study.begin() must come before the study is read")
-        return self._study
+        return after("Study.begin()", self._study)
 
     def job_spec(self, values: Mapping[str, Any], open_store: bool = True) -> JobSpec:
         lines = [f"{key}={_literal(value)}" for key, value in values.items()]
@@ -203,7 +197,7 @@ class Study:
         self.storage_url = self.settings.storage or _beside(self.first.uri)
         self.storage = runtime.current().storage(self.storage_url)
 
-    def begin(self, tracker: Tracker) -> list[str]:
+    def begin(self, tracker: RunStore) -> list[str]:
         """Create or load the study, fail what dead processes left, set the target."""
         import optuna
 
@@ -453,7 +447,7 @@ def _corners(distributions: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _beside(uri: str) -> str:
-    """The default storage (``tracking.default_storage``). A shared store (a server, a
+    """The default storage (``storage.default_storage``). A shared store (a server, a
     database) has none: a study kept in a file on one machine would silently split a
     many-machine study into one study per machine."""
     found = default_storage(uri)

@@ -14,20 +14,18 @@ import os
 import re
 import socket
 import subprocess
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 from .errors import TrackingError
-from .liveness import host_name, note_stale_trial, owner_alive, process_tags
+from .liveness import host_name, in_worker, owner_alive, process_tags
 from .locks import RunLocks, creation_lock
-from .patience import Patient, patient_storage
+from .patience import Patient
 from .redact import Redactor, hide_password, url_password
 
 if TYPE_CHECKING:
-    import optuna
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
@@ -82,6 +80,30 @@ def git_tags(path: Path) -> dict[str, str]:
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+class RunStore(Protocol):
+    """What the job sources (grid, claims, study) ask of the MLflow store: the part of
+    ``Tracker`` they use, so that a test's stand-in implements the same surface."""
+
+    client: Any
+
+    def start(self, run_name: str | None, tags: Mapping[str, str], parent_id: str | None = None) -> str: ...
+
+    def claim(self, config_hash: str, run_name: str | None, tags: Mapping[str, str], parent_id: str,
+              rerun: bool = False, fingerprint: str | None = None) -> tuple[str | None, Any]: ...
+
+    def owner_alive(self, run: Any) -> bool: ...
+
+    def release(self, run_id: str) -> None: ...
+
+    def search(self, filter_string: str, max_results: int = 50_000) -> list[Any]: ...
+
+    def fail_stale_runs(self) -> list[str]: ...
+
+    def end_stale(self, run_id: str, with_parent: bool = False, trial_failed: bool = False) -> None: ...
+
+    def finish(self, run_id: str, status: str) -> None: ...
 
 
 class Tracker:
@@ -215,9 +237,7 @@ class Tracker:
     def adopt(self, run_id: str) -> None:
         """Take over a run started for this job (``claim``): a worker process now owns it,
         so that its death, not the sweep's, marks the run stale."""
-        import multiprocessing
-
-        if multiprocessing.parent_process() is not None or "kmrun.ray_node" in process_tags():
+        if in_worker():
             self.log(run_id, tags=process_tags())
 
     def log(
@@ -345,54 +365,6 @@ def _quiet_store_logs() -> None:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # MLflow's retries: kmrun says it waits
     # it logs each database error with its traceback, then raises it: kmrun reports it (or waits it out)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-
-
-HEARTBEAT_SECONDS = 5  # a RUNNING trial whose process died is failed after GRACE_SECONDS
-GRACE_SECONDS = 20
-SQLITE_LOCK_TIMEOUT = 60  # seconds a writer waits for SQLite's lock before failing
-
-
-def default_storage(uri: str) -> str | None:
-    """The Optuna storage a study uses when ``study.storage`` is null: ``optuna.db`` beside
-    an SQLite MLflow store; None for a shared store."""
-    if uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
-    return None
-
-
-def open_storage(url: str, key: str = "study.storage") -> optuna.storages.BaseStorage:
-    """An Optuna storage: a ``*.journal`` file, or any SQLAlchemy URL (with heartbeats,
-    so that trials of a killed process can be failed)."""
-    import optuna
-
-    try:
-        if url.endswith(".journal"):
-            path = url.removeprefix("journal:").removeprefix("file://")
-            backend = optuna.storages.journal.JournalFileBackend(path)  # type: ignore[attr-defined]
-            return optuna.storages.JournalStorage(backend)
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if url.startswith("sqlite") else {}
-        with creation_lock(url), warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: not news
-            storage = optuna.storages.RDBStorage(
-                url,
-                engine_kwargs={**engine_kwargs, "pool_pre_ping": True},  # a restarted server's dead connections
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=note_stale_trial,  # what fail_stale_trials failed: trial.fail_dead
-            )
-        return patient_storage(storage, hide_password(url))
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrackingError(
-            f"{key}: cannot open the Optuna storage '{hide_password(url)}': "
-            f"{Redactor([url_password(url)]).text(first)}{driver_hint(first)}\n"
-            f"Use {NULL_STORAGE.get(key, 'null')}, an SQLAlchemy URL such as "
-            "sqlite:///optuna.db or postgresql://HOST/DB, or a file ending in .journal."
-        ) from None
-
-
-NULL_STORAGE = {"study.storage": "null (optuna.db beside the MLflow store)",
-                "sweep.storage": "null (the MLflow store coordinates the grid)"}
 
 
 def driver_hint(message: str) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import runtime
 from .errors import ConfigError
 from .liveness import owner_gone, owner_label, stale_trials
-from .tracking import HEARTBEAT_SECONDS
+from .storage import HEARTBEAT_SECONDS
 
 if TYPE_CHECKING:
     import optuna

@@ -78,9 +78,7 @@ class Workspace:
     def family(self, kind: str = "child") -> tuple[list, list]:
         """The parent runs, and the runs tagged kmrun.role=child (or kmrun.kind=trial)."""
         runs = self.runs()
-        parents = [r for r in runs if r.data.tags.get("kmrun.role") == "parent"]
-        key = "kmrun.kind" if kind == "trial" else "kmrun.role"
-        return parents, [r for r in runs if r.data.tags.get(key) == kind]
+        return [r for r in runs if r.data.tags.get("kmrun.role") == "parent"], child_runs(runs, kind)
 
     def running(self, uri: str | None = None) -> int:
         db = Path((uri or self.uri).removeprefix("sqlite:///"))
@@ -93,6 +91,33 @@ class Workspace:
             if "not a database" in str(err):  # a test damaged it on purpose: it holds no run at all
                 return 0
             raise
+
+
+def child_runs(runs: list, kind: str = "child") -> list:
+    """The runs tagged kmrun.role=child (or, with kind="trial", kmrun.kind=trial)."""
+    key = "kmrun.kind" if kind == "trial" else "kmrun.role"
+    return [r for r in runs if r.data.tags.get(key) == kind]
+
+
+def eventually(check, seconds: float = 30, every: float = 0.2) -> bool:
+    """Poll ``check()`` until it is true (True) or ``seconds`` pass (False)."""
+    deadline = time.time() + seconds
+    while not check():
+        if time.time() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+def group_gone(pgid: int, seconds: float = 15) -> bool:
+    """Whether no process of the process group ``pgid`` is left within ``seconds``."""
+    def gone() -> bool:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    return eventually(gone, seconds)
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import child_runs
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +132,7 @@ def test_kedro_mlflow_datasets_and_a_nodes_own_mlflow_calls_land_in_the_jobs_run
     assert done.code == 0, done.text
     runs = ws.runs()
     assert {r.data.tags.get("kmrun.role") for r in runs} == {"parent", "child"}  # no run of kedro-mlflow's own
-    children = [r for r in runs if r.data.tags["kmrun.role"] == "child"]
+    children = child_runs(runs)
     for child in children:
         assert child.data.metrics["from_node"] == 1.0 and child.info.status == "FINISHED"
         assert "model.pkl" in {a.path for a in ws.client().list_artifacts(child.info.run_id)}

@@ -9,11 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, answers, free_port, make_workspace
+from conftest import Workspace, answers, child_runs, free_port, group_gone, make_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -179,9 +178,7 @@ def test_ui_answers_on_localhost(store):
     finally:
         proc.send_signal(signal.SIGTERM)  # to kmrun alone: it stops MLflow's server and its workers
         assert proc.wait(timeout=30) == 0
-    time.sleep(1)
-    with pytest.raises(ProcessLookupError):
-        os.killpg(proc.pid, 0)  # nothing of the server's process group is left
+    assert group_gone(proc.pid)  # nothing of the server's process group is left
 
 
 NODES = '''
@@ -257,7 +254,7 @@ def test_init_in_a_fresh_kedro_project_then_run_and_grid(tmp_path, template_stor
     grid = ws.kmrun("-m", "+experiment=baseline", "params.fit.scale=0.1,1", "params.fit.n=5,20")
     assert grid.code == 0, grid.text
     runs = ws.runs()
-    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(runs)
     assert len(children) == 4 and all("loss" in c.data.metrics for c in children)
     assert next(r for r in runs if r.info.run_name == "baseline").data.metrics["loss"] == 0.25
 

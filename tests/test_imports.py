@@ -69,7 +69,7 @@ def test_private_apis_kmrun_relies_on_still_exist():
     assert isinstance(SqlAlchemyStore._engine_map, dict)  # runtime.mlflow_engines: dispose after fork
     from mlflow.tracking._tracking_service import utils
 
-    assert callable(utils._use_tracking_uri)  # job.active_run: the job's store, for the pipeline only
+    assert callable(utils._use_tracking_uri)  # fluent.active_run: the job's store, for the pipeline only
     study = optuna.create_study()
     trial = study.ask()
     assert isinstance(trial._trial_id, int)  # study: heartbeats and failing stale trials by id

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from runner.errors import MetricError
-from runner.job import deep_merge
 from runner.metrics import objective_of, read_metrics
+from runner.params import deep_merge
 from runner.schema import KmrunConf, ObjectiveConf
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import child_runs
 from kedro_projects import project, write
 
 pytestmark = pytest.mark.slow
@@ -81,7 +82,7 @@ def test_namespaces_keep_their_own_metrics_and_factory_datasets_are_found_everyw
     # a parallel grid: each job writes its factory outputs into its own folder, and logs its own artifact
     (where / "data/06_models/active_regressor.json").unlink()  # the single run wrote the project's own file
     kmrun(root, "-m", "params.active.w=3,4", "sweep.n_jobs=2")
-    cells = [r for r in runs(root) if r.data.tags.get("kmrun.role") == "child"]
+    cells = child_runs(runs(root))
     assert len(cells) == 2 and not (where / "data/06_models/active_regressor.json").exists()
     from mlflow import MlflowClient
 

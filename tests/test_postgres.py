@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_workspace, mlflow_server
+from conftest import child_runs, make_workspace, mlflow_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import pgcluster
@@ -245,7 +245,7 @@ def test_two_hosts_with_two_workers_share_one_grid_each_cell_once(tmp_path_facto
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
     runs = trial_runs(track)
-    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(runs)
     shown = [(r.data.params.get("model.C"), r.info.status, r.data.tags.get("kmrun.host"), r.data.tags.get("kmrun.stale"))
              for r in children]
     assert len(children) == 12 and all(r.info.status == "FINISHED" for r in children), (shown, outputs)
@@ -271,7 +271,7 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_by_the_other(tmp_path_fac
     code, output = run_host(b, args, "b", postgres)  # b cannot see a's processes
     assert code == 0, output[-3000:]
     runs = trial_runs(track)
-    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(runs)
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert sorted(float(r.data.params["model.C"]) for r in finished) == [100, 150, 200, 250]  # each cell once
     orphan = next(r for r in children if r.info.run_id == running[0].info.run_id)
@@ -306,7 +306,7 @@ def test_two_hosts_share_a_grid_on_an_mlflow_server_through_an_optuna_storage(
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
     runs = trial_runs(server, "board-grid")
-    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(runs)
     shown = [(r.data.params.get("model.C"), r.info.status, r.data.tags.get("kmrun.host"), r.data.tags.get("kmrun.stale"))
              for r in children]
     assert len(children) == 12 and all(r.info.status == "FINISHED" for r in children), (shown, outputs)
@@ -344,7 +344,7 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_through_the_optuna_storag
     code, output = run_host(b, args, "b")  # b learns of a's death by heartbeat only
     assert code == 0, output[-3000:]
     runs = trial_runs(server, "board-kill")
-    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(runs)
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert sorted(float(r.data.params["model.C"]) for r in finished) == [100, 150, 200, 250]  # each cell once
     orphan = next(r for r in children if r.info.run_id == dead.user_attrs["mlflow_run_id"])
@@ -379,7 +379,7 @@ def test_two_hosts_share_a_grid_and_a_killed_worker_has_its_cell_run_again(
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outputs)
     assert "its worker process died" in outputs[0]
     runs = trial_runs(track)
-    children = [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(runs)
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert sorted(float(r.data.params["model.C"]) for r in finished) == [100 + 25 * i for i in range(12)]
     lost = next(r for r in children if r.info.run_id == running[0].info.run_id)

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import mlflow_server
+from conftest import child_runs, eventually, mlflow_server
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
@@ -54,7 +54,7 @@ def children(uri: str, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], max_results=1000) if found else []
     assert not [r for r in runs if r.info.status == "RUNNING"], "a run was left RUNNING"
-    return [r for r in runs if r.data.tags.get("kmrun.role") == "child"]
+    return child_runs(runs)
 
 
 def test_a_grid_on_two_ray_nodes_runs_each_cell_once_with_the_local_results(ws, cluster, server):
@@ -84,17 +84,7 @@ def test_a_node_removed_mid_grid_has_its_job_run_again_elsewhere(ws, tmp_path, s
     try:
         proc = kmrun(ws, [*GRID, f"ray.address={own.address}", f"mlflow.tracking_uri={server}",
                           "mlflow.experiment_name=ray-node-lost", "params.model.n_estimators=range(1500,2700,300)"])
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            from mlflow import MlflowClient
-
-            client = MlflowClient(server)
-            found = client.get_experiment_by_name("ray-node-lost")
-            running = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
-            if any(r.data.tags.get("kmrun.ray_node") == doomed.node_id[:12] for r in running):
-                break
-            time.sleep(0.2)
-        time.sleep(1.0)
+        wait_running(server, "ray-node-lost", 1, node=doomed.node_id[:12])
         own.remove_node(doomed, allow_graceful=False)  # its raylet and workers die: a node lost mid-job
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out[-4000:]
@@ -123,17 +113,22 @@ def test_an_unreachable_cluster_exits_2_before_any_run(ws):
     assert "Traceback" not in text and not ws.runs() and time.time() - sent < 120
 
 
-def wait_running(server: str, experiment: str, count: int, timeout: float = 300) -> None:
+def wait_running(server: str, experiment: str, count: int, node: str | None = None, busy: float = 1.0,
+                 timeout: float = 300) -> None:
+    """Poll until ``count`` jobs (on ``node``, if given) have been running on Ray for ``busy`` seconds."""
     from mlflow import MlflowClient
 
-    client, deadline = MlflowClient(server), time.time() + timeout
-    while time.time() < deadline:
+    client = MlflowClient(server)
+
+    def running() -> bool:
         found = client.get_experiment_by_name(experiment)
-        running = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
-        if len([r for r in running if "kmrun.ray_node" in r.data.tags]) >= count:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no {count} jobs running on Ray")
+        runs = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
+        since = (time.time() - busy) * 1000
+        busy_here = [r for r in runs if r.info.start_time < since and "kmrun.ray_node" in r.data.tags
+                     and node in (None, r.data.tags["kmrun.ray_node"])]
+        return len(busy_here) >= count
+
+    assert eventually(running, timeout), f"no {count} jobs running on Ray"
 
 
 def test_ctrl_c_on_a_ray_sweep_cancels_its_tasks_ends_runs_killed_and_the_command_resumes(ws, cluster, server):
@@ -141,7 +136,6 @@ def test_ctrl_c_on_a_ray_sweep_cancels_its_tasks_ends_runs_killed_and_the_comman
             "mlflow.experiment_name=ray-interrupt", "params.model.n_estimators=range(1500,2700,300)"]
     proc = kmrun(ws, args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_running(server, "ray-interrupt", 2)
-    time.sleep(1.0)
     sent = time.time()
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]

@@ -16,7 +16,8 @@ from runner.schema import parse
 
 
 class StoreStub:
-    """What a source asks of the MLflow store, answered from a list of finished runs."""
+    """What a source asks of the MLflow store (``tracking.RunStore``), answered from a list
+    of finished runs."""
 
     def __init__(self, finished: dict[str, str] | None = None, taken: set[str] = frozenset(),
                  tags: dict[str, str] | None = None) -> None:
@@ -34,6 +35,9 @@ class StoreStub:
         return SimpleNamespace(info=SimpleNamespace(run_id=f"elsewhere-{config_hash}", status=status),
                                data=SimpleNamespace(metrics={"accuracy": 0.7} if status == "FINISHED" else {}))
 
+    def start(self, run_name, tags, parent_id=None):
+        return f"run-{tags.get('kmrun.config_hash', '')[:4]}"
+
     def claim(self, config_hash, run_name, tags, parent_id, rerun=False, fingerprint=None):
         if config_hash in self.taken:
             return None, self._run(config_hash, "RUNNING")
@@ -42,7 +46,7 @@ class StoreStub:
     def owner_alive(self, run) -> bool:
         return self.owner_lives
 
-    def end_stale(self, run_id: str) -> None:  # the dead owner's run ends FAILED: the cell is free again
+    def end_stale(self, run_id: str, with_parent: bool = False, trial_failed: bool = False) -> None:  # the dead owner's run ends FAILED: the cell is free again
         self.taken.discard(run_id.removeprefix("elsewhere-"))
         self.elsewhere = "FAILED"
 
@@ -61,6 +65,21 @@ class StoreStub:
 
     def finish(self, run_id: str, status: str) -> None:
         self.ended.append((run_id, status))
+
+
+def test_the_store_stub_implements_what_sources_ask_of_the_store():
+    """It cannot drift from ``RunStore``: the same members, with the same parameters."""
+    import inspect
+
+    from runner.tracking import RunStore, Tracker
+
+    members = [name for name in vars(RunStore) if not name.startswith("_")]
+    assert "claim" in members and "client" in RunStore.__annotations__
+    for name in members:
+        wanted = list(inspect.signature(getattr(RunStore, name)).parameters)
+        assert list(inspect.signature(getattr(StoreStub, name)).parameters) == wanted, name
+        assert list(inspect.signature(getattr(Tracker, name)).parameters) == wanted, name
+    assert hasattr(StoreStub(), "client")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import time
 
 import optuna
 import pytest
+from conftest import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -103,14 +104,14 @@ def test_kill_9_mid_trial_then_rerun_completes_without_duplicates(ws):
 
 
 def test_two_processes_share_one_study(ws):
-    # trials of about a second (random forests), so that the second process, started a
-    # second later, finds work left even on a loaded machine
+    # trials of about a second (random forests), so that the second process, started once
+    # the first runs its first trial, finds work left even on a loaded machine
     args = ["-m", "+experiment=forest", "+study=tune", "study.n_trials=8", "params.model.n_estimators=500"]
     import os
 
     first = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
-    time.sleep(1.0)
+    assert eventually(lambda: ws.running() >= 2, 120), "the first process ran no trial"  # its parent and a trial
     second = ws.kmrun(*args)
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, out + err

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import child_runs
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +57,10 @@ FINISHED_CHILD = RUNNING_CHILD.replace("'RUNNING'", "'FINISHED'")
 # a child that started moments ago: its pipeline (seconds long) is surely mid-way, so a kill
 # sent now cannot land after the job ended (the race CI caught in the PostgreSQL kill tests)
 JUST_STARTED_CHILD = RUNNING_CHILD + " and r.start_time > cast(strftime('%s', 'now') as integer) * 1000 - 1500"
+# a run busy for a second at least: its job is past its set-up, mid-pipeline
+_A_SECOND_AGO = " and r.start_time < cast(strftime('%s', 'now') as integer) * 1000 - 1000"
+BUSY_CHILD = RUNNING_CHILD + _A_SECOND_AGO
+BUSY_RUN = "select count(*) from runs r where r.status = 'RUNNING'" + _A_SECOND_AGO
 
 
 def left_behind(ws, wait: float = 15.0) -> list[int]:
@@ -90,7 +95,7 @@ def test_kill_9_during_a_grid_then_rerun_loses_and_repeats_nothing(ws):
     done = ws.kmrun(*SLOW_GRID)
     assert done.code == 0, done.text
     assert f"{len(finished_before)} skipped (already FINISHED)" in done.out
-    children = [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(ws.runs())
     finished = Counter(r.data.tags["kmrun.config_hash"] for r in children if r.info.status == "FINISHED")
     assert len(finished) == 6 and set(finished.values()) == {1}  # every cell, once
     assert finished_before <= set(finished)  # nothing finished was redone
@@ -101,8 +106,7 @@ def test_kill_9_during_a_grid_then_rerun_loses_and_repeats_nothing(ws):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_sweep_is_killed_promptly_and_says_how_to_resume(ws, sig):
     proc = start(ws, SLOW_GRID + ["sweep.n_jobs=2"])
-    wait_for(ws, RUNNING_CHILD, 1)
-    time.sleep(0.5)
+    wait_for(ws, BUSY_CHILD, 1)
     sent = time.time()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
@@ -116,8 +120,7 @@ def test_an_interrupted_sweep_is_killed_promptly_and_says_how_to_resume(ws, sig)
 
 def test_ctrl_c_on_a_single_run_marks_it_killed(ws):
     proc = start(ws, ["+experiment=forest", "params.model.n_estimators=3000"])
-    wait_for(ws, "select count(*) from runs where status = 'RUNNING'", 1)
-    time.sleep(1.0)
+    wait_for(ws, BUSY_RUN, 1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "KILLED" in err and "Traceback" not in err
@@ -139,8 +142,7 @@ def test_a_single_run_killed_with_9_is_ended_by_the_next_single_run(ws):
 
 def test_a_second_signal_leaves_at_once_and_the_next_run_cleans_up(ws):
     proc = start(ws, ["+experiment=forest", "params.model.n_estimators=3000"])
-    wait_for(ws, "select count(*) from runs where status = 'RUNNING'", 1)
-    time.sleep(1.0)
+    wait_for(ws, BUSY_RUN, 1)
     # Two different signals, back to back: the second reaches Python while the first is
     # still unwinding (two SIGINTs this close would merge into one in the kernel).
     os.kill(proc.pid, signal.SIGINT)
@@ -195,7 +197,7 @@ def test_two_identical_grids_started_together_run_each_cell_once(ws):
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, out + err
-    children = [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(ws.runs())
     finished = Counter(r.data.tags["kmrun.config_hash"] for r in children if r.info.status == "FINISHED")
     assert len(finished) == 4 and set(finished.values()) == {1}, finished
     assert len(children) == 4 and ws.running() == 0
@@ -209,7 +211,7 @@ def test_kmrun_join_shares_a_running_grid_by_its_parent_run_id(ws):
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, out + err
     assert joined.code == 0 and "Joining the grid of run" in joined.out, joined.text
-    children = [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(ws.runs())
     finished = Counter(r.data.tags["kmrun.config_hash"] for r in children if r.info.status == "FINISHED")
     assert len(finished) == 6 and set(finished.values()) == {1}, finished  # each cell once
     assert len({r.data.tags["kmrun.pid"] for r in children}) == 2  # both processes ran cells
@@ -232,7 +234,7 @@ def test_a_killed_worker_has_its_cell_run_again_and_the_sweep_goes_on(ws, sig):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err  # the lost cells ran again: nothing failed on its own
     assert "Traceback" not in err and "its worker process died" in out + err, out + err
-    children = [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(ws.runs())
     finished = Counter(r.data.tags["kmrun.config_hash"] for r in children if r.info.status == "FINISHED")
     assert len(finished) == 6 and set(finished.values()) == {1}  # every cell, once
     lost = [r for r in children if r.info.status != "FINISHED"]
@@ -245,8 +247,7 @@ def test_a_killed_worker_has_its_cell_run_again_and_the_sweep_goes_on(ws, sig):
 
 def test_a_closed_terminal_sighup_ends_the_sweep_killed(ws):
     proc = start(ws, SLOW_GRID + ["sweep.n_jobs=2"])
-    wait_for(ws, RUNNING_CHILD, 1)
-    time.sleep(0.5)
+    wait_for(ws, BUSY_CHILD, 1)
     proc.send_signal(signal.SIGHUP)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
@@ -257,8 +258,7 @@ def test_a_closed_terminal_sighup_ends_the_sweep_killed(ws):
 def test_ctrl_c_in_the_first_trial_of_a_study_leaves_no_trial_running(ws):
     proc = start(ws, ["-m", "+experiment=forest", "+study=tune", "study.n_trials=2",
                       "params.model.n_estimators=3000", "params.model.C=interval(0.5,1)"])
-    wait_for(ws, RUNNING_CHILD, 1)
-    time.sleep(1.0)
+    wait_for(ws, BUSY_CHILD, 1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
@@ -274,8 +274,7 @@ def test_ctrl_c_on_a_parallel_study_ends_every_trial_and_run_of_this_process(ws,
     each trial of this process FAIL, each run KILLED (not stale), nothing RUNNING."""
     proc = start(ws, ["-m", "+experiment=forest", "+study=tune", "study.n_trials=6", "study.n_jobs=2",
                       "params.model.n_estimators=2500", "params.model.C=interval(0.5,1)"], start_new_session=True)
-    wait_for(ws, "select count(*) from runs where status = 'RUNNING'", 3)  # the parent and two trials
-    time.sleep(1.0)
+    wait_for(ws, BUSY_CHILD, 2)  # two trials, each busy for a second
     sent = time.time()
     if group:
         os.killpg(proc.pid, signal.SIGINT)
@@ -337,8 +336,7 @@ def test_a_paused_process_whose_trial_another_failed_goes_on_and_counts_stay_exa
     trial as stale (no heartbeat) and completes the study; hostA wakes up and finishes."""
     args = ["-m", "+experiment=forest", "+study=tune", "study.n_trials=3", "params.model.n_estimators=2500"]
     a = start(ws, args, env={"KMRUN_HOST": "hostA"})
-    wait_for(ws, RUNNING_CHILD, 1)
-    time.sleep(1.0)
+    wait_for(ws, BUSY_CHILD, 1)
     a.send_signal(signal.SIGSTOP)
     try:
         b = ws.kmrun(*args, env={"KMRUN_HOST": "hostB"}, timeout=400)  # waits until a's trial is stale

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import free_port, mlflow_command, start_server
+from conftest import child_runs, free_port, mlflow_command, start_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import pgcluster
@@ -71,7 +71,7 @@ def when_a_job_runs(uri: str, proc: subprocess.Popen, timeout: float = 180) -> N
 
 
 def each_cell_once(uri: str) -> Counter:
-    children = [r for r in runs_of(uri) if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(runs_of(uri))
     finished = Counter(r.data.tags["kmrun.config_hash"] for r in children if r.info.status == "FINISHED")
     assert len(finished) == 4 and set(finished.values()) == {1}, finished
     assert not [r for r in runs_of(uri) if r.info.status == "RUNNING"]

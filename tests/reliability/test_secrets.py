@@ -4,6 +4,7 @@ environment variables, or the command line; after a run, a grid and a study."""
 from __future__ import annotations
 
 import pytest
+from conftest import child_runs
 
 from runner.redact import REDACTED
 
@@ -97,7 +98,7 @@ def test_non_string_and_list_secrets_and_swept_secrets_are_hidden_everywhere(ws)
         assert done.code == 0, done.text
         outputs.append(done.text)
     assert scan(ws, planted, outputs) == []
-    children = [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    children = child_runs(ws.runs())
     assert sorted(r.info.run_name for r in children) == ["db_password=***", "db_password=***"]
     assert {r.data.params["db_password"] for r in children} == {REDACTED}
 

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 import pytest
+from conftest import child_runs
 from test_faults import left_behind
 from test_secrets import scan
 
@@ -23,7 +24,7 @@ GRID = ["-m", "+experiment=baseline", "params.split.seed=range(0,200)", "params.
 
 
 def children(ws) -> list:
-    return [r for r in ws.runs() if r.data.tags.get("kmrun.role") == "child"]
+    return child_runs(ws.runs())
 
 
 def test_200_jobs_under_random_kill_9_finish_exactly_once(ws):
