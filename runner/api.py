@@ -170,7 +170,8 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
 def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str], command: str, echo: bool,
            verbose: bool) -> SweepOutcome:
     from .records import SweepOutcome
-    from .study import Study, search_space
+    from .space import search_space
+    from .study import Study
 
     settings = conf.study
     assert settings is not None  # sweep() calls this for a config with a study

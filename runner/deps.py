@@ -22,17 +22,18 @@ from __future__ import annotations
 import dis
 import functools
 import hashlib
-import importlib.metadata as metadata
 import importlib.util
 import os
 import pickle
-import re
 import sys
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import dists
+from .dists import distributions
 
 DYNAMIC = ("exec", "eval", "compile", "__import__", "import_module")  # what they reach is unknowable
 WIDE = ("getattr", "globals", "vars")  # any attribute of the modules the code names may be read
@@ -260,8 +261,7 @@ def forget() -> None:
     """Drop what was memoized (code may have been reloaded since)."""
     _MEMO.clear()
     _OWN.clear()
-    _distribution.cache_clear()
-    distributions.cache_clear()
+    dists.forget()
     _ENVIRONMENTS.clear()
     project_code.cache_clear()
 
@@ -283,69 +283,6 @@ def _own(root: Path, module: str) -> bool:
 
 
 _OWN: dict[tuple[Path, str], bool] = {}
-
-
-@functools.cache
-def distributions(top: str) -> dict[str, str]:
-    """The distributions providing the top-level module ``top``, with those they require,
-    as name: version (and a digest of the files it installed)."""
-    names = [top] if _distribution(top) is not None else _providers(top)  # most are named as their module
-    out: dict[str, str] = {}
-    todo = list(names)
-    while todo:
-        found = _distribution(todo.pop())
-        if found is None or found[0] in out:
-            continue
-        key, version, requires = found
-        out[key] = version
-        todo += requires
-    return dict(sorted(out.items()))
-
-
-@functools.cache
-def _distribution(name: str) -> tuple[str, str, list[str]] | None:
-    """An installed distribution's normalized name, its version with a digest of its RECORD
-    (a reinstall of other files under the same version), and the distributions it always
-    requires. Read from its METADATA lines, which costs far less than parsing the message."""
-    try:
-        dist = metadata.distribution(name)
-    except metadata.PackageNotFoundError:
-        return None
-    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
-    headers = text.split("\n\n", 1)[0].splitlines()
-    version = next((line.split(":", 1)[1].strip() for line in headers if line.startswith("Version:")), "?")
-    requires = [re.split(r"[\s;<>=!~\[(]", line.split(":", 1)[1].strip(), maxsplit=1)[0] for line in headers
-                if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    record = dist.read_text("RECORD") or ""
-    if record:
-        version += f" {hashlib.sha256(record.encode()).hexdigest()[:8]}"
-    return re.sub(r"[-_.]+", "-", name).lower(), version, requires
-
-
-def _providers(top: str) -> list[str]:
-    """The distributions that installed the top-level module ``top``: read from the
-    ``*.dist-info`` folders beside it (``top_level.txt``, else ``RECORD``), which costs far
-    less than ``importlib.metadata.packages_distributions()`` over every distribution."""
-    where = getattr(sys.modules.get(top), "__file__", None)
-    if not where:
-        return []
-    site = Path(where).parent.parent if Path(where).name == "__init__.py" else Path(where).parent
-    found = []
-    for info in sorted(site.glob("*.dist-info")):
-        try:
-            tops = (info / "top_level.txt").read_text().split()
-        except OSError:
-            tops = None
-        if tops is not None and top in tops:
-            found.append(info.name.split("-")[0])
-        elif tops is None:
-            try:
-                record = (info / "RECORD").read_text()
-            except OSError:
-                continue
-            if record.startswith((f"{top}/", f"{top}.py")) or f"\n{top}/" in record or f"\n{top}.py," in record:
-                found.append(info.name.split("-")[0])
-    return found
 
 
 @functools.cache

@@ -162,7 +162,8 @@ def test_a_cell_whose_other_process_died_is_claimed_again(composer, tmp_path):
 
 
 def test_a_study_asks_until_its_target_and_records_trials(composer, tmp_path):
-    from runner.study import Study, search_space
+    from runner.space import search_space
+    from runner.study import Study
 
     args = ["+experiment=baseline", "+study=tune", f"study.storage=sqlite:///{tmp_path / 'optuna.db'}",
             "study.n_trials=3"]
