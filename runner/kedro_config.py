@@ -2,7 +2,8 @@
 
 This replaces a private method of Kedro's ``OmegaConfigLoader`` (``_read_raw_config``):
 Kedro has no public seam for it. tests/test_imports.py checks that the name still exists,
-so a Kedro upgrade that drops it fails a test, not a user.
+so a Kedro upgrade that drops it fails a test, not a user. Kedro before 1.7 has no such
+method: there the loader is left as it is (each job parses the files again).
 """
 
 from __future__ import annotations

@@ -24,11 +24,13 @@ if TYPE_CHECKING:
 def _check_alias(alias: str) -> None:
     """MLflow's own rules for an alias (characters, length, reserved names), as a KmrunError."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+    from mlflow.utils import validation
 
     try:
-        _validate_model_alias_name(alias)
-        _validate_model_alias_name_reserved(alias)
+        validation._validate_model_alias_name(alias)
+        reserved = getattr(validation, "_validate_model_alias_name_reserved", None)  # split out in MLflow 3.x
+        if reserved is not None:
+            reserved(alias)
     except MlflowException as err:
         shown = alias if len(alias) <= 40 else alias[:40] + "…"
         raise KmrunError(f"--alias '{shown}': {err.message.rstrip('.')}. Use letters, digits, '_' and '-', "

@@ -116,12 +116,20 @@ class Runtime:
 def mlflow_engines() -> list[Any]:
     """The SQLAlchemy engines MLflow's SQL store keeps, one per URI.
 
-    MLflow has no public way to reach them; ``SqlAlchemyStore._engine_map`` is checked by
-    ``tests/test_runtime.py``, which fails loudly if MLflow renames it."""
+    MLflow has no public way to reach them: ``SqlAlchemyStore._engine_map`` (from MLflow
+    3.2; ``_db_uri_sql_alchemy_engine_map`` before), which ``tests/test_imports.py`` checks
+    so that it fails loudly if MLflow renames it."""
     store = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
     if store is None:
         return []
-    return list(store.SqlAlchemyStore._engine_map.values())
+    return list(engine_map(store.SqlAlchemyStore).values())
+
+
+def engine_map(store_class: Any) -> dict[str, Any]:
+    for name in ("_engine_map", "_db_uri_sql_alchemy_engine_map"):
+        if isinstance(getattr(store_class, name, None), dict):
+            return dict(getattr(store_class, name))
+    raise AttributeError("MLflow's SqlAlchemyStore keeps its engines under a name kmrun does not know")
 
 
 _CURRENT = Runtime()

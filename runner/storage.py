@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import TrackingError
 from .liveness import note_stale_trial
@@ -20,6 +21,17 @@ if TYPE_CHECKING:
 HEARTBEAT_SECONDS = 5  # a RUNNING trial whose process died is failed after GRACE_SECONDS
 GRACE_SECONDS = 20
 SQLITE_LOCK_TIMEOUT = 60  # seconds a writer waits for SQLite's lock before failing
+
+
+@functools.cache
+def _stale_callback_name() -> str:
+    """Optuna 4.9 renamed ``failed_trial_callback`` (the older name warns from then on)."""
+    import inspect
+
+    import optuna
+
+    known = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in known else "failed_trial_callback"
 
 
 def default_storage(uri: str) -> str | None:
@@ -41,6 +53,7 @@ def open_storage(url: str, key: str = "study.storage") -> optuna.storages.BaseSt
             backend = optuna.storages.journal.JournalFileBackend(path)  # type: ignore[attr-defined]
             return optuna.storages.JournalStorage(backend)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if url.startswith("sqlite") else {}
+        stale_callback: dict[str, Any] = {_stale_callback_name(): note_stale_trial}  # failed stale: trial.fail_dead
         with creation_lock(url), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: not news
             storage = optuna.storages.RDBStorage(
@@ -48,7 +61,7 @@ def open_storage(url: str, key: str = "study.storage") -> optuna.storages.BaseSt
                 engine_kwargs={**engine_kwargs, "pool_pre_ping": True},  # a restarted server's dead connections
                 heartbeat_interval=HEARTBEAT_SECONDS,
                 grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=note_stale_trial,  # what fail_stale_trials failed: trial.fail_dead
+                **stale_callback,
             )
         return patient_storage(storage, hide_password(url))
     except Exception as err:

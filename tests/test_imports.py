@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 RUNNER = Path(__file__).resolve().parents[1] / "runner"
 TOP = {"cli", "api", "commands", "registry", "scaffold"}  # entry points: nothing below may import them
 REPORT_READS = {"records", "tracking", "redact", "errors", "results"}  # what the report layer may import
@@ -66,7 +68,9 @@ def test_private_apis_kmrun_relies_on_still_exist():
     from hydra.core.global_hydra import GlobalHydra
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    assert isinstance(SqlAlchemyStore._engine_map, dict)  # runtime.mlflow_engines: dispose after fork
+    from runner.runtime import engine_map
+
+    assert isinstance(engine_map(SqlAlchemyStore), dict)  # runtime.mlflow_engines: dispose after fork
     from mlflow.tracking._tracking_service import utils
 
     assert callable(utils._use_tracking_uri)  # fluent.active_run: the job's store, for the pipeline only
@@ -84,9 +88,15 @@ def test_private_apis_kmrun_relies_on_still_exist():
     from mlflow.pyfunc import scoring_server
 
     assert isinstance(scoring_server._SERVER_MODEL_PATH, str)  # registry.serve: the model folder runner.serving loads
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+    from mlflow.utils.validation import _validate_model_alias_name
 
-    assert callable(_validate_model_alias_name) and callable(_validate_model_alias_name_reserved)  # registry: --alias
+    from runner.errors import KmrunError
+    from runner.registry import _check_alias
+
+    assert callable(_validate_model_alias_name)  # registry: --alias, with the reserved names refused too
+    for reserved in ("latest", "v3"):
+        with pytest.raises(KmrunError):
+            _check_alias(reserved)
     from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
 
     assert callable(_get_pareto_front_trials_by_trials)  # study: the best trials of a multi-objective study
@@ -110,10 +120,18 @@ def test_kedros_private_surfaces_kmrun_relies_on_still_exist(tmp_path):
     (tmp_path / "base" / "parameters.yml").write_text("a: 1\n")
     loader = OmegaConfigLoader(str(tmp_path), base_env="base", default_run_env="local")
     assert getattr(loader, "_protocol", None) == "file"
+    assert list(inspect.signature(KedroServiceSession._get_config_loader).parameters)[:2] == ["self", "runtime_params"]
+    import kedro
+
+    if tuple(int(part) for part in kedro.__version__.split(".")[:2]) < (1, 7):  # before the method existed:
+        from runner.kedro_config import ParsedConfig
+
+        assert not hasattr(loader, "_read_raw_config") and ParsedConfig().attach(loader) is loader  # left alone
+        assert loader["parameters"] == {"a": 1}
+        return
     base, env, base_path, env_path, files = loader._read_raw_config("parameters")  # the shape kmrun caches
     assert isinstance(files, set) and str(base_path).endswith("base") and str(env_path).endswith("local")
     assert loader["parameters"] == {"a": 1}
-    assert list(inspect.signature(KedroServiceSession._get_config_loader).parameters)[:2] == ["self", "runtime_params"]
 
 
 def test_every_attribute_of_a_runner_object_is_made_in_its_init():
