@@ -185,6 +185,18 @@ def ws(tmp_path: Path, template_store: Path) -> Workspace:
 
 
 @pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """The fast tier starts no process (the README says so): a test that does is marked slow."""
+    if request.node.get_closest_marker("slow") is None:
+        def refuse(*args, **kwargs):
+            raise AssertionError("a fast-tier test started a process: mark it @pytest.mark.slow")
+
+        monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+        monkeypatch.setattr(os, "fork", refuse)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _clean_globals(monkeypatch: pytest.MonkeyPatch):
     """Reset what tests may leave behind: cwd, Hydra's singleton, MLflow's active run."""
     cwd = os.getcwd()
