@@ -132,6 +132,7 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
             terminal.dry_run(outcome)
         return outcome
     ray = _on_ray(conf, {"mlflow.tracking_uri": grid.first.uri, "sweep.storage": conf.sweep.storage or ""}, verbose)
+    gpus = _gpu_slots(conf)
     jobs_dir = sweep_dir(conf, composer.base_dir)
     tracker = runtime.current().tracker(grid.first.uri, grid.first.experiment_name)
     tracker.fail_stale_runs()
@@ -162,7 +163,8 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
     try:
         return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo,
                         shared=[grid.specs[c.index] for c in grid.outcomes if c.status is Status.NOT_STARTED],
-                        jobs_dir=jobs_dir, best_model=_best_model(conf, jobs_dir, conf.sweep.register_best), ray=ray)
+                        jobs_dir=jobs_dir, best_model=_best_model(conf, jobs_dir, conf.sweep.register_best),
+                        ray=ray, gpus=gpus)
     finally:
         grid.close()
 
@@ -179,6 +181,7 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
     study = Study(composer, conf, base, space, name)
     study.check()
     ray = _on_ray(conf, {"mlflow.tracking_uri": study.first.uri, "study.storage": study.storage_url}, verbose)
+    gpus = _gpu_slots(conf)
     jobs_dir = sweep_dir(conf, composer.base_dir)
     tracker = runtime.current().tracker(study.first.uri, study.first.experiment_name)
     redact = study.first.redact
@@ -199,7 +202,7 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
 
         return _execute(study, tracker, settings.n_jobs, verbose, settings.max_failures, outcome, redact, echo,
                         summarise, shared=study.corners, jobs_dir=jobs_dir,
-                        best_model=_best_model(conf, jobs_dir, settings.register_best), ray=ray)
+                        best_model=_best_model(conf, jobs_dir, settings.register_best), ray=ray, gpus=gpus)
     finally:
         study.close()
 
@@ -207,7 +210,8 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
 def _execute(source: Source, tracker: Tracker, n_jobs: int, verbose: bool, max_failures: float | None,
              outcome: SweepOutcome, redact: Redactor, echo: bool, summarise: Callable[[], None] | None = None,
              shared: Sequence[JobSpec] = (), jobs_dir: Path | None = None,
-             best_model: BestModel | None = None, ray: RayConf | None = None) -> SweepOutcome:
+             best_model: BestModel | None = None, ray: RayConf | None = None,
+             gpus: Sequence[str] = ()) -> SweepOutcome:
     """The engine's loop inside the parent run, then the results on the parent, also when
     interrupted (without plots, so that an interrupt ends fast). Workers: no more than
     the jobs to run; before they fork, the nodes all jobs share run once here (``shared``:
@@ -225,7 +229,11 @@ def _execute(source: Source, tracker: Tracker, n_jobs: int, verbose: bool, max_f
         ran = job_cache.prewarm(shared, jobs_dir / "shared", outcome.parent_run_id or "")
         if ran:
             _note(outcome, f"Ran {', '.join(ran)} once for every job (node cache).", echo)
-    scheduler = make_scheduler(n_jobs, verbose, ray)
+    if gpus and n_jobs > len(gpus):
+        _note(outcome, f"{len(gpus)} jobs at a time: each asks for GPUs (ray.resources.gpus), and the GPUs here "
+                       f"hold {len(gpus)}.", echo)
+        n_jobs = len(gpus)
+    scheduler = make_scheduler(n_jobs, verbose, ray, gpus)
 
     label = "study" if outcome.kind == "study" else "sweep"
     policy = engine.FailurePolicy(max_failures, source.planned)
@@ -278,6 +286,23 @@ def _on_ray(conf: KmrunConf, stores: dict[str, str], verbose: bool) -> RayConf |
 
     raycluster.connect(conf.ray, {k: v for k, v in stores.items() if v}, verbose)
     return conf.ray
+
+
+def _gpu_slots(conf: KmrunConf) -> list[str]:
+    """With the local executor and ``ray.resources.gpus``: the GPUs each job at a time sees.
+    Too few GPUs for one job exits 2 before any run."""
+    per_job = float(conf.ray.resources.get("gpus") or 0)
+    if conf.sweep.executor == "ray" or per_job <= 0:
+        return []
+    from .scheduler import gpu_slots, visible_gpus
+
+    devices = visible_gpus()
+    slots = gpu_slots(devices, per_job)
+    if not slots:
+        raise ConfigError(f"ray.resources.gpus is {per_job:g}: each job asks for GPUs, but this machine shows "
+                          f"{len(devices)} (CUDA_VISIBLE_DEVICES, nvidia-smi). Lower ray.resources.gpus, or drop it "
+                          "to run on CPUs.")
+    return slots
 
 
 def _best_model(conf: KmrunConf, jobs_dir: Path, register: str | None) -> BestModel | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import shutil
 import tempfile
 import traceback
@@ -122,9 +123,7 @@ def prepare(
     experiment = conf.mlflow.experiment_name or project.package_name
     if open_store:
         rt.tracker(uri, experiment)
-    # every URL in the config (tracking URI, study and sweep storages, any later key): its password is hidden
-    urls = [uri, *(str(v) for v in flatten(config).values() if isinstance(v, str) and "://" in v)]
-    redact = Redactor.for_project(project.credentials(), deep_merge(project.parameters(), params), urls=urls)
+    redact = redactor(project, params, config, uri)
     return JobSpec(
         conf=conf,
         params=params,
@@ -138,6 +137,14 @@ def prepare(
         fingerprint=rt.fingerprint(project, conf.kedro.pipeline, conf.kedro.tags, params),
         fluent=rt.uses_mlflow(project),
     )
+
+
+def redactor(project: KedroProject, params: Mapping[str, Any], config: Mapping[str, Any], *uris: str) -> Redactor:
+    """What must never reach MLflow for a job: the project's credentials, secret-named
+    params and environment variables, and the password of every URL in the config
+    (tracking URI, study and sweep storages, any later key) and of ``uris``."""
+    urls = [*uris, *(str(v) for v in flatten(config).values() if isinstance(v, str) and "://" in v)]
+    return Redactor.for_project(project.credentials(), deep_merge(project.parameters(), params), urls=urls)
 
 
 def execute(spec: JobSpec) -> JobResult:
@@ -179,6 +186,8 @@ def execute(spec: JobSpec) -> JobResult:
         tags.update(spec.fingerprint.tags())
     if spec.output_dir:
         tags["kmrun.output_dir"] = spec.output_dir  # where this job's datasets are written
+    if "CUDA_VISIBLE_DEVICES" in os.environ:  # the GPUs this job was given (ray.resources.gpus, or Ray's)
+        tags["kmrun.gpus"] = os.environ["CUDA_VISIBLE_DEVICES"]
     shown = {k: spec.redact.text(v) for k, v in tags.items()}
     late: dict[str, str] = {}
     if spec.run_id is not None:  # claimed (started) by the sweep: its tags go with the final batch

@@ -6,7 +6,9 @@ scheduler like ``scheduler.Workers``: ``submit(spec)`` returns a future of the j
 result, at most ``size`` jobs run at a time, each with ``ray.resources``.
 
 - Every node runs the same Python environment, with kmrun and the Kedro project at the
-  same paths (a shared disk, or the same image): the task ships the job's spec only.
+  same paths (a shared disk, or the same image), or gets them through ``ray.runtime_env``
+  (``working_dir``, ``py_modules``): the task ships the job's spec only, without secrets
+  (``job.shipped``); each node reads the project's credentials itself.
 - A task is not retried by Ray: a job whose node or worker died comes back as a lost
   worker, and kmrun runs it again once, as for a local worker.
 - The stores must be reachable from every node: an SQLite file (or a journal file) is
@@ -15,13 +17,15 @@ result, at most ``size`` jobs run at a time, each with ``ray.resources``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, TrackingError, WorkerLost
-from .redact import hide_password
+from .redact import Redactor, hide_password
 
 if TYPE_CHECKING:
     from .job import JobSpec
@@ -101,7 +105,7 @@ class RayWorkers:
         self._refs: dict[Future[JobResult], Any] = {}
 
     def submit(self, spec: JobSpec) -> Future[JobResult]:
-        ref = self._task.remote(spec)
+        ref = self._task.remote(shipped(spec))  # nothing secret in a task's arguments
         result: Future[JobResult] = Future()
         self._refs[result] = ref
         ref.future().add_done_callback(lambda done: _settle(result, done, self._refs))
@@ -131,7 +135,38 @@ def _on_node(spec: JobSpec) -> JobResult:
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         logging.disable(logging.INFO)
     os.environ[NODE] = ray.get_runtime_context().get_node_id()[:12]
-    return execute(spec)
+    return execute(arrived(spec))  # with this node's redactor
+
+
+def shipped(spec: JobSpec) -> JobSpec:
+    """The spec as it travels to another machine (a Ray task's arguments): its config and
+    overrides already redacted, and no redactor (it holds every secret it hides). The
+    machine that runs it builds its own (``arrived``) from the project's credentials and
+    environment there. What the job itself needs goes as it is: its params overrides, and
+    the store URLs (keep passwords out of them: MLflow's and PostgreSQL's own variables or
+    files on each node)."""
+    redact = spec.redact
+    return replace(spec, conf=redacted_conf(spec.conf, redact), config=redact.tree(spec.config),
+                   overrides=[redact.override(o) for o in spec.overrides], redact=Redactor())
+
+
+def redacted_conf(conf: Any, redact: Redactor) -> Any:
+    """A copy of kmrun's typed config (``KmrunConf``) with every string passed through
+    ``redact`` and secret-named keys hidden (a job reads its params from ``JobSpec.params``)."""
+    if dataclasses.is_dataclass(conf) and not isinstance(conf, type):
+        return replace(conf, **{f.name: redacted_conf(getattr(conf, f.name), redact) for f in dataclasses.fields(conf)})
+    return redact.tree(conf)
+
+
+def arrived(spec: JobSpec) -> JobSpec:
+    """A shipped spec, with the redactor of the machine that runs it."""
+    from . import runtime
+    from .job import redactor
+
+    conf = spec.conf
+    project = runtime.current().project(conf.kedro.project_path, conf.kedro.env)
+    storage = [spec.trial.storage] if spec.trial is not None else []
+    return replace(spec, redact=redactor(project, spec.params, spec.config, spec.uri, *storage))
 
 
 def _settle(result: Future[JobResult], done: Future[Any], refs: dict[Future[JobResult], Any]) -> None:

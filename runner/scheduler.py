@@ -10,11 +10,15 @@ nothing else changes.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shutil
 import signal
+import subprocess
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .job import JobSpec, execute
 from .processes import STOPS, die_with_parent
@@ -37,9 +41,13 @@ class Scheduler(Protocol):
 
 
 class Inline:
-    """One job at a time, in this process."""
+    """One job at a time, in this process (with ``gpu_slots``, on the first slot's GPUs)."""
 
     size = 1
+
+    def __init__(self, gpu_slots: Sequence[str] = ()) -> None:
+        self.gpu_slot = gpu_slots[0] if gpu_slots else None
+        self._saved: str | None = None
 
     def submit(self, spec: JobSpec) -> Future[JobResult]:
         future: Future[JobResult] = Future()
@@ -47,10 +55,17 @@ class Inline:
         return future
 
     def __enter__(self) -> Inline:
+        if self.gpu_slot is not None:
+            self._saved = os.environ.get(CUDA)
+            os.environ[CUDA] = self.gpu_slot
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
-        return None
+        if self.gpu_slot is not None:
+            if self._saved is None:
+                os.environ.pop(CUDA, None)
+            else:
+                os.environ[CUDA] = self._saved
 
 
 class Workers:
@@ -63,10 +78,10 @@ class Workers:
     are spawned and bootstrap once each.
     """
 
-    def __init__(self, size: int, verbose: bool = False) -> None:
+    def __init__(self, size: int, verbose: bool = False, gpu_slots: Sequence[str] = ()) -> None:
         import multiprocessing
 
-        self.size, self.verbose = size, verbose
+        self.size, self.verbose, self.gpu_slots = size, verbose, list(gpu_slots)
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self._executor = self._pool(method)
 
@@ -74,8 +89,11 @@ class Workers:
         import multiprocessing
 
         context = multiprocessing.get_context(method)
+        slots = context.Queue() if self.gpu_slots else None  # each worker takes its own GPUs
+        for slot in self.gpu_slots[: self.size]:
+            slots.put(slot)  # type: ignore[union-attr]
         return ProcessPoolExecutor(self.size, mp_context=context, initializer=_worker_init,
-                                   initargs=(self.verbose, os.getpid()))
+                                   initargs=(self.verbose, os.getpid(), slots))
 
     def submit(self, spec: JobSpec) -> Future[JobResult]:
         try:
@@ -105,18 +123,51 @@ class Workers:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-def make_scheduler(n_jobs: int, verbose: bool = False, ray: RayConf | None = None) -> Scheduler:
+def make_scheduler(n_jobs: int, verbose: bool = False, ray: RayConf | None = None,
+                   gpu_slots: Sequence[str] = ()) -> Scheduler:
     """``Inline`` for one job at a time, else ``Workers``; with ``ray`` settings, Ray tasks
-    (``raycluster``: ``connect`` comes first)."""
+    (``raycluster``: ``connect`` comes first). ``gpu_slots``: the GPUs each local worker
+    sees (``gpu_slots``), as many workers as slots at most."""
     if ray is not None:
         from .raycluster import RayWorkers
 
         return RayWorkers(n_jobs, ray, verbose)
-    return Workers(n_jobs, verbose) if n_jobs > 1 else Inline()
+    return Workers(n_jobs, verbose, gpu_slots) if n_jobs > 1 else Inline(gpu_slots)
 
 
-def _worker_init(verbose: bool, parent: int) -> None:
+CUDA = "CUDA_VISIBLE_DEVICES"
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this machine shows a job: ``CUDA_VISIBLE_DEVICES`` when set, else the ones
+    ``nvidia-smi -L`` lists (none without it)."""
+    if CUDA in os.environ:
+        return [d.strip() for d in os.environ[CUDA].split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    lines = [line for line in done.stdout.splitlines() if line.startswith("GPU ")] if done.returncode == 0 else []
+    return [str(index) for index in range(len(lines))]
+
+
+def gpu_slots(devices: Sequence[str], per_job: float) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` for each job that fits at once when each asks for ``per_job``
+    GPUs: 2 GPUs and 1 per job → "0", "1"; 0.5 per job → "0", "0", "1", "1"; 2 per job on 4
+    → "0,1", "2,3"."""
+    if per_job <= 0:
+        return []
+    fit, width = int(len(devices) / per_job + 1e-9), max(1, math.ceil(per_job))
+    return [",".join(devices[int(i * per_job): int(i * per_job) + width]) for i in range(fit)]
+
+
+def _worker_init(verbose: bool, parent: int, slots: Any = None) -> None:
     from . import runtime
+
+    if slots is not None:
+        os.environ[CUDA] = slots.get(timeout=30)
 
     for sig in STOPS:
         signal.signal(sig, _worker_interrupt)

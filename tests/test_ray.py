@@ -75,6 +75,35 @@ def test_a_grid_on_two_ray_nodes_runs_each_cell_once_with_the_local_results(ws, 
     assert here == {k: there[k] for k in here}  # the same numbers as the local executor
 
 
+def test_the_node_cache_on_ray_runs_a_shared_prefix_once_per_sweep_and_nothing_secret_travels(ws, cluster, server):
+    """The nodes no swept key reaches run once, before the tasks go out, and every task on
+    either node takes them from the cache (the nodes share this machine's disk, as a shared
+    cache.dir would on a real cluster); the numbers equal a cache=false sweep. A credential,
+    a secret environment variable and a URL's password reach neither the runs nor Ray's logs."""
+    credential, token, password = "cred-s3cret-value-123", "env-s3cret-value-456", "pw-s3cret-789"
+    (ws.path / "examples/digits/conf/local/credentials.yml").write_text(f"db:\n  con: {credential}\n")
+    grid = [a for a in GRID if a != "cache=false"] + [f"ray.address={cluster.address}", f"mlflow.tracking_uri={server}",
+                                                    f"+mlflow.tags.origin=postgresql://u:{password}@db.example/x"]
+    cached = subprocess.run([sys.executable, "-m", "runner.cli", *grid, "mlflow.experiment_name=ray-cache"],
+                            cwd=ws.path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KMRUN_TEST_API_TOKEN": token})
+    assert cached.returncode == 0 and "once for every job (node cache)" in cached.stdout, cached.stdout[-3000:]
+    fresh = kmrun(ws, [*grid, "cache=false", "mlflow.experiment_name=ray-fresh"])
+    assert fresh.wait(timeout=600) == 0
+    runs = children(server, "ray-cache")
+    hits = {r.data.tags["kmrun.cache.hits"] for r in runs}
+    assert len(runs) == 4 and len(hits) == 1 and hits != {"none"}, hits  # the same prefix, from the cache, everywhere
+    assert len({r.data.tags["kmrun.ray_node"] for r in runs}) == 2
+    metrics = {r.data.params["model.n_estimators"]: r.data.metrics for r in runs}
+    assert metrics == {r.data.params["model.n_estimators"]: r.data.metrics for r in children(server, "ray-fresh")}
+    recorded = repr([(r.data.tags, r.data.params) for r in runs])
+    session = Path(cluster.head_node.get_session_dir_path())
+    logs = "".join(f.read_text(errors="replace") for f in session.rglob("*") if f.is_file() and f.suffix in (
+        ".log", ".out", ".err", ".txt", ".json"))
+    for secret in (credential, token, password):
+        assert secret not in recorded and secret not in logs and secret not in cached.stdout + cached.stderr, secret
+
+
 def test_a_node_removed_mid_grid_has_its_job_run_again_elsewhere(ws, tmp_path, server):
     from ray.cluster_utils import Cluster
 

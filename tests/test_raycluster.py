@@ -37,3 +37,44 @@ def test_importing_kmrun_does_not_import_ray():
 
     code = "import sys, runner, runner.api, runner.scheduler; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_job_spec_travels_to_a_ray_node_without_secrets_and_the_node_hides_them_again(ws, monkeypatch):
+    """A Ray task's arguments are kept by Ray (its object store, spilled to disk): the spec
+    goes without the redactor (which holds every secret) and with its config redacted; the
+    node builds its own redactor from the project's credentials and its environment."""
+    import pickle
+
+    from runner.compose import Composer
+    from runner.job import prepare
+    from runner.raycluster import arrived, shipped
+
+    credential, token, password = "cred-s3cret-value-123", "env-s3cret-value-456", "pw-s3cret-789"
+    (ws.path / "examples/digits/conf/local/credentials.yml").write_text(f"db:\n  con: {credential}\n")
+    monkeypatch.setenv("KMRUN_TEST_API_TOKEN", token)
+    monkeypatch.chdir(ws.path)
+    overrides = ["+experiment=baseline", f"+mlflow.tags.origin=postgresql://u:{password}@db.example/x"]
+    with Composer() as composer:
+        spec = prepare(composer.compose(overrides), overrides, open_store=False)
+    assert {credential, token, password} <= set(spec.redact.values)
+    travelled = pickle.dumps(shipped(spec))
+    for secret in (credential, token, password):
+        assert secret.encode() not in travelled, secret
+    on_node = arrived(pickle.loads(travelled))
+    assert {credential, token} <= set(on_node.redact.values)
+    assert on_node.conf.mlflow.tags["origin"] == "postgresql://u:***@db.example/x"  # the run's tag, hidden already
+    assert on_node.params == spec.params and on_node.config_hash == spec.config_hash
+
+
+def test_local_jobs_that_ask_for_gpus_get_their_own(monkeypatch):
+    from runner.scheduler import gpu_slots, visible_gpus
+
+    assert gpu_slots(["0", "1"], 1) == ["0", "1"]
+    assert gpu_slots(["0", "1"], 0.5) == ["0", "0", "1", "1"]
+    assert gpu_slots(["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
+    assert gpu_slots(["0", "1", "2"], 2) == ["0,1"]
+    assert gpu_slots(["0"], 2) == [] and gpu_slots([], 1) == [] and gpu_slots(["0"], 0) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
+    assert visible_gpus() == ["3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []

@@ -210,6 +210,19 @@ def test_a_grid_runs_its_shared_prefix_once_and_gets_the_same_metrics(ws):
     assert "Ran load, split once for every job (node cache)." in done.out
 
 
+def test_local_jobs_asking_for_a_gpu_each_run_as_many_at_a_time_as_gpus_each_on_its_own(ws):
+    """No GPU here: CUDA_VISIBLE_DEVICES says which devices the machine shows, as it would
+    on a GPU machine; each worker sees one of them, and the job records it."""
+    done = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.01,0.1,1,10", "sweep.n_jobs=4",
+                    "ray.resources.gpus=1", env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert done.code == 0, done.text
+    assert "2 jobs at a time" in done.out, done.out
+    _, children = ws.family()
+    assert sorted({c.data.tags["kmrun.gpus"] for c in children}) == ["0", "1"]
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert all(sum(s <= start < e for s, e in spans) <= 2 for start, _ in spans)  # never more than 2 at once
+
+
 def test_workers_never_outnumber_the_jobs_and_more_than_the_cpus_is_said(ws):
     import os
 

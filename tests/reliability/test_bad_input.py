@@ -149,6 +149,8 @@ CATALOGUE = [
     ("grid-missing-objective", G + ["objective.metric=r2"], None, 2, ["Stopped: C=0.1", "'r2' was not produced",
                                                                         "accuracy, f1_macro", "none more was started"]),
     ("sweep-without-m", B + ["params.model.C=0.1,1"], None, 2, ["is a sweep: run it with kmrun -m"]),
+    ("gpus-on-a-machine-without", G + ["ray.resources.gpus=1"], None, 2,  # no GPU on the test machines
+     ["ray.resources.gpus is 1", "this machine shows 0", "drop it to run on CPUs"]),
     ("unknown-flag", B + ["--bogus"], None, 2, ["Unknown option '--bogus'"]),
     ("bad-cfg-value", ["--cfg", "nope"], None, 2, ["--cfg nope: use job, hydra or all"]),
     ("unreadable-credentials", B, write("examples/digits/conf/local/credentials.yml", "db:\n  password: ${oc.env:KMRUN_NOT_SET_ANYWHERE}\n"),
