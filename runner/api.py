@@ -360,12 +360,13 @@ def _shown(command: str, overrides: list[str], redact: Redactor) -> str:
 
 
 def _objective(conf: KmrunConf) -> Objective:
-    from .records import Objective
+    from .records import Constraint, Objective
 
     metric, direction = conf.objective.metric, conf.objective.direction
     metrics = metric if isinstance(metric, list) else ([metric] if metric else [])
     directions = direction if isinstance(direction, list) else [direction] * max(1, len(metrics))
-    return Objective([str(m) for m in metrics], [str(d) for d in directions])
+    return Objective([str(m) for m in metrics], [str(d) for d in directions],
+                     [Constraint.parse(c) for c in conf.objective.constraints])
 
 
 def _note(outcome: SweepOutcome, message: str, echo: bool) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import KmrunError
 from .processes import serve
+from .records import Constraint, feasible
 from .redact import Redactor, hide_password
 from .results import without_redacted
 from .schema import check_experiment_name
@@ -163,14 +164,30 @@ def best(args: argparse.Namespace) -> int:
         narrowed = (f" of Kedro env '{args.env}'" if args.env else "") + (
             " of the current code and data (--current)" if args.current else "")
         raise KmrunError(f"No FINISHED run{narrowed} with metric '{metric}' in {hide_password(store.uri)}.")
-    top = found[0]
+    rules = _constraints(store.constraints)
+    feasible_runs = [r for r in found if feasible(rules, r.data.metrics)]
+    if not feasible_runs:
+        raise KmrunError(f"No FINISHED run with metric '{metric}' meets objective.constraints "
+                         f"({', '.join(map(str, rules))}) in {hide_password(store.uri)}.")
+    top = feasible_runs[0]
     terminal.say(
         f"best run {top.info.run_id} ({top.info.run_name}): {metric} = {top.data.metrics[metric]:.6g} ({direction})\n"
         f"reproduce: kmrun reproduce {top.info.run_id}\npromote:   kmrun promote {top.info.run_id} --name NAME"
     )
     for line in _mixed(found, metric, args):
         terminal.say(line)
+    if len(feasible_runs) < len(found):
+        terminal.say(f"note: left out {len(found) - len(feasible_runs)} run(s) outside objective.constraints "
+                     f"({', '.join(map(str, rules))}).")
     return 0
+
+
+def _constraints(texts: list[str]) -> list[Constraint]:
+    try:
+        return [Constraint.parse(text) for text in texts]
+    except ValueError as err:
+        raise KmrunError(f"objective.constraints: {str(err)!r} is not METRIC <= NUMBER or METRIC >= NUMBER "
+                         "(conf/kmrun.yaml).") from None
 
 
 def _mixed(runs: list[Run], metric: str, args: argparse.Namespace) -> list[str]:
@@ -297,6 +314,7 @@ def _check_git(run: Run, strict: bool) -> None:
 
 def promote(args: argparse.Namespace) -> int:
     from . import terminal
+    from .compose import default_groups
     from .results import experiment_file
 
     check_experiment_name(args.name, "--name")
@@ -304,7 +322,10 @@ def promote(args: argparse.Namespace) -> int:
     target = store.conf_dir / "experiment" / f"{args.name}.yaml"
     if target.exists() and not args.force:
         raise KmrunError(f"{target} exists. Pick another --name, or pass --force to overwrite it.")
-    text = experiment_file(Redactor(), config, f"Promoted from run {run.info.run_id} ({run.info.run_name}).", args.name)
+    overridable = default_groups(store.conf_dir)
+    recorded = dict(pair.split("=", 1) for pair in run.data.tags.get("kmrun.groups", "").split(",") if "=" in pair)
+    text = experiment_file(Redactor(), config, f"Promoted from run {run.info.run_id} ({run.info.run_name}).", args.name,
+                           {group: option for group, option in recorded.items() if group in overridable})
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     terminal.say(f"wrote {target}\nrun it: kmrun +experiment={args.name}")

@@ -167,6 +167,20 @@ class Composer:
         return found
 
 
+def default_groups(conf_dir: Path, config_name: str = CONFIG_NAME) -> set[str]:
+    """The config groups the primary config's defaults list picks (``model: ...``): those an
+    experiment file may ``override``."""
+    from omegaconf import OmegaConf
+
+    try:
+        primary = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{config_name}.yaml"))
+    except (OSError, ValueError):
+        return set()
+    defaults = primary.get("defaults", []) if isinstance(primary, dict) else []
+    return {str(key).removeprefix("override ").lstrip("/") for entry in defaults if isinstance(entry, dict)
+            for key in entry}
+
+
 def find_config_dir(config_name: str = CONFIG_NAME) -> tuple[Path, list[Path]]:
     """``conf/`` holding ``<config_name>.yaml`` in the working directory or the nearest
     parent, as git finds ``.git``; ``./conf`` when there is none. Also where it looked."""

@@ -30,6 +30,7 @@ from .errors import (
     KmrunError,
     MetricError,
     ModelError,
+    ObjectiveMissing,
     ParamError,
     TrackingError,
 )
@@ -38,7 +39,7 @@ from .job_cache import cache_plan, cache_tags, kedro_run_id
 from .kedro_bridge import KedroRun
 from .metrics import is_point, latest, objective_of, read_metrics
 from .params import added_on_purpose, check_params, deep_merge
-from .records import JobResult, Status
+from .records import Constraint, JobResult, Status
 from .redact import Redactor, flatten
 from .schema import KmrunConf, parse
 from .tracking import name_rule, rejected_names, resolve_uri
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from .tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+NOT_GROUPS = ("experiment", "study", "sweep")  # kmrun's own groups: what a job is, not how it is configured
 
 
 @dataclass
@@ -74,6 +77,7 @@ class JobSpec:
     run_id: str | None = None  # a run already started for this job (a claimed grid cell)
     fingerprint: Fingerprint | None = None  # the code, Kedro config and input files it depends on
     fluent: bool = True  # make the run MLflow's active run while the pipeline runs (the project logs itself)
+    groups: dict[str, str] = field(default_factory=dict)  # the config groups' options it was composed with
 
 
 def prepare(
@@ -136,6 +140,8 @@ def prepare(
         run_name=redact.text(conf.mlflow.run_name) if conf.mlflow.run_name else None,
         fingerprint=rt.fingerprint(project, conf.kedro.pipeline, conf.kedro.tags, params),
         fluent=rt.uses_mlflow(project),
+        groups={str(k): str(v) for k, v in (choices or {}).items() if v is not None and str(k) not in NOT_GROUPS
+                and not str(k).startswith("hydra")},
     )
 
 
@@ -179,6 +185,8 @@ def execute(spec: JobSpec) -> JobResult:
     }
     if conf.kedro.tags:
         tags["kedro.tags"] = ",".join(conf.kedro.tags)
+    if conf.objective.constraints:  # what a best run must meet (kmrun best leaves out runs that do not)
+        tags["kmrun.constraints"] = "; ".join(conf.objective.constraints)
     if conf.objective.metric:  # what this run was optimised for (kmrun best says when it ranks others)
         wanted = conf.objective.metric
         tags["kmrun.objective"] = ",".join(wanted) if isinstance(wanted, list) else str(wanted)
@@ -186,6 +194,8 @@ def execute(spec: JobSpec) -> JobResult:
         tags.update(spec.fingerprint.tags())
     if spec.output_dir:
         tags["kmrun.output_dir"] = spec.output_dir  # where this job's datasets are written
+    if spec.groups:  # which option of each config group (a study's family): promote writes them back
+        tags["kmrun.groups"] = ",".join(f"{group}={option}" for group, option in sorted(spec.groups.items()))
     if "CUDA_VISIBLE_DEVICES" in os.environ:  # the GPUs this job was given (ray.resources.gpus, or Ray's)
         tags["kmrun.gpus"] = os.environ["CUDA_VISIBLE_DEVICES"]
     shown = {k: spec.redact.text(v) for k, v in tags.items()}
@@ -245,6 +255,12 @@ class _Job:
                     f"store. {name_rule()} Rename them in the node that returns them."
                 )
             self.objective = objective_of(spec.conf, self.metrics, self.series, self.record.datasets, self.record.saved)
+            for rule in map(Constraint.parse, spec.conf.objective.constraints):
+                if rule.metric not in self.metrics and rule.metric not in self.series:
+                    raise ObjectiveMissing(
+                        f"objective.constraints: '{rule}' names the metric '{rule.metric}', which the pipeline did not "
+                        f"produce (its metrics: {', '.join(sorted(self.metrics)) or 'none'}). Fix the name, or "
+                        "return the metric from a node into a metrics dataset.")
             self._model()
             self._artifacts()
             self.status = Status.FINISHED

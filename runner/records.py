@@ -7,6 +7,7 @@ report layer (``results``, ``terminal``) reads these records and never calls bac
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -103,12 +104,46 @@ def counts(outcomes: list[Outcome]) -> dict[str, int]:
     }
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """``f1_macro >= 0.9``: a job is feasible when its metric is on the right side."""
+
+    metric: str
+    op: str  # <= or >=
+    bound: float
+
+    @classmethod
+    def parse(cls, text: str) -> Constraint:
+        """``METRIC <= NUMBER`` or ``METRIC >= NUMBER``; ValueError otherwise."""
+        found = re.fullmatch(r"\s*(\S+?)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*", str(text))
+        if found is None:
+            raise ValueError(text)
+        return cls(found[1], found[2], float(found[3]))
+
+    def violation(self, metrics: dict[str, float]) -> float:
+        """How far past its bound the metric is (≤ 0: feasible), Optuna's convention; a
+        missing or non-finite metric is infeasible."""
+        value = metrics.get(self.metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return math.inf
+        return float(value) - self.bound if self.op == "<=" else self.bound - float(value)
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.bound:g}"
+
+
+def feasible(constraints: list[Constraint], metrics: dict[str, float]) -> bool:
+    return all(c.violation(metrics) <= 0 for c in constraints)
+
+
 @dataclass
 class Objective:
-    """What a sweep ranks by: metric names and directions, one each, or lists."""
+    """What a sweep ranks by: metric names and directions, one each, or lists; and the
+    constraints a job must meet to be ranked best."""
 
     metrics: list[str]
     directions: list[str]
+    constraints: list[Constraint] = field(default_factory=list)
 
     @property
     def primary(self) -> tuple[str | None, str]:
@@ -137,6 +172,8 @@ class StudySummary:
     sampler: str
     best_experiment: str | None = None  # a conf/experiment file that reruns the best trial
     exported_to: str | None = None  # where study.export_best wrote it
+    by_option: dict[str, BestTrial] = field(default_factory=dict)  # "model=random_forest" -> its best trial
+    infeasible: int | None = None  # COMPLETE trials outside objective.constraints (None: no constraints)
 
     @property
     def finished(self) -> int:
@@ -159,7 +196,12 @@ class SweepOutcome:
 
     @property
     def counts(self) -> dict[str, int]:
-        return counts(self.outcomes)
+        found = counts(self.outcomes)
+        if self.objective.constraints:  # done, but outside the constraints: never the best
+            done = [o for o in self.outcomes if o.score() is not None]
+            found[f"{'trials' if self.kind == 'study' else 'jobs'}_infeasible"] = sum(
+                not feasible(self.objective.constraints, o.metrics) for o in done)
+        return found
 
     @property
     def exit_code(self) -> int:
@@ -172,10 +214,15 @@ class SweepOutcome:
         return 0 if all(o.status.done for o in self.outcomes) else 1
 
     def ranked(self) -> list[Outcome]:
-        """Outcomes by objective, best first; those without one last, in their order."""
+        """Outcomes by objective, best first: the feasible ones (``objective.constraints``),
+        then the infeasible ones, then those without an objective, in their order."""
         sign = -1.0 if self.objective.primary[1] == "maximize" else 1.0
-        return sorted(self.outcomes, key=lambda o: (o.score() is None, sign * (o.score() or 0.0), o.index))
+        rules = self.objective.constraints
+        return sorted(self.outcomes, key=lambda o: (o.score() is None, not feasible(rules, o.metrics),
+                                                    sign * (o.score() or 0.0), o.index))
 
     def best(self) -> Outcome | None:
         top = self.ranked()
-        return top[0] if top and top[0].score() is not None else None
+        if not top or top[0].score() is None or not feasible(self.objective.constraints, top[0].metrics):
+            return None
+        return top[0]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .records import counts
 from .redact import REDACTED
 
 if TYPE_CHECKING:
@@ -26,9 +26,10 @@ def table(outcome: SweepOutcome) -> list[dict[str, Any]]:
     """One row per job, best first."""
     metric, _ = outcome.objective.primary
     metric_names = sorted({m for o in outcome.outcomes for m in o.metrics})
+    keys = list(dict.fromkeys(key for o in outcome.outcomes for key in o.values))  # a family's keys: some trials
     rows = []
     for job in outcome.ranked():
-        row: dict[str, Any] = {"cell": job.index, **job.values, "status": str(job.status)}
+        row: dict[str, Any] = {"cell": job.index, **{k: job.values.get(k) for k in keys}, "status": str(job.status)}
         row[f"objective ({metric})"] = job.score()
         row.update({m: job.metrics.get(m) for m in metric_names})
         row["run_id"] = job.run_id or ""
@@ -36,9 +37,15 @@ def table(outcome: SweepOutcome) -> list[dict[str, Any]]:
     return rows
 
 
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of the rows, in the order they first appear: trials of a conditional
+    space have different params (a missing one is an empty cell)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def to_csv(rows: list[dict[str, Any]]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else [])
+    writer = csv.DictWriter(out, fieldnames=columns(rows))
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
@@ -47,10 +54,10 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    head = list(rows[0])
+    head = columns(rows)
     lines = ["| " + " | ".join(_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(_fmt(row[h])) for h in head) + " |")
+        lines.append("| " + " | ".join(_cell(_fmt(row.get(h))) for h in head) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +110,7 @@ def _is_number(text: str) -> bool:
 def log_parent(tracker: Tracker, parent: str, outcome: SweepOutcome, redact: Redactor) -> None:
     """Counts, the best job and the results tables on the parent run (``log_plots`` follows)."""
     metric, _ = outcome.objective.primary
-    metrics: dict[str, float] = {k: float(v) for k, v in counts(outcome.outcomes).items()}
+    metrics: dict[str, float] = {k: float(v) for k, v in outcome.counts.items()}
     params: dict[str, str] = {}
     tags: dict[str, str] = {}
     study = outcome.study
@@ -112,6 +119,8 @@ def log_parent(tracker: Tracker, parent: str, outcome: SweepOutcome, redact: Red
         for state, n in study.states.items():
             metrics[f"trials_{STATE_NAMES.get(state, state.lower())}"] = float(n)
         metrics["trials_this_run"] = float(len(outcome.outcomes))
+        if study.infeasible is not None:  # over the whole study, as the best is
+            metrics["trials_infeasible"] = float(study.infeasible)
         if len(outcome.objective.metrics) > 1:
             tags = {"optuna.pareto_trials": ",".join(str(t.number) for t in study.best)}
         elif study.best and metric:
@@ -167,15 +176,19 @@ def _log_once(tracker: Tracker, run_id: str, params: dict[str, str]) -> None:
         tracker.client.delete_tag(run_id, stale)
 
 
-def experiment_file(redact: Redactor, config: dict[str, Any], about: str, run_name: str) -> str:
+def experiment_file(redact: Redactor, config: dict[str, Any], about: str, run_name: str,
+                    groups: Mapping[str, str] | None = None) -> str:
     """An experiment file (``# @package _global_``) holding a composed config's Kedro
-    section and params, so that ``kmrun +experiment=<it>`` runs the same job again.
+    section and params, and the option of each config group in ``groups`` (``override
+    /model: random_forest``), so that ``kmrun +experiment=<it>`` runs the same job again.
     Secrets are left out, so the project's own values apply."""
     from omegaconf import OmegaConf
 
     params = without_redacted(redact.tree(config.get("params", {})))
-    body = {"kedro": config.get("kedro", {}), "params": params,
-            "objective": config.get("objective", {}), "mlflow": {"run_name": run_name}}
+    body: dict[str, Any] = {"kedro": config.get("kedro", {}), "params": params,
+                            "objective": config.get("objective", {}), "mlflow": {"run_name": run_name}}
+    if groups:
+        body = {"defaults": [*({f"override /{g}": o} for g, o in sorted(groups.items())), "_self_"], **body}
     header = (
         "# @package _global_\n"
         f"# {about}\n"

@@ -46,6 +46,7 @@ class MlflowConf:
 class ObjectiveConf:
     metric: Any = None  # metric name (or a list, for a multi-objective study); None: no objective
     direction: Any = "maximize"  # minimize | maximize (or a list, as long as metric)
+    constraints: List[str] = field(default_factory=list)  # "METRIC <= NUMBER" or ">= NUMBER": the best meets them
 
 
 @dataclass
@@ -248,6 +249,14 @@ def _check_objective(objective: ObjectiveConf) -> None:
             raise ConfigError(
                 f"objective.direction is {direction!r}; use one of: {', '.join(DIRECTIONS)}."
             )
+    from .records import Constraint
+
+    for index, text in enumerate(objective.constraints):
+        try:
+            Constraint.parse(text)
+        except ValueError:
+            raise ConfigError(f"objective.constraints[{index}] is {text!r}; write METRIC <= NUMBER or "
+                              "METRIC >= NUMBER, e.g. 'f1_macro >= 0.9'.") from None
     if objective.metric is not None and len(metrics) != len(directions):
         if len(directions) == 1:
             objective.direction = directions * len(metrics)

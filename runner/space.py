@@ -4,9 +4,11 @@ checked, and the sampler that searches them."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .compose import as_typed
@@ -34,18 +36,134 @@ SAMPLERS = {
 NEEDS = {"cmaes": "cmaes", "gp": "torch"}  # samplers whose package Optuna imports only when sampling
 
 
-def search_space(
-    composer: Composer, yaml_space: Mapping[str, Any], arguments: list[str]
-) -> tuple[list[str], dict[str, Override]]:
+@dataclass
+class Space:
+    """What a study searches: ``flat`` keys in every trial, and ``families``: config groups
+    whose chosen option brings its own keys (group -> option -> key -> distribution), each
+    sampled only when its option is chosen (define-by-run)."""
+
+    flat: dict[str, Any]
+    families: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        """Every key the study may sample (groups included)."""
+        return [*self.flat, *self.families, *(k for options in self.families.values()
+                                              for keys in options.values() for k in keys)]
+
+    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The family params of a trial already asked with ``flat``: its option of each
+        group, then that option's keys."""
+        values: dict[str, Any] = {}
+        for group, options in self.families.items():
+            option = trial.suggest_categorical(group, list(options))
+            values[group] = option
+            for key, dist in options[str(option)].items():
+                values[key] = suggest(trial, key, dist)
+        return values
+
+    def active(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The distributions a trial with ``params`` drew from."""
+        from optuna.distributions import CategoricalDistribution
+
+        found = dict(self.flat)
+        for group, options in self.families.items():
+            if group in params:
+                found[group] = CategoricalDistribution(list(options))
+                found.update(options.get(str(params[group]), {}))
+        return found
+
+    def corners(self) -> list[dict[str, Any]]:
+        """Every distribution at its low end, then at its high end; for each option of each
+        family (the other families at their first option)."""
+        flat = corners(self.flat)
+        if not self.families:
+            return flat
+        first = {group: next(iter(options)) for group, options in self.families.items()}
+        found = []
+        for group, options in self.families.items():
+            for option, keys in options.items():
+                for end, option_end in zip(flat, corners(keys), strict=True):
+                    found.append({**end, **first, group: option, **option_end})
+        return found
+
+
+def suggest(trial: optuna.Trial, key: str, dist: Any) -> Any:
+    """``trial.suggest_*`` for an Optuna distribution."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(key, dist.choices)  # type: ignore[arg-type]
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def search_space(composer: Composer, yaml_space: Mapping[str, Any], arguments: list[str]) -> tuple[list[str], Space]:
     """Shared overrides, and the search space: ``study.search_space`` plus the command
-    line's sweep expressions, which add keys or replace them."""
-    base, space = split(composer, [f"{key}={value}" for key, value in yaml_space.items()] + list(arguments))
-    if not space:
+    line's sweep expressions, which add keys or replace them. A key of the YAML space
+    whose value is a mapping is a config group: one entry per option, with its own keys."""
+    flat_yaml = {key: value for key, value in yaml_space.items() if not isinstance(value, Mapping)}
+    base, flat = split(composer, [f"{key}={value}" for key, value in flat_yaml.items()] + list(arguments))
+    groups = {key: value for key, value in yaml_space.items() if isinstance(value, Mapping)}
+    families = _families(composer, groups) if groups else {}
+    if not flat and not families:
         raise ConfigError(
             "Empty search space: set study.search_space in the study file, or give sweep "
             "expressions such as params.model.C='interval(0.01,10)'."
         )
+    space = Space({key: distribution(key, override) for key, override in flat.items()}, families)
+    _check_names(space)
     return base, space
+
+
+def _families(composer: Composer, groups: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    known = composer.groups()
+    families: dict[str, dict[str, dict[str, Any]]] = {}
+    for group, options in groups.items():
+        where = f"study.search_space.{group}"
+        if group not in known:
+            raise ConfigError(
+                f"{where}: '{group}' is not a config group of {composer.config_dir} (its groups: "
+                f"{', '.join(known) or 'none'}). A mapping in the search space is a group: one entry per option, "
+                "each with its own keys and ranges.")
+        if not options:
+            raise ConfigError(f"{where} is empty: give it the options to choose from, each with its keys and ranges.")
+        families[group] = {}
+        for option, keys in options.items():
+            if option not in known[group]:
+                raise ConfigError(f"{where}.{option}: {composer.config_dir.name}/{group}/ has no option '{option}'. "
+                                  f"Its options: {', '.join(known[group])}.")
+            if not isinstance(keys, Mapping) or not keys:
+                raise ConfigError(f"{where}.{option} is empty: give it the keys to search when {group}={option} "
+                                  f"is chosen, e.g. params.model.C: interval(0.1, 10).")
+            fixed, swept = split(composer, [f"{key}={value}" for key, value in keys.items()])
+            if fixed:
+                raise ConfigError(f"{where}.{option}: {fixed[0]} is a fixed value; an option holds ranges to search "
+                                  f"(interval, int(interval), range, choice). Fixed values belong in "
+                                  f"{composer.config_dir.name}/{group}/{option}.yaml.")
+            families[group][str(option)] = {key: distribution(key, override) for key, override in swept.items()}
+    return families
+
+
+def _check_names(space: Space) -> None:
+    """One name, one kind of distribution: Optuna keeps a parameter's name across trials."""
+    from optuna.distributions import check_distribution_compatibility
+
+    seen: dict[str, tuple[str, Any]] = {key: ("the flat space", dist) for key, dist in space.flat.items()}
+    for group, options in space.families.items():
+        if group in seen:
+            raise ConfigError(f"study.search_space: {group} is searched twice, as a family and as a flat expression; "
+                              "keep one.")
+        for option, keys in options.items():
+            for key, dist in keys.items():
+                where, other = seen.setdefault(key, (f"{group}.{option}", dist))
+                try:
+                    check_distribution_compatibility(other, dist)
+                except ValueError:
+                    raise ConfigError(
+                        f"study.search_space.{group}.{option}: {key} is searched with another kind of range in "
+                        f"{where}. One name takes one kind (interval, int(interval), or the same choice()) "
+                        "across options.") from None
 
 
 def distribution(key: str, override: Override) -> optuna.distributions.BaseDistribution:
@@ -86,11 +204,12 @@ def distribution(key: str, override: Override) -> optuna.distributions.BaseDistr
     raise ConfigError(f"{where}: use interval(), int(interval()), range(), choice() or tag(log, ...).")
 
 
-def make_sampler(
-    config: dict[str, Any], distributions: Mapping[str, Any], n_existing: int
-) -> optuna.samplers.BaseSampler:
+def make_sampler(config: dict[str, Any], space: Space, n_existing: int,
+                 constrained: bool = False) -> optuna.samplers.BaseSampler:
     """``{name: tpe, seed: 42}`` → ``TPESampler(seed=42)``. A seeded sampler resumes with
-    ``seed + trials already in the study``, so it does not replay its first draws."""
+    ``seed + trials already in the study``, so it does not replay its first draws. With
+    ``constrained``, a sampler that takes Optuna's ``constraints_func`` (TPE, NSGA-II, GP)
+    learns from each trial's constraint values (``CONSTRAINTS``)."""
     import optuna
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
@@ -101,8 +220,13 @@ def make_sampler(
     if options.get("seed") is not None:
         options["seed"] = int(options["seed"]) + n_existing
     if str(options.get("name", "")).lower() == "grid":
+        if space.families:
+            family = next(iter(space.families))
+            raise ConfigError(
+                f"study.sampler grid cannot search a conditional space (study.search_space.{family}: each option has "
+                f"its own keys). Use tpe or random, or run a grid (-m) per option: {family}=OPTION with its values.")
         grid = {}
-        for key, dist in distributions.items():
+        for key, dist in space.flat.items():
             if isinstance(dist, CategoricalDistribution):
                 grid[key] = list(dist.choices)
             elif isinstance(dist, IntDistribution) and not dist.log:
@@ -113,7 +237,18 @@ def make_sampler(
                     "Use choice() or range() for it, or another sampler."
                 )
         options.setdefault("search_space", grid)
+    name = SAMPLERS.get(str(options.get("name", "")).lower())
+    if constrained and name and "constraints_func" in inspect.signature(getattr(optuna.samplers, name)).parameters:
+        options.setdefault("constraints_func", constraint_values)
     return build_from_config(optuna.samplers, SAMPLERS, options, "study.sampler")
+
+
+CONSTRAINTS = "kmrun.constraints"  # a trial's user attribute: each constraint's violation (≤ 0: met)
+
+
+def constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna's ``constraints_func``: what kmrun stored on the trial before telling it."""
+    return [float(v) for v in trial.user_attrs.get(CONSTRAINTS, [math.inf])]
 
 
 def corners(distributions: Mapping[str, Any]) -> list[dict[str, Any]]:

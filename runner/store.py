@@ -5,7 +5,7 @@ by an id or a unique prefix of one. Bad input raises ``KmrunError``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ class Store:
     metric: str | None
     direction: str
     conf_dir: Path
+    constraints: list[str] = field(default_factory=list)  # objective.constraints: what a best run must meet
 
     def client(self) -> MlflowClient:
         """A client on the store, checked: a damaged store fails here with one message."""
@@ -68,7 +69,8 @@ def open_store(args: argparse.Namespace) -> Store:
     direction = OmegaConf.select(raw, "objective.direction") or "maximize"
     if isinstance(metric, (list, tuple)) or OmegaConf.is_list(metric):
         metric, direction = metric[0], direction[0] if OmegaConf.is_list(direction) else direction
-    return Store(uri, experiment, metric, str(direction), conf_dir)
+    constraints = OmegaConf.select(raw, "objective.constraints") or []
+    return Store(uri, experiment, metric, str(direction), conf_dir, [str(c) for c in constraints])
 
 
 def composed_config(args: argparse.Namespace) -> tuple[Path, Path, Any]:

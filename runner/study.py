@@ -20,19 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import runtime
-from .compose import JobComposer
+from .compose import JobComposer, default_groups
 from .engine import Job
 from .errors import ConfigError, after
 from .job import JobSpec, prepare
-from .records import BestTrial, JobResult, Outcome, Status, StudySummary
+from .records import BestTrial, Constraint, JobResult, Outcome, Status, StudySummary
 from .redact import hide_password, is_secret_name
-from .space import corners, distribution, make_sampler
+from .space import CONSTRAINTS, Space, make_sampler
 from .storage import default_storage
 from .trial import Heartbeat, TrialRef, fail_dead, make_pruner, own
 
 if TYPE_CHECKING:
     import optuna
-    from hydra.core.override_parser.types import Override
 
     from .compose import Composer
     from .schema import KmrunConf, StudyConf
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_ABSENT = object()
 VERSION_FROM = "kmrun.version_from"  # the study's first trial on the current code, config, data and environment
 TELL = {Status.FINISHED: "COMPLETE", Status.PRUNED: "PRUNED", Status.FAILED: "FAIL", Status.KILLED: "FAIL"}
 
@@ -47,20 +47,21 @@ TELL = {Status.FINISHED: "COMPLETE", Status.PRUNED: "PRUNED", Status.FAILED: "FA
 class Study:
     """One invocation of a study, as the engine's job source."""
 
-    def __init__(self, composer: Composer, conf: KmrunConf, base: list[str], space: dict[str, Override],
-                 name: str) -> None:
+    def __init__(self, composer: Composer, conf: KmrunConf, base: list[str], space: Space, name: str) -> None:
         if conf.objective.metric is None:
             raise ConfigError("A study needs objective.metric (and objective.direction) to optimise.")
         self.conf = conf
         self.settings: StudyConf = conf.study  # type: ignore[assignment]
         self.base, self.name = base, name
-        secret = [key for key in space if is_secret_name(key)]
+        secret = [key for key in space.names() if is_secret_name(key)]
         if secret:
             raise ConfigError(
                 f"study.search_space: '{secret[0]}' names a secret; a study cannot search it, since Optuna "
                 "stores every value it tries in its storage. Search other keys, or sweep it in a grid (-m)."
             )
-        self.distributions = {key: distribution(key, override) for key, override in space.items()}
+        self.space = space
+        self.constraints = [Constraint.parse(c) for c in conf.objective.constraints]
+        self.distributions = space.flat  # every trial's; a family's keys come with its option (Space.sample)
         self.outcomes: list[Outcome] = []
         self._compose = JobComposer(composer, base)
         self._conf_dir, self._base_dir = composer.config_dir, composer.base_dir
@@ -99,10 +100,27 @@ class Study:
     def check(self) -> None:
         """Compose a job at each end of every distribution: bad keys and types fail now."""
         make_pruner(self.settings.pruner)
-        make_sampler(self.settings.sampler, self.distributions, 0)
-        self.corners = [self.job_spec(corner) for corner in corners(self.distributions)]
+        make_sampler(self.settings.sampler, self.space, 0)
+        self.corners = [self.job_spec(corner) for corner in self.space.corners()]
+        self._check_families()
         self.storage_url = self.settings.storage or _beside(self.first.uri)
         self.storage = runtime.current().storage(self.storage_url)
+
+    def _check_families(self) -> None:
+        """A key of one option that another option's config sets, but this option's does
+        not: searched where it means nothing (a typo, or under the wrong option)."""
+        from omegaconf import OmegaConf
+
+        for group, options in self.space.families.items():
+            sets = {option: self._compose([f"{group}={option}"])[0] for option in options}
+            for option, keys in options.items():
+                for key in keys:
+                    where = [o for o, cfg in sets.items() if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT]
+                    if where and option not in where:
+                        raise ConfigError(
+                            f"study.search_space.{group}.{option}: {key} is not in the config of {group}={option} "
+                            f"(it is in {group}={where[0]}). Search it under {where[0]}, or add it to "
+                            f"{self._conf_dir.name}/{group}/{option}.yaml.")
 
     def begin(self, tracker: RunStore) -> list[str]:
         """Create or load the study, fail what dead processes left, set the target."""
@@ -118,7 +136,7 @@ class Study:
             n_existing = 0
         self._study = optuna.create_study(
             study_name=self.name, storage=self.storage, load_if_exists=True, directions=directions,
-            sampler=make_sampler(self.settings.sampler, self.distributions, n_existing),
+            sampler=make_sampler(self.settings.sampler, self.space, n_existing, bool(self.constraints)),
             pruner=make_pruner(self.settings.pruner),
         )
         if [d.name.lower() for d in self.study.directions] != directions:
@@ -183,6 +201,7 @@ class Study:
             self.study.tell(trial, state=_state("FAIL"))
             self._stopped = True
             return None
+        self.space.sample(trial)  # a family's option, then its keys
         own(self.storage, trial._trial_id)
         self._heartbeat.add(trial._trial_id)
         outcome = Outcome(trial.number, [f"{k}={_literal(v)}" for k, v in trial.params.items()])
@@ -204,6 +223,8 @@ class Study:
     def record(self, job: Job, result: JobResult) -> None:
         job.outcome.take(result)
         try:
+            if result.status is Status.FINISHED and self.constraints:  # before tell: the sampler reads them then
+                job.token.set_user_attr(CONSTRAINTS, [c.violation(result.metrics) for c in self.constraints])
             if result.status is Status.FINISHED:
                 told = self.study.tell(job.token, result.objective, skip_if_finished=True)
             else:
@@ -247,14 +268,19 @@ class Study:
         for trial in trials:
             states[trial.state.name] = states.get(trial.state.name, 0) + 1
         since = int(self.study.user_attrs.get(VERSION_FROM, 0))  # trials of other code or data come before
-        current = [t for t in trials if t.number >= since and t.state.name == "COMPLETE"]
-        best, experiment = [], None
+        complete = [t for t in trials if t.number >= since and t.state.name == "COMPLETE"]
+        current = [t for t in complete if all(v <= 0 for v in t.user_attrs.get(CONSTRAINTS, []))]  # feasible
+        best, experiment, by_option = [], None, {}
         if current:
             chosen = _best_of(current, self.study.directions)
-            best = [BestTrial(t.number, list(t.values), dict(t.params), str(t.user_attrs.get("mlflow_run_id", "")))
-                    for t in chosen]
+            best = [_best_trial(t) for t in chosen]
             if len(self.study.directions) == 1:
                 experiment = self._best_experiment(chosen[0])
+                for group, options in self.space.families.items():  # the best of each option too
+                    for option in options:
+                        of_option = [t for t in current if str(t.params.get(group)) == option]
+                        if of_option:
+                            by_option[f"{group}={option}"] = _best_trial(_best_of(of_option, self.study.directions)[0])
         if experiment is not None and export_to is not None:
             export_to.parent.mkdir(parents=True, exist_ok=True)
             export_to.write_text(experiment, encoding="utf-8")
@@ -262,7 +288,8 @@ class Study:
         return StudySummary(
             name=self.name, storage=hide_password(self.storage_url), storage_url=self.storage_url,
             target=self.target, states=states, best=best, trials_csv=frame.to_csv(index=False),
-            sampler=type(self.study.sampler).__name__, best_experiment=experiment,
+            sampler=type(self.study.sampler).__name__, best_experiment=experiment, by_option=by_option,
+            infeasible=len(complete) - len(current) if self.constraints else None,
             exported_to=str(export_to) if experiment is not None and export_to is not None else None,
         )
 
@@ -270,11 +297,13 @@ class Study:
         from .results import experiment_file
 
         spec = self.job_spec(trial.params, open_store=False)
+        overridable = default_groups(self._conf_dir)
         return experiment_file(
             spec.redact, spec.config,
             f"Best trial {trial.number} of Optuna study '{self.name}': "
             f"{self.conf.objective.metric} = {trial.value:.6g}.",
             f"best of {self.name} (trial {trial.number})",
+            {group: option for group, option in spec.groups.items() if group in overridable},
         )
 
     def _count(self, *states: str) -> int:
@@ -301,7 +330,7 @@ class Study:
         spec = self.job_spec(trial.params)
         ref = TrialRef(self.storage_url, self.name, trial._trial_id, trial.number,
                        tuple(sorted(self.settings.pruner.items())))
-        dists = {k: repr(d) for k, d in self.distributions.items()}
+        dists = {k: repr(d) for k, d in self.space.active(trial.params).items()}
         return replace(
             spec, parent_run_id=self.parent, run_name=f"trial {trial.number}", trial=ref,
             output_dir=str(self.sweep_dir / f"trial-{trial.number}"),
@@ -322,6 +351,11 @@ def _best_of(complete: list[Any], directions: list[Any]) -> list[Any]:
         return list(_get_pareto_front_trials_by_trials(complete, directions))
     pick = max if directions[0] == optuna.study.StudyDirection.MAXIMIZE else min
     return [pick(complete, key=lambda t: t.value)]
+
+
+def _best_trial(trial: Any) -> BestTrial:
+    run = str(trial.user_attrs.get("mlflow_run_id", ""))
+    return BestTrial(trial.number, list(trial.values), dict(trial.params), run)
 
 
 def _grid_size(sampler: Any) -> int | None:

@@ -179,7 +179,10 @@ def sweep_summary(outcome: SweepOutcome) -> None:
         f"{n['jobs_total']} jobs: {n['jobs_finished'] - n['jobs_skipped']} ran and finished, "
         f"{n['jobs_skipped']} skipped, {n['jobs_failed']} failed, {n['jobs_killed']} killed, "
         f"{n['jobs_not_started']} not started."
-        f"\nparent run {outcome.parent_run_id} · store {hide_password(outcome.uri)}\nui: {ui_command(outcome.uri)}"
+        + (f" {n['jobs_infeasible']} miss objective.constraints "
+           f"({', '.join(str(c) for c in outcome.objective.constraints)}): never the best."
+           if n.get("jobs_infeasible") else "")
+        + f"\nparent run {outcome.parent_run_id} · store {hide_password(outcome.uri)}\nui: {ui_command(outcome.uri)}"
     )
     fatal = next((c for c in outcome.outcomes if c.fatal), None)
     if fatal is not None and fatal.error:
@@ -214,6 +217,16 @@ def study_summary(outcome: SweepOutcome) -> None:
         params = " ".join(f"{k.rsplit('.', 1)[-1]}={_short_value(v)}" for k, v in trial.params.items())
         table.add_row(str(trial.number), *values, params, trial.run_id[:12])
     console.print(table)
+    if len(study.by_option) > 1:  # a conditional space: the best of each option too
+        console.print("best of each option: " + "; ".join(
+            f"{option} {trial.values[0]:.6g} (trial {trial.number})" for option, trial in study.by_option.items()),
+            markup=False)
+    if study.infeasible:
+        rules = ", ".join(str(c) for c in outcome.objective.constraints)
+        console.print(f"{study.infeasible} complete trial(s) miss objective.constraints ({rules}): never the best.",
+                      markup=False)
+    if not study.best and study.infeasible:
+        errors.print("No complete trial meets objective.constraints yet: there is no best trial.")
     states = study.states
     complete, pruned, failed = states.get("COMPLETE", 0), states.get("PRUNED", 0), states.get("FAIL", 0)
     console.print(

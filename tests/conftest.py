@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -188,6 +189,8 @@ def ws(tmp_path: Path, template_store: Path) -> Workspace:
 def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     """The fast tier starts no process (the README says so): a test that does is marked slow."""
     if request.node.get_closest_marker("slow") is None:
+        platform.processor()  # the standard library asks `uname -p` once (MLflow's import does): not the test's
+
         def refuse(*args, **kwargs):
             raise AssertionError("a fast-tier test started a process: mark it @pytest.mark.slow")
 
