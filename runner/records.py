@@ -174,6 +174,7 @@ class StudySummary:
     exported_to: str | None = None  # where study.export_best wrote it
     by_option: dict[str, BestTrial] = field(default_factory=dict)  # "model=random_forest" -> its best trial
     infeasible: int | None = None  # COMPLETE trials outside objective.constraints (None: no constraints)
+    warm_started: int | None = None  # trials this invocation added from runs in the store (None: no warm start)
 
     @property
     def finished(self) -> int:

@@ -121,6 +121,8 @@ def log_parent(tracker: Tracker, parent: str, outcome: SweepOutcome, redact: Red
         metrics["trials_this_run"] = float(len(outcome.outcomes))
         if study.infeasible is not None:  # over the whole study, as the best is
             metrics["trials_infeasible"] = float(study.infeasible)
+        if study.warm_started is not None:
+            metrics["trials_warm_started"] = float(study.warm_started)
         if len(outcome.objective.metrics) > 1:
             tags = {"optuna.pareto_trials": ",".join(str(t.number) for t in study.best)}
         elif study.best and metric:

@@ -82,6 +82,8 @@ class StudyConf:
     search_space: Dict[str, Any] = field(default_factory=dict)  # key -> interval/int/range/choice/tag(log)
     export_best: Optional[str] = None  # also write the best params to conf/experiment/<this>.yaml
     register_best: Optional[str] = None  # register the best trial's model under this name when the study ends
+    warm_start: bool = False  # add FINISHED runs of the experiment on the current code, inside the space, as trials
+    enqueue: List[Any] = field(default_factory=list)  # param sets ({key: value}) or experiment names to run first
 
 
 @dataclass

@@ -7,7 +7,7 @@ import importlib.util
 import inspect
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -238,7 +238,8 @@ def make_sampler(config: dict[str, Any], space: Space, n_existing: int,
                 )
         options.setdefault("search_space", grid)
     name = SAMPLERS.get(str(options.get("name", "")).lower())
-    if constrained and name and "constraints_func" in inspect.signature(getattr(optuna.samplers, name)).parameters:
+    takes = name and "constraints_func" in inspect.signature(getattr(optuna.samplers, name)).parameters
+    if constrained and takes and not hasattr(optuna.trial.Trial, "set_constraint"):  # Optuna 5: set on the trial
         options.setdefault("constraints_func", constraint_values)
     return build_from_config(optuna.samplers, SAMPLERS, options, "study.sampler")
 
@@ -247,8 +248,30 @@ CONSTRAINTS = "kmrun.constraints"  # a trial's user attribute: each constraint's
 
 
 def constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna's ``constraints_func``: what kmrun stored on the trial before telling it."""
+    """Optuna's ``constraints_func`` (before Optuna 5): what kmrun stored on the trial
+    before telling it."""
     return [float(v) for v in trial.user_attrs.get(CONSTRAINTS, [math.inf])]
+
+
+def set_constraints(trial: optuna.Trial, names: list[str], values: list[float]) -> None:
+    """A finished trial's constraint values, where the sampler reads them: the trial's
+    ``kmrun.constraints`` attribute (kmrun's own reading, and ``constraints_func`` before
+    Optuna 5), and, from Optuna 5, ``Trial.set_constraint``."""
+    trial.set_user_attr(CONSTRAINTS, values)
+    if hasattr(trial, "set_constraint"):
+        for name, value in zip(names, values, strict=True):
+            trial.set_constraint(name, value)
+
+
+def constraint_system_attrs(names: list[str], values: list[float]) -> dict[str, float]:
+    """What ``Trial.set_constraint`` stores (Optuna 5), for a trial made whole (a warm start);
+    before Optuna 5, ``constraints_func`` reads the user attribute instead."""
+    import optuna
+    from optuna.study import _constrained_optimization  # the key set_constraint writes: no public name
+
+    if not hasattr(optuna.trial.Trial, "set_constraint"):
+        return {}
+    return {f"{_constrained_optimization._CONSTRAINTS_KEY}:{n}": v for n, v in zip(names, values, strict=True)}
 
 
 def corners(distributions: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -261,3 +284,26 @@ def corners(distributions: Mapping[str, Any]) -> list[dict[str, Any]]:
         return dist.high if last else dist.low
 
     return [{k: end(d, last) for k, d in distributions.items()} for last in (False, True)]
+
+
+_ABSENT = object()
+
+
+def check_options(space: Space, compose: Callable[[list[str]], Any], groups: Mapping[str, list[str]],
+                  conf_dir: str) -> None:
+    """A key of an option that the option's config does not set, but another option of
+    its group does: searched where it means nothing (a typo, or under the wrong option).
+    Keys no option of the group sets are Kedro parameters, checked as every key is.
+    ``compose``: a job's config from override lines; ``groups``: every option of each group."""
+    from omegaconf import OmegaConf
+
+    for group, options in space.families.items():
+        sets = {option: compose([f"{group}={option}"]) for option in groups.get(group, options)}
+        for option, keys in options.items():
+            for key in keys:
+                where = [o for o, cfg in sets.items() if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT]
+                if where and option not in where:
+                    raise ConfigError(
+                        f"study.search_space.{group}.{option}: {key} is not in the config of {group}={option} "
+                        f"(it is in {group}={where[0]}). Search it under {where[0]}, or add it to "
+                        f"{conf_dir}/{group}/{option}.yaml.")

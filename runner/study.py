@@ -26,9 +26,10 @@ from .errors import ConfigError, after
 from .job import JobSpec, prepare
 from .records import BestTrial, Constraint, JobResult, Outcome, Status, StudySummary
 from .redact import hide_password, is_secret_name
-from .space import CONSTRAINTS, Space, make_sampler
+from .space import CONSTRAINTS, Space, check_options, make_sampler, set_constraints
 from .storage import default_storage
 from .trial import Heartbeat, TrialRef, fail_dead, make_pruner, own
+from .warm import WARM_FROM, enqueued, experiment_values, trials_from_runs
 
 if TYPE_CHECKING:
     import optuna
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_ABSENT = object()
 VERSION_FROM = "kmrun.version_from"  # the study's first trial on the current code, config, data and environment
 TELL = {Status.FINISHED: "COMPLETE", Status.PRUNED: "PRUNED", Status.FAILED: "FAIL", Status.KILLED: "FAIL"}
 
@@ -78,6 +78,7 @@ class Study:
         self.sweep_dir = Path()
         self._tracker: RunStore | None = None
         self._study: optuna.Study | None = None
+        self.warm_started: list[str] | None = None  # with study.warm_start: the runs added as trials
 
     @property
     def first(self) -> JobSpec:
@@ -102,25 +103,11 @@ class Study:
         make_pruner(self.settings.pruner)
         make_sampler(self.settings.sampler, self.space, 0)
         self.corners = [self.job_spec(corner) for corner in self.space.corners()]
-        self._check_families()
+        if self.space.families:
+            check_options(self.space, lambda lines: self._compose(lines)[0], self._compose.composer.groups(),
+                          self._conf_dir.name)
         self.storage_url = self.settings.storage or _beside(self.first.uri)
         self.storage = runtime.current().storage(self.storage_url)
-
-    def _check_families(self) -> None:
-        """A key of one option that another option's config sets, but this option's does
-        not: searched where it means nothing (a typo, or under the wrong option)."""
-        from omegaconf import OmegaConf
-
-        for group, options in self.space.families.items():
-            sets = {option: self._compose([f"{group}={option}"])[0] for option in options}
-            for option, keys in options.items():
-                for key in keys:
-                    where = [o for o, cfg in sets.items() if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT]
-                    if where and option not in where:
-                        raise ConfigError(
-                            f"study.search_space.{group}.{option}: {key} is not in the config of {group}={option} "
-                            f"(it is in {group}={where[0]}). Search it under {where[0]}, or add it to "
-                            f"{self._conf_dir.name}/{group}/{option}.yaml.")
 
     def begin(self, tracker: RunStore) -> list[str]:
         """Create or load the study, fail what dead processes left, set the target."""
@@ -145,8 +132,8 @@ class Study:
                 f"{[d.name.lower() for d in self.study.directions]}, not {directions}. Use another study.name."
             )
         self._fail_stale()
+        notes = self._learn()
         finished = self._count("COMPLETE", "PRUNED")
-        notes = []
         fingerprint = self.first.fingerprint
         if fingerprint is not None:
             changed = fingerprint.changed(self.study.user_attrs) if finished else []
@@ -169,6 +156,34 @@ class Study:
                          f"running until it holds {self.target}.")
         self.planned = max(self.target - finished, 0)
         return notes
+
+    def _learn(self) -> list[str]:
+        """``study.warm_start``: finished runs of the store that fit, as completed trials;
+        ``study.enqueue``: param sets the sampler gives first."""
+        notes = []
+        if self.settings.warm_start:
+            known = {str(t.user_attrs.get("mlflow_run_id")) for t in self.study.trials}
+            metric = self.conf.objective.metric
+            trials = trials_from_runs(self.tracker.search("attributes.status = 'FINISHED'"), self.space,
+                                      self._fingerprint_of, metric if isinstance(metric, list) else [metric],
+                                      self.constraints, known)
+            self.study.add_trials(trials)
+            self.warm_started = [str(t.user_attrs[WARM_FROM]) for t in trials]
+            runs = ", ".join(r[:12] for r in self.warm_started[:8]) + (" ..." if len(trials) > 8 else "")
+            notes.append(f"Warm start: added {len(trials)} trials from finished runs ({runs})." if trials else
+                         "Warm start: no finished run in the store fits the search space on the current code, "
+                         "config and data.")
+        if self.settings.enqueue:
+            sets = enqueued(self.settings.enqueue, self.space,
+                            lambda name: experiment_values(self._compose.composer, name, self.space))
+            for values in sets:
+                self.study.enqueue_trial(values, skip_if_exists=True)
+            notes.append(f"Enqueued {len(sets)} param set(s) to run first.")
+        return notes
+
+    def _fingerprint_of(self, values: dict[str, Any]) -> str:
+        spec = self.job_spec(values, open_store=False)
+        return spec.fingerprint.value if spec.fingerprint is not None else ""
 
     def parent_tags(self, command: str) -> dict[str, str]:
         tags = {
@@ -224,7 +239,8 @@ class Study:
         job.outcome.take(result)
         try:
             if result.status is Status.FINISHED and self.constraints:  # before tell: the sampler reads them then
-                job.token.set_user_attr(CONSTRAINTS, [c.violation(result.metrics) for c in self.constraints])
+                set_constraints(job.token, [str(c) for c in self.constraints],
+                                [c.violation(result.metrics) for c in self.constraints])
             if result.status is Status.FINISHED:
                 told = self.study.tell(job.token, result.objective, skip_if_finished=True)
             else:
@@ -289,6 +305,7 @@ class Study:
             name=self.name, storage=hide_password(self.storage_url), storage_url=self.storage_url,
             target=self.target, states=states, best=best, trials_csv=frame.to_csv(index=False),
             sampler=type(self.study.sampler).__name__, best_experiment=experiment, by_option=by_option,
+            warm_started=len(self.warm_started) if self.warm_started is not None else None,
             infeasible=len(complete) - len(current) if self.constraints else None,
             exported_to=str(export_to) if experiment is not None and export_to is not None else None,
         )

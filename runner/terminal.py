@@ -184,10 +184,7 @@ def sweep_summary(outcome: SweepOutcome) -> None:
            if n.get("jobs_infeasible") else "")
         + f"\nparent run {outcome.parent_run_id} · store {hide_password(outcome.uri)}\nui: {ui_command(outcome.uri)}"
     )
-    fatal = next((c for c in outcome.outcomes if c.fatal), None)
-    if fatal is not None and fatal.error:
-        errors.print(f"[bold red]Stopped:[/] {escape(fatal.label)}: {escape(fatal.error)}\n"
-                     "The other jobs would miss it too, so none more was started.")
+    if _stopped(outcome):
         return
     failed = [c for c in outcome.outcomes if c.status in ("FAILED", "KILLED", "NOT_STARTED")]
     if failed:
@@ -198,6 +195,16 @@ def sweep_summary(outcome: SweepOutcome) -> None:
             f"{len(failed)} job(s) did not finish. Fix the cause, then run the same command again; "
             f"finished cells are skipped and only these run:\n  {escape(outcome.command)}"
         )
+
+
+def _stopped(outcome: SweepOutcome) -> bool:
+    """Whether a job's error stopped the sweep (it would repeat in every job): said once."""
+    fatal = next((c for c in outcome.outcomes if c.fatal), None)
+    if fatal is None or not fatal.error:
+        return False
+    errors.print(f"[bold red]Stopped:[/] {escape(fatal.label)}: {escape(fatal.error)}\n"
+                 "The other jobs would miss it too, so none more was started.")
+    return True
 
 
 def study_summary(outcome: SweepOutcome) -> None:
@@ -238,6 +245,8 @@ def study_summary(outcome: SweepOutcome) -> None:
     running = states.get("RUNNING", 0)
     if running:
         console.print(f"{running} trial(s) still running in other processes.")
+    if _stopped(outcome):
+        return
     if complete + pruned + running < study.target:
         errors.print(f"The study holds fewer than {study.target} finished trials. To continue:\n  "
                      f"{escape(outcome.command)}")

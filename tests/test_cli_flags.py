@@ -28,7 +28,7 @@ def test_info_and_help_list_what_hydra_sees(ws, monkeypatch, capsys):
     assert f"file://{ws.path / 'conf'}" in capsys.readouterr().out
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "usage: kmrun" in out and "experiment: baseline, forest" in out and "study: prune, tune" in out
+    assert "usage: kmrun" in out and "experiment: baseline, forest" in out and "study: families, prune, tune" in out
 
 
 def test_a_config_elsewhere_and_under_another_name(ws, monkeypatch, capsys, tmp_path):

@@ -97,6 +97,10 @@ def test_private_apis_kmrun_relies_on_still_exist():
     for reserved in ("latest", "v3"):
         with pytest.raises(KmrunError):
             _check_alias(reserved)
+    if hasattr(optuna.trial.Trial, "set_constraint"):  # Optuna 5: warm.py writes the key set_constraint writes
+        from optuna.study import _constrained_optimization
+
+        assert isinstance(_constrained_optimization._CONSTRAINTS_KEY, str)
     from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
 
     assert callable(_get_pareto_front_trials_by_trials)  # study: the best trials of a multi-objective study
