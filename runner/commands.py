@@ -309,7 +309,7 @@ def _check_git(run: Run, strict: bool) -> None:
     message = "; ".join(problems) + f". To match the code exactly: git checkout {recorded or 'COMMIT'}"
     if strict:
         raise KmrunError(f"--strict: {message}")
-    terminal.error(f"Warning: {message}")
+    terminal.warn(message)
 
 
 def promote(args: argparse.Namespace) -> int:
@@ -411,5 +411,7 @@ def dashboard(args: argparse.Namespace) -> int:
     if storage is None:
         raise KmrunError("kmrun dashboard: the MLflow store is not a local file, so the study storage has no "
                          "default; pass it: --storage postgresql://USER@HOST/DB (your study.storage)")
-    command = [sys.executable, "-m", "optuna_dashboard", storage, "--host", args.host, "--port", str(args.port)]
+    # optuna-dashboard's public entry point (the package has no __main__ to run with -m)
+    serve_it = "import sys, optuna_dashboard; optuna_dashboard.run_server(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
+    command = [sys.executable, "-c", serve_it, storage, args.host, str(args.port)]
     return serve(command)

@@ -83,6 +83,11 @@ def error(message: str, hint: str | None = None) -> None:
         errors.print(hint, soft_wrap=True, markup=False)
 
 
+def warn(message: str) -> None:
+    """A warning: on stderr, in yellow, not an error (the command goes on)."""
+    errors.print(f"[bold yellow]Warning:[/] {escape(message)}", markup=True, soft_wrap=True)
+
+
 def say(message: str) -> None:
     console.print(message, markup=False)
 

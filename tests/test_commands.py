@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,21 @@ def test_reproduce_gives_the_same_metrics_and_is_tagged(store):
     assert "Metrics against the original run" in done.out
 
 
+def test_reproduce_on_another_commit_warns_and_goes_on(ws):
+    def git(*args):
+        subprocess.run(["git", "-C", str(ws.path), "-c", "user.email=t@t", "-c", "user.name=t", *args], check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    assert ws.kmrun("+experiment=baseline").code == 0
+    git("commit", "-q", "--allow-empty", "-m", "second")
+    done = ws.kmrun("reproduce", ws.runs()[0].info.run_id)
+    assert done.code == 0, done.text
+    assert "Warning: the run was made at commit" in done.err and "Error" not in done.err, done.err
+
+
 def test_promote_writes_an_experiment_that_reruns_the_same_params(store):
     run = next(r for r in mlflow_search(store) if r.info.run_name == "C=1 seed=0")
     done = store.kmrun("promote", run.info.run_id, "--name", "tuned")
@@ -179,6 +195,26 @@ def test_ui_answers_on_localhost(store):
         proc.send_signal(signal.SIGTERM)  # to kmrun alone: it stops MLflow's server and its workers
         assert proc.wait(timeout=30) == 0
     assert group_gone(proc.pid)  # nothing of the server's process group is left
+
+
+def test_dashboard_serves_the_study_storage_and_leaves_no_process(store):
+    import optuna
+
+    storage = f"sqlite:///{store.path / 'dashboard.db'}"
+    optuna.create_study(study_name="probe", storage=storage).optimize(lambda t: t.suggest_float("x", 0, 1), 2)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "dashboard", "--storage", storage, "--port", str(port)],
+                            cwd=store.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        assert answers(f"http://127.0.0.1:{port}/api/studies", seconds=90, proc=proc), proc.stdout.read() if \
+            proc.poll() is not None else "no answer"
+        studies = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10).read())
+        assert [s["study_name"] for s in studies["study_summaries"]] == ["probe"]
+    finally:
+        proc.send_signal(signal.SIGTERM)  # to kmrun alone: it stops the dashboard
+        assert proc.wait(timeout=30) == 0
+    assert group_gone(proc.pid)
 
 
 NODES = '''
