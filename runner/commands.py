@@ -128,7 +128,9 @@ def row(run: Run, metric: str | None) -> dict[str, Any]:
 
 def only_changed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keys = {k for r in rows for k in r["params"]}
-    changed = {k for k in keys if len({r["params"].get(k) for r in rows}) > 1}
+    # a parent run holds no params of its own (best.* are its best child's): it tells nothing apart
+    with_params = [r for r in rows if any(not k.startswith("best.") for k in r["params"])]
+    changed = {k for k in keys if len({r["params"].get(k) for r in with_params}) > 1}
     return [{**r, "params": {k: v for k, v in r["params"].items() if k in changed}} for r in rows]
 
 

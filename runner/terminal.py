@@ -270,6 +270,7 @@ def _short_value(value: object) -> str:
 
 
 MAX_CELL = 24  # characters a value may take in the runs table; longer ones end in …
+SHORT_HEADER = 10  # a header longer than its values is cut from the left to this: …test_size
 
 
 def print_runs(rows: list[dict[str, Any]], fmt: str, metric: str | None, columns: list[str] | None = None,
@@ -290,8 +291,13 @@ def print_runs(rows: list[dict[str, Any]], fmt: str, metric: str | None, columns
         return
     table_rows = [_table_row(r, rows, metric) for r in rows]
     objective = metric or "objective"
-    order = ["name", "status", "start", "duration", objective]
-    order += sorted({k for r in table_rows for k in r if k.startswith("params.")}) + ["run id"]
+    params = sorted({k for r in table_rows for k in r if k.startswith("params.")})
+    with_params = [r for r in table_rows if any(r[k] not in (None, "") for k in r if k.startswith("params.")
+                                                and not k.startswith("params.best."))]  # a parent's best.*: not its own
+    differ = [k for k in params if len({r.get(k) for r in with_params}) > 1 and not k.startswith("params.best.")]
+    # what tells the runs apart first: the params that differ, then when and how they ran
+    order = ["name", objective, *differ, "status", "start", "duration", *(k for k in params if k not in differ),
+             "run id"]
     order += sorted({k for r in table_rows for k in r if k.startswith("metrics.")} - {f"metrics.{metric}"})
     if columns:
         unknown = [c for c in columns if c not in order and c != "objective"]
@@ -300,20 +306,21 @@ def print_runs(rows: list[dict[str, Any]], fmt: str, metric: str | None, columns
         order = [objective if c == "objective" else c for c in columns]
     order = [c for c in order if any(r.get(c) not in (None, "") for r in table_rows)]  # never an empty column
     width = width or (console.width if console.is_terminal else int(os.environ.get("COLUMNS", 0) or 120))
-    shown: list[str] = []
+    shown: dict[str, str] = {}  # column -> its header, shortened from the left to fit its values
     used = 0
     for column in order:
-        size = min(max(len(column), *(len(str(r.get(column, ""))) for r in table_rows)), MAX_CELL) + 3
-        if used + size > width and shown:
+        cells = min(max(len(str(r.get(column, ""))) for r in table_rows), MAX_CELL)
+        header = column.removeprefix("params.").removeprefix("metrics.")
+        size = max(cells, min(len(header), SHORT_HEADER))
+        if used + size + 2 > width and shown:
             break
-        shown.append(column)
-        used += size
+        shown[column] = header if len(header) <= size else "…" + header[-(size - 1):]
+        used += size + 2
     left = len(order) - len(shown)
     title = f"{len(rows)} run(s)" + (f", objective {metric}" if metric and objective in shown else "")
-    table = Table(title=title, box=None, header_style="bold", pad_edge=False)
-    for column in shown:
-        table.add_column(column.removeprefix("params.").removeprefix("metrics."), no_wrap=True, overflow="ellipsis",
-                         max_width=MAX_CELL)
+    table = Table(title=title, box=None, header_style="bold", pad_edge=False, padding=(0, 2, 0, 0))
+    for header in shown.values():
+        table.add_column(header, no_wrap=True, overflow="ellipsis", max_width=MAX_CELL)
     for r in table_rows:
         table.add_row(*(escape(_clip(str(r.get(c, "")))) for c in shown))
     Console(width=width, highlight=False, force_terminal=console.is_terminal).print(table)

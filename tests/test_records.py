@@ -57,6 +57,19 @@ def runs_rows(n=3):
     return rows
 
 
+def test_the_runs_table_shows_the_params_that_differ_at_80_columns_with_headers_cut_from_the_left(capsys):
+    from runner.terminal import print_runs
+
+    rows = runs_rows()
+    for i, row in enumerate(rows):
+        row["name"] = f"a fairly long run name {i}"
+        row["params"] = {"split.test_size": f"0.{i + 1}", "model.C": "1", "best.model.C": "5" if i == 0 else ""}
+    print_runs(rows, "table", "accuracy", width=80)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["name", "accuracy", "…test_size"], lines[1]
+    assert "0.1" in lines[2] and all(len(line) <= 80 for line in lines)
+
+
 @pytest.mark.parametrize("width", [80, 120, 200])
 def test_the_runs_table_fits_the_width_truncates_and_has_no_empty_column(width, capsys):
     from runner.terminal import print_runs
@@ -65,9 +78,9 @@ def test_the_runs_table_fits_the_width_truncates_and_has_no_empty_column(width, 
     lines = capsys.readouterr().out.splitlines()
     assert all(len(line) <= width for line in lines), [len(line) for line in lines]
     header = lines[1].split()
-    assert header[:5] == ["name", "status", "start", "duration", "accuracy"] and "empty" not in header
-    assert ("model.C" in header) == (width >= 80)
-    if width >= 200:
+    assert header[:3] == ["name", "accuracy", "model.C"] and "empty" not in header  # what differs comes first
+    assert header[3:6] == ["status", "start", "duration"] or width < 120
+    if width >= 120:
         assert "x" * 23 + "…" in lines[2] and "x" * 25 not in lines[2]  # a long value is cut
     else:
         assert "did not fit" in lines[-1]
