@@ -369,6 +369,8 @@ def subcommand(args: list[str]) -> int:
             p.add_argument("--storage", help="default: optuna.db beside the MLflow store")
     p = command("init", "Write conf/kmrun.yaml, conf/experiment/baseline.yaml and an example study.", store=False)
     p.add_argument("--no-run", action="store_true", help="do not run the pipeline once to find its metrics")
+    p.add_argument("--kedro-mlflow", action="store_true",
+                   help="with kedro-mlflow installed: write conf/local/mlflow.yml pointing it at kmrun's store")
     p = command("cache", "The node cache: its size and entries; `kmrun cache clear` empties it; "
                          "`kmrun cache explain RUN_ID` says, node by node, what a run took from it and why not.")
     p.add_argument("action", nargs="?", choices=("show", "clear", "explain"), default="show")
@@ -388,7 +390,7 @@ def _subcommand(options: Any) -> int:
         from .scaffold import init
 
         with terminal.quiet_unless(options.verbose):
-            written, notes = init(Path.cwd(), run=not options.no_run)
+            written, notes = init(Path.cwd(), run=not options.no_run, kedro_mlflow=options.kedro_mlflow)
         terminal.say(
             "wrote " + ", ".join(str(p.relative_to(Path.cwd())) for p in written) + "\n"
             + "".join(f"  {note}\n" for note in notes) + "next:\n"

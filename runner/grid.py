@@ -69,6 +69,18 @@ def split(composer: Composer, lines: list[str]) -> tuple[list[str], dict[str, Ov
     return base, sweeps
 
 
+def _inactive_files(composer: Composer, arguments: list[str]) -> list[str]:
+    """The study or sweep files the command names that hold nothing but comments."""
+    found = []
+    for argument in arguments:
+        group, _, name = argument.lstrip("+~").partition("=")
+        path = composer.config_dir / group / f"{name}.yaml"
+        if group in ("study", "sweep") and path.is_file() and not any(
+                line.strip() and not line.lstrip().startswith("#") for line in path.read_text().splitlines()):
+            found.append(f"{composer.config_dir.name}/{group}/{name}.yaml")
+    return found
+
+
 def expand(composer: Composer, arguments: list[str], yaml_grid: dict[str, Any]) -> tuple[list[str], list[Outcome]]:
     """The shared overrides, and one outcome (NOT_STARTED) per cell of the grid."""
     from_yaml = [f"{k}={_as_sweep(v)}" for k, v in yaml_grid.items()]
@@ -83,6 +95,11 @@ def expand(composer: Composer, arguments: list[str], yaml_grid: dict[str, Any]) 
             )
         axes[typed_key] = [f"{typed_key}={value}" for value in override.sweep_string_iterator()]
     if not axes:
+        inactive = _inactive_files(composer, arguments)
+        if inactive:
+            raise ConfigError(
+                f"Empty sweep: {inactive[0]} holds only comments, so it sets no study and no sweep. Uncomment its "
+                "study: section (or write one), then run the same command again.")
         raise ConfigError(
             "Empty sweep: -m needs at least one sweep expression, such as params.model.C=0.1,1,10, "
             "or a sweep file (+sweep=NAME) or a study (+study=NAME)."

@@ -37,13 +37,27 @@ verbose: false
 
 STUDY_YAML = """\
 # @package _global_
-# An example Optuna study. Uncomment, adapt the search space, then:
+# A first Optuna study over the project's numeric parameters (ranges around their values):
+#   kmrun -m +experiment=baseline +study=example
+study:
+  n_trials: 20
+  sampler: {{name: tpe, seed: 42}}
+  pruner: {{name: none}}          # median: nodes report with: from runner import report; report(value, step)
+  search_space:
+{space}
+objective:
+  metric: {metric}
+  direction: maximize
+"""
+
+STUDY_TODO = """\
+# @package _global_
+# An example Optuna study, inactive: {why}. Uncomment, set what is missing, then:
 #   kmrun -m +experiment=baseline +study=example
 #
 # study:
 #   n_trials: 20
 #   sampler: {{name: tpe, seed: 42}}
-#   pruner: {{name: median}}      # nodes report with: from runner import report; report(value, step)
 #   search_space:
 #     {key}: {expression}
 # objective:
@@ -51,13 +65,22 @@ STUDY_YAML = """\
 #   direction: maximize
 """
 
+KEDRO_MLFLOW_YML = """\
+# kedro-mlflow logs `kedro run` to kmrun's store (MLflow 3 refuses kedro-mlflow's default ./mlruns).
+server:
+  mlflow_tracking_uri: sqlite:///mlflow.db
+"""
+# not what a study tunes: randomness, resources, and how the data is split (scores on other splits do not compare)
+NOT_SEARCHED = re.compile(r"seed|random_state|verbose|n_jobs|workers|port|epochs?$|test_size|val|holdout|split|fold",
+                          re.IGNORECASE)
+
 
 GITIGNORE = ("mlflow.db", "mlflow.db.lock", "mlartifacts/", "optuna.db", "optuna.db.lock", "multirun/",
              "outputs/", "kmrun-cache/")
 MINIMIZE = re.compile(r"loss|error|err$|rmse|mse|mae|mape|brier|logloss|perplexity", re.IGNORECASE)
 
 
-def init(root: Path, run: bool = True) -> tuple[list[Path], list[str]]:
+def init(root: Path, run: bool = True, kedro_mlflow: bool = False) -> tuple[list[Path], list[str]]:
     """Write conf/kmrun.yaml, conf/experiment/baseline.yaml and conf/study/example.yaml,
     and add kmrun's files to .gitignore. With ``run``, the pipeline runs once (no MLflow
     run) to find the outputs that hold metrics. Returns the files written and notes."""
@@ -77,14 +100,19 @@ def init(root: Path, run: bool = True) -> tuple[list[Path], list[str]]:
     direction = "minimize" if objective and MINIMIZE.search(objective) else "maximize"
     note = (f"; {direction} (from the pipeline's {metrics[0]})" if objective else
             "; add the dataset holding it to `metrics` and name it here")
-    key, expression = _example_space(params)
+    space = search_space(params)
+    if space and objective:
+        study = STUDY_YAML.format(space="".join(f"    {k}: {e}\n" for k, e in space).rstrip("\n"), metric=objective)
+    else:
+        why = "no metric was found (set objective.metric)" if space else "no numeric parameter was found"
+        key, expression = space[0] if space else ("params.SOME_FLOAT", "interval(0.1, 1.0)")
+        study = STUDY_TODO.format(why=why, key=key, expression=expression, metric=objective or "CHANGE_ME")
     texts = [
         KMRUN_YAML.format(package=package, metric=objective or "null", metric_note=note,
                           metrics=f"[{', '.join(metrics)}]").replace("direction: maximize", f"direction: {direction}"),
         "# @package _global_\n# The baseline: the project's own parameters, to edit.\n#   kmrun +experiment=baseline\n"
         + OmegaConf.to_yaml(OmegaConf.create({"mlflow": {"run_name": "baseline"}, "params": params})),
-        STUDY_YAML.format(key=key, expression=expression, metric=objective or "CHANGE_ME").replace(
-            "direction: maximize", f"direction: {direction}"),
+        study.replace("direction: maximize", f"direction: {direction}"),
     ]
     for target, text in zip(targets, texts, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +120,32 @@ def init(root: Path, run: bool = True) -> tuple[list[Path], list[str]]:
     added = _ignore(root / ".gitignore")
     if added:
         notes.append(f".gitignore: added {', '.join(added)}")
-    return [*targets, root / ".gitignore"], notes
+    written = [*targets, root / ".gitignore"]
+    notes += _kedro_mlflow(root, write_config=kedro_mlflow, written=written)
+    return written, notes
+
+
+def _kedro_mlflow(root: Path, write_config: bool, written: list[Path]) -> list[str]:
+    """With kedro-mlflow installed and no store of its own set, ``kedro run`` would fail
+    (its default ./mlruns is refused by MLflow 3): say the line that points it at kmrun's
+    store, or, with ``--kedro-mlflow``, write conf/local/mlflow.yml when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("kedro_mlflow") is None:
+        return []
+    target = root / "conf" / "local" / "mlflow.yml"
+    if target.exists() and "mlflow_tracking_uri" in target.read_text(encoding="utf-8") and \
+            not re.search(r"mlflow_tracking_uri:\s*(null|mlruns)?\s*(#.*)?$", target.read_text(encoding="utf-8"), re.M):
+        return []  # it has a store of its own
+    if write_config and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(KEDRO_MLFLOW_YML, encoding="utf-8")
+        written.append(target)
+        return ["kedro-mlflow: wrote conf/local/mlflow.yml, so that `kedro run` logs to kmrun's store (mlflow.db)"]
+    where = "set in conf/local/mlflow.yml" if target.exists() else "add conf/local/mlflow.yml with"
+    return [f"kedro-mlflow is installed: MLflow 3 refuses its default store (./mlruns), so `kedro run` fails. To log "
+            f"where kmrun does, {where}:  server: {{mlflow_tracking_uri: sqlite:///mlflow.db}}"
+            + ("" if target.exists() else "  (or run kmrun init --kedro-mlflow to write it)")]
 
 
 def _find_metrics(project: Any, run: bool) -> tuple[list[str], list[str], list[str]]:
@@ -143,18 +196,25 @@ def _ignore(path: Path) -> list[str]:
     return missing
 
 
-def _example_space(params: dict[str, Any], prefix: str = "params") -> tuple[str, str]:
-    """A first search-space line: a parameter, and a range that respects its type and
-    bounds (a fraction stays inside (0, 1))."""
+def search_space(params: dict[str, Any], prefix: str = "params", limit: int = 4) -> list[tuple[str, str]]:
+    """Up to ``limit`` numeric parameters with a range around each value that respects its
+    type and bounds (a fraction stays inside (0, 1)); seeds, worker counts and the like
+    are left alone."""
+    found: list[tuple[str, str]] = []
     for key, value in params.items():
+        name = f"{prefix}.{key}"
         if isinstance(value, dict):
-            found = _example_space(value, f"{prefix}.{key}")
-            if found[0] != "params.SOME_FLOAT":
-                return found
+            found += search_space(value, name, limit - len(found))
+        elif NOT_SEARCHED.search(str(key)) or isinstance(value, bool):
+            continue
+        elif isinstance(value, float) and 0 < value <= 0.01:  # a rate or a penalty: orders of magnitude
+            found.append((name, f"tag(log, interval({value / 10:g}, {value * 10:g}))"))
         elif isinstance(value, float) and 0 < value < 1:
-            return f"{prefix}.{key}", f"interval({value / 2:g}, {(1 + value) / 2:g})"
+            found.append((name, f"interval({value / 2:g}, {(1 + value) / 2:g})"))
         elif isinstance(value, float) and value >= 1:
-            return f"{prefix}.{key}", f"tag(log, interval({value / 10:g}, {value * 10:g}))"
-        elif isinstance(value, int) and not isinstance(value, bool) and value > 1:
-            return f"{prefix}.{key}", f"int(interval({max(1, value // 2)}, {value * 2}))"
-    return "params.SOME_FLOAT", "interval(0.1, 1.0)"
+            found.append((name, f"tag(log, interval({value / 10:g}, {value * 10:g}))"))
+        elif isinstance(value, int) and value > 1:
+            found.append((name, f"int(interval({max(1, value // 2)}, {value * 2}))"))
+        if len(found) >= limit:
+            break
+    return found[:limit]

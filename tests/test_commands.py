@@ -269,6 +269,14 @@ def test_init_finds_a_free_metrics_output_and_ignores_kmruns_files(tmp_path, tem
     run = ws.kmrun("+experiment=baseline")
     assert run.code == 0, run.text
     assert ws.runs()[0].data.metrics["loss"] == 0.25
+    study = (project / "conf/study/example.yaml").read_text()  # active, over the numeric params, on loss
+    assert "# study:" not in study and "params.fit.n: int(interval(5, 20))" in study and "metric: loss" in study
+    assert "kedro-mlflow is installed" in done.out and "--kedro-mlflow" in done.out  # the suite has it
+    tuned = ws.kmrun("-m", "+experiment=baseline", "+study=example", "study.n_trials=2")
+    assert tuned.code == 0, tuned.text
+    (project / "conf/study/example.yaml").write_text("# @package _global_\n# study:\n#   n_trials: 2\n")
+    empty = ws.kmrun("-m", "+experiment=baseline", "+study=example")
+    assert empty.code == 2 and "conf/study/example.yaml holds only comments" in empty.err, empty.text
 
 
 def test_init_in_a_fresh_kedro_project_then_run_and_grid(tmp_path, template_store):
@@ -278,10 +286,14 @@ def test_init_in_a_fresh_kedro_project_then_run_and_grid(tmp_path, template_stor
     import shutil
 
     shutil.copy(template_store, project / "mlflow.db")
-    done = ws.kmrun("init")
+    done = ws.kmrun("init", "--kedro-mlflow")
     assert done.code == 0, done.text
-    assert "kmrun +experiment=baseline" in done.out
+    assert "kmrun +experiment=baseline" in done.out and "kedro-mlflow: wrote conf/local/mlflow.yml" in done.out
     assert all(p.read_bytes() == b for p, b in kedro_files.items() if p.name != "mlflow.db")  # Kedro's files untouched
+    kedro = subprocess.run([str(Path(sys.executable).parent / "kedro"), "run"], cwd=project, capture_output=True,
+                           text=True, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}, timeout=300)
+    assert kedro.returncode == 0, kedro.stderr[-3000:]  # kedro-mlflow logs `kedro run` to kmrun's store
+    assert [r.info.status for r in ws.runs()] == ["FINISHED"]
     assert {"kmrun.yaml", "experiment", "study"} <= {p.name for p in (project / "conf").iterdir()}
     assert ws.kmrun("init").code == 2  # never overwrites
 
