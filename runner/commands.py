@@ -355,10 +355,10 @@ def cache(args: argparse.Namespace) -> int:
         return 0
     entries = store.entries()
     terminal.say(f"node cache {store.root}: {len(entries)} entries, {store.size() / 2**20:.1f} MB")
-    for path, entry in sorted(entries, key=lambda item: item[1].created, reverse=True):
-        when = datetime.fromtimestamp(entry.created).isoformat(timespec="seconds")
-        terminal.say(f"  {entry.node:<24} {path.stat().st_size / 2**10:9.1f} KB  {when}  run {entry.run_id[:12] or '-'}"
-                     f"  {path.stem[:12]}")
+    terminal.cache_table([
+        (entry.node, f"{path.stat().st_size / 2**10:.1f} KB", datetime.fromtimestamp(entry.created).isoformat(
+            timespec="seconds"), entry.run_id[:12] or "-", path.stem[:12])
+        for path, entry in sorted(entries, key=lambda item: item[1].created, reverse=True)])
     return 0
 
 

@@ -28,6 +28,10 @@ def _load(path: str) -> Any:
 
 
 class KmrunModel(PythonModel):
+    # its predict takes what the pipeline takes: no type hints, and MLflow's (private) switch
+    # that stops MLflow warning about that each time the model loads
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         logging.getLogger("kedro").setLevel(logging.WARNING)  # no "Running node" lines per request
         self.config = dict(context.model_config or {})

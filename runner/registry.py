@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import KmrunError
@@ -89,6 +90,17 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
+QUIET_LOGGING = """\
+version: 1
+disable_existing_loggers: false
+handlers:
+  console: {class: logging.StreamHandler, level: WARNING}
+loggers:
+  kedro: {level: WARNING}
+root: {handlers: [console], level: WARNING}
+"""
+
+
 def serve(args: argparse.Namespace) -> int:
     import socket
 
@@ -109,7 +121,10 @@ def serve(args: argparse.Namespace) -> int:
 
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
         model = download_artifacts(uri, dst_path=folder, tracking_uri=store.uri)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, _SERVER_MODEL_PATH: model}
+        quiet = Path(folder) / "logging.yml"  # a packaged model boots Kedro: its INFO lines are not the server's
+        quiet.write_text(QUIET_LOGGING, encoding="utf-8")
+        env = {"KEDRO_LOGGING_CONFIG": str(quiet), **os.environ, "MLFLOW_TRACKING_URI": store.uri,
+               _SERVER_MODEL_PATH: model}
         command = [sys.executable, "-m", "uvicorn", "--host", args.host, "--port", str(args.port),
                    "--log-level", "warning", "runner.serving:app"]
         return run_server(command, env)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 
-from mlflow.pyfunc.scoring_server.app import app
+from mlflow.pyfunc.scoring_server.app import app  # loads the model
 from starlette.requests import Request
 from starlette.responses import Response
 

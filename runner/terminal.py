@@ -21,8 +21,17 @@ from .tracking import ui_command
 if TYPE_CHECKING:
     from .records import JobResult, Objective, Outcome, SweepOutcome
 
-console = Console(stderr=False, highlight=False)
-errors = Console(stderr=True, highlight=False)
+def _console(stderr: bool) -> Console:
+    """A terminal's own width; piped (a log file, CI, another program), lines are not cut
+    at Rich's 80 columns: plain text goes unwrapped, tables get 120 columns (or $COLUMNS)."""
+    found = Console(stderr=stderr, highlight=False)
+    if found.is_terminal or os.environ.get("COLUMNS"):
+        return found
+    return Console(stderr=stderr, highlight=False, width=120, soft_wrap=True)
+
+
+console = _console(stderr=False)
+errors = _console(stderr=True)
 
 _QUIET = ("kedro", "py.warnings", "mlflow", "alembic", "optuna")
 
@@ -90,6 +99,18 @@ def warn(message: str) -> None:
 
 def say(message: str) -> None:
     console.print(message, markup=False)
+
+
+def cache_table(rows: list[tuple[str, str, str, str, str]]) -> None:
+    """``kmrun cache``: one row per entry, columns as wide as their longest value."""
+    if not rows:
+        return
+    table = Table(box=None, show_header=True, header_style="bold")
+    for name, justify in (("node", "left"), ("size", "right"), ("created", "left"), ("run", "left"), ("key", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    console.print(table)
 
 
 def models_table(rows: list[dict[str, Any]], metric: str) -> None:

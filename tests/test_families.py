@@ -53,6 +53,9 @@ def test_a_two_family_study_searches_each_familys_own_keys_and_reruns_its_winner
     rerun = next(r for r in ws.runs() if (r.info.run_name or "").startswith("best of"))
     assert rerun.data.metrics["accuracy"] == best.value  # the winner, exactly
     assert rerun.data.tags["kmrun.groups"] == f"model={best.params['model']}"
+    resumed = ws.kmrun(*FAMILIES, "study.n_trials=10")  # the same study, two more trials
+    assert resumed.code == 0 and "8 trials already finished" in resumed.out, resumed.text
+    assert len([t for t in study_of(ws, "families").trials if t.state.name == "COMPLETE"]) == 10
     promoted = ws.kmrun("promote", best.user_attrs["mlflow_run_id"], "--name", "promoted_best")
     assert promoted.code == 0 and f"override /model: {best.params['model']}" in (
         ws.path / "conf/experiment/promoted_best.yaml").read_text(), promoted.text

@@ -79,6 +79,8 @@ def test_a_study_registers_its_best_model_and_kmrun_serve_predicts_like_the_pipe
         server.send_signal(signal.SIGTERM)  # to kmrun alone: it stops MLflow's server and its workers
         assert server.wait(timeout=30) == 0
     assert group_gone(server.pid)  # nothing of the server's process group is left
+    said = server.stdout.read().decode() if server.stdout else ""
+    assert said.startswith("Serving models:/digits") and said.count("\n") == 1, said  # one line: no bars, no logs
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0
 

@@ -101,3 +101,31 @@ def test_a_markdown_table_escapes_pipes_and_line_breaks():
 
     text = to_markdown([{"a|b": "x|y", "note": "one\ntwo"}])
     assert text.splitlines() == ["| a\\|b | note |", "|---|---|", "| x\\|y | one<br>two |"]
+
+
+def test_piped_output_is_not_cut_at_80_columns(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from runner import terminal
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    piped = io.StringIO()
+    monkeypatch.setattr(terminal, "console", terminal._console(stderr=False))
+    monkeypatch.setattr(terminal.console, "file", piped)
+    line = "Serving runs:/" + "0" * 32 + "/model on http://127.0.0.1:5001/invocations (Ctrl-C stops it)"
+    terminal.say(line)
+    assert piped.getvalue() == line + "\n"
+    assert isinstance(terminal.console, Console) and terminal.console.width == 120
+
+
+def test_the_cache_listing_aligns_long_node_names(capsys):
+    from runner import terminal
+
+    terminal.cache_table([("a_very_long_node_name_of_a_namespaced_pipeline", "1.0 KB", "2026-11-29T05:09:35", "run1", "k1"),
+                          ("load", "12345.5 KB", "2026-11-29T05:09:36", "run2", "k2")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    ends = {line.index("KB") for line in lines[1:]}
+    starts = {line.index("2026") for line in lines[1:]}
+    assert len(ends) == 1 and len(starts) == 1, lines  # one column each, whatever the name's length
