@@ -130,3 +130,36 @@ def test_a_warm_started_study_learns_from_the_grid_already_run_and_does_not_run_
     again = ws.kmrun("-m", "+experiment=baseline", "+study=tune", "study.name=other", "study.n_trials=1",
                      "study.warm_start=true", "~study.search_space", "+" + space)
     assert again.code == 0 and "Warm start: no finished run in the store fits" in again.out, again.text
+
+
+def test_two_processes_share_a_family_study_with_pruning_and_the_random_sampler(ws):
+    """Define-by-run under what studies already do: a pruner stopping the SGD family's
+    epochs, a sampler other than TPE, and two kmrun processes on one study."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import eventually
+
+    (ws.path / "conf/study/fam_prune.yaml").write_text(
+        "# @package _global_\nstudy:\n  n_trials: 8\n  sampler: {name: random, seed: 3}\n"
+        "  pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 2}\n  search_space:\n    model:\n"
+        "      sgd:\n        params.model.alpha: tag(log, interval(1e-6, 1.0))\n"
+        "      logistic_regression:\n        params.model.C: tag(log, interval(1e-3, 10))\n")
+    args = ["-m", "+experiment=baseline", "+study=fam_prune"]
+    first = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=ws.path, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"})
+    assert eventually(lambda: ws.running() >= 2, 120), "the first process ran no trial"
+    second = ws.kmrun(*args)
+    out = first.communicate(timeout=600)[0]
+    assert first.returncode == 0 and second.code == 0, out[-3000:] + second.text[-3000:]
+    trials = study_of(ws, "fam_prune").trials
+    done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(done) == 8 and len({t.number for t in trials}) == len(trials)
+    for trial in done:
+        keys = {"sgd": {"params.model.alpha"}, "logistic_regression": {"params.model.C"}}[trial.params["model"]]
+        assert set(trial.params) == {"model", *keys}, trial.params
+    sgd = [t for t in done if t.params["model"] == "sgd"]
+    assert sgd and all(t.intermediate_values for t in sgd)  # the SGD family reported its epochs to its trial
+    assert ws.running() == 0
