@@ -173,10 +173,12 @@ def naive(base: Path, template: Path, n: int) -> float:
     return sum(times) / n
 
 
-def parallel(base: Path, template: Path, jobs: int, store: Any = None) -> dict[str, float]:
+def parallel(base: Path, template: Path, jobs: int, store: Any = None, extra: tuple[str, ...] = (),
+             prefix: str = "") -> dict[str, float]:
     """Throughput of a CPU-bound grid (random forests) with 2 workers against 1, timed on
     the jobs themselves (first child start to last child end). ``store(name)`` gives a
-    fresh tracking URI per sweep (default: the workspace's SQLite file)."""
+    fresh tracking URI per sweep (default: the workspace's SQLite file); ``extra``: more
+    overrides (``model.runs=all``: each job logs its model), its keys start with ``prefix``."""
     from mlflow import MlflowClient
 
     spans = {}
@@ -184,14 +186,15 @@ def parallel(base: Path, template: Path, jobs: int, store: Any = None) -> dict[s
         ws = workspace(base, template)
         uri = store(f"parallel{workers}") if store else f"sqlite:///{ws / 'mlflow.db'}"
         kmrun(ws, "-m", "+experiment=forest", f"params.model.n_estimators=range(100,{100 + 25 * jobs},25)",
-              f"sweep.n_jobs={workers}", f"mlflow.tracking_uri={uri}")
+              f"sweep.n_jobs={workers}", f"mlflow.tracking_uri={uri}", *extra)
         client = MlflowClient(uri)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   "tags.`kmrun.role` = 'child'", max_results=10_000)
         assert len(runs) == jobs, (len(runs), jobs)
         spans[workers] = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
-    return {"parallel_jobs": jobs, "parallel_seconds_1": round(spans[1], 3),
-            "parallel_seconds_2": round(spans[2], 3), "parallel_speedup": round(spans[1] / spans[2], 3)}
+    return {f"{prefix}parallel_jobs": jobs, f"{prefix}parallel_seconds_1": round(spans[1], 3),
+            f"{prefix}parallel_seconds_2": round(spans[2], 3),
+            f"{prefix}parallel_speedup": round(spans[1] / spans[2], 3)}
 
 
 def postgres(base: Path, template: Path, jobs: int, n: int) -> dict[str, Any]:
@@ -458,6 +461,8 @@ def main() -> None:
 
         results["naive_logs_with_kedro_mlflow"] = importlib.util.find_spec("kedro_mlflow") is not None
         results.update(parallel(base, template, n["parallel_jobs"]))
+        results.update(parallel(base, template, n["parallel_jobs"], extra=("model.dataset=model", "model.runs=all"),
+                                prefix="model_"))
         results.update(startup(base, template))
         results["runs_query_seconds_500" if n["store_runs"] == 500 else "runs_query_seconds_small"] = round(
             runs_query(base, template, n["store_runs"]), 3)

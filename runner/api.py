@@ -160,6 +160,7 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
         tracker.log_text(parent_id, redact.text(outcome.command + "\n\n" + definition + "\n"), "sweep.txt")
     outcome.parent_run_id = parent_id
     grid.start(tracker, parent_id, jobs_dir)
+    _warm_models(conf, conf.sweep.n_jobs)
     try:
         return _execute(grid, tracker, conf.sweep.n_jobs, verbose, conf.sweep.max_failures, outcome, redact, echo,
                         shared=[grid.specs[c.index] for c in grid.outcomes if c.status is Status.NOT_STARTED],
@@ -200,6 +201,7 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
         def summarise() -> None:
             outcome.study = study.summary(export)
 
+        _warm_models(conf, settings.n_jobs)
         return _execute(study, tracker, settings.n_jobs, verbose, settings.max_failures, outcome, redact, echo,
                         summarise, shared=study.corners, jobs_dir=jobs_dir,
                         best_model=_best_model(conf, jobs_dir, settings.register_best), ray=ray, gpus=gpus)
@@ -286,6 +288,14 @@ def _on_ray(conf: KmrunConf, stores: dict[str, str], verbose: bool) -> RayConf |
 
     raycluster.connect(conf.ray, {k: v for k, v in stores.items() if v}, verbose)
     return conf.ray
+
+
+def _warm_models(conf: KmrunConf, n_jobs: int) -> None:
+    """Workers forked next inherit what saving a model imports (seconds each, otherwise)."""
+    if n_jobs > 1 and conf.sweep.executor == "local":
+        from . import models
+
+        models.warm(conf)
 
 
 def _gpu_slots(conf: KmrunConf) -> list[str]:

@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -102,6 +103,27 @@ def check(conf: KmrunConf, project: KedroProject) -> None:
                               f"({', '.join(sorted(inference.outputs()))}); a model returns one.")
 
 
+def warm(conf: KmrunConf) -> list[str]:
+    """Before a sweep forks its workers: import what the first ``save`` imports (MLflow's
+    pyfunc and model signature code, the flavor of each library the project has imported),
+    so that each worker inherits it instead of paying seconds for it. Returns the flavors."""
+    if not wanted(conf):
+        return []
+    import mlflow.models.signature
+    import mlflow.pyfunc  # noqa: F401
+
+    flavors = [conf.model.flavor] if conf.model.flavor not in ("auto", "pyfunc") else [
+        flavor for module, flavor in FLAVORS.items() if module in sys.modules]
+    warmed = []
+    for flavor in flavors:
+        try:
+            importlib.import_module(f"mlflow.{flavor}")
+            warmed.append(flavor)
+        except ImportError:
+            continue
+    return warmed
+
+
 def save(conf: KmrunConf, project: KedroProject, params: Mapping[str, Any], datasets: Mapping[str, Any],
          redact: Redactor, folder: Path) -> str:
     """Save the job's model into ``folder`` (made here); return its flavor."""
@@ -130,11 +152,27 @@ def save(conf: KmrunConf, project: KedroProject, params: Mapping[str, Any], data
                 module = importlib.import_module(f"mlflow.{flavor}")
                 defaults = getattr(module, "get_default_pip_requirements", None)
                 module.save_model(value, str(folder), input_example=example,
-                                  pip_requirements=defaults() if defaults else None)
+                                  pip_requirements=defaults() if defaults else None,
+                                  **_trusted_types(module, value))
     for warning in caught:
         log.debug("While saving the model: %s", warning.message)
     _redact_files(folder, redact)
     return flavor
+
+
+def _trusted_types(module: Any, value: Any) -> dict[str, Any]:
+    """MLflow saves scikit-learn models with skops, which refuses types it does not trust
+    (a random forest's trees). kmrun saves the model its own run just trained: its types
+    are trusted (and recorded in the MLmodel file, for loading)."""
+    import inspect
+
+    if "skops_trusted_types" not in inspect.signature(module.save_model).parameters:
+        return {}
+    try:
+        import skops.io
+    except ImportError:
+        return {}
+    return {"skops_trusted_types": skops.io.get_untrusted_types(data=skops.io.dumps(value)) or None}
 
 
 @contextmanager

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"overhead_ratio", "study_overhead_ratio", "overhead_ms_per_trial", "parallel_speedup", "help_seconds",
         "first_trial_ratio", "runs_query_seconds_500", "naive_seconds_per_trial", "cpu_count", "versions",
         "cached_ratio", "uncached_ratio", "cached_study_seconds_per_trial", "show_ratio", "show_seconds_big_store",
-        "ray_overhead_ms_per_trial", "ray_two_node_speedup"}
+        "ray_overhead_ms_per_trial", "ray_two_node_speedup", "model_parallel_speedup"}
 
 
 @pytest.mark.slow

@@ -199,3 +199,23 @@ def test_model_input_errors_name_the_key_and_the_fix(ws):
                           (("serve", "nothing-here"), "neither a registered model nor a run id")):
         done = ws.kmrun(*args)
         assert done.code == 2 and message in done.err, (args, done.text)
+
+
+def test_a_random_forest_is_saved_with_the_sklearn_flavor_and_predicts_like_the_trained_one(ws):
+    """MLflow saves scikit-learn models with skops, which refuses a forest's tree type
+    unless told to trust it: kmrun trusts the types of the model its run just trained."""
+    import mlflow.pyfunc
+
+    done = ws.kmrun("+experiment=forest", "model.dataset=model", "params.model.n_estimators=20")
+    assert done.code == 0, done.text
+    run = ws.runs()[0]
+    assert run.data.tags["kmrun.model"] == "sklearn"
+    loaded = mlflow.pyfunc.load_model(f"{run.info.artifact_uri}/model")
+    sys.path.insert(0, str(ws.path / "examples/digits/src"))
+    try:
+        from digits.pipelines.train.nodes import features
+    finally:
+        sys.path.pop(0)
+    trained = pickle.loads(next(ws.path.glob("examples/digits/data/06_models/model.pkl")).read_bytes())
+    X = features(images(ws))
+    assert [int(v) for v in loaded.predict(X)] == [int(v) for v in trained.predict(X)]
