@@ -204,3 +204,19 @@ def test_a_study_on_two_ray_nodes_holds_exactly_n_trials(ws, cluster, server):
         assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1
     finally:
         database.stop()
+
+
+def test_a_jobs_python_exception_on_ray_is_its_own_clear_message_and_the_run_ends_failed(ws, cluster, server):
+    """A pipeline that raises on a Ray node: the job's own error (not a Ray wrapper, not a
+    lost worker), its run FAILED with the traceback, the other cell FINISHED, exit 1."""
+    done = subprocess.run([sys.executable, "-m", "runner.cli", "-m", "+experiment=baseline", "params.model.C=1,-1",
+                           "sweep.executor=ray", "sweep.n_jobs=2", "cache=false", f"ray.address={cluster.address}",
+                           f"mlflow.tracking_uri={server}", "mlflow.experiment_name=ray-raises"],
+                          cwd=ws.path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"})
+    text = done.stdout + done.stderr
+    assert done.returncode == 1, text[-3000:]
+    assert "The pipeline raised InvalidParameterError" in text and "RayTaskError" not in text, text[-3000:]
+    assert "died" not in text and "lost" not in text.lower()  # not taken for a lost worker, nor run again
+    runs = {r.data.params["model.C"]: r.info.status for r in children(server, "ray-raises")}
+    assert runs == {"1.0": "FINISHED", "-1.0": "FAILED"}  # C coerced to the parameter's float
