@@ -401,7 +401,7 @@ def _subcommand(options: Any) -> int:
 
     if options.command == "join":  # the sweep's own command, run as if typed here
         return main(commands.join(options))
-    if options.command in ("register", "models", "serve"):
+    if options.command in ("register", "models", "serve", "ui", "dashboard"):
         from . import registry
 
         return int(getattr(registry, options.command)(options))

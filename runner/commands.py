@@ -6,19 +6,16 @@ Each honours ``conf/kmrun.yaml`` (the store, the experiment, the objective) and
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import KmrunError
-from .processes import serve
 from .records import Constraint, feasible
 from .redact import Redactor, hide_password
 from .results import without_redacted
 from .schema import check_experiment_name
-from .storage import default_storage
 from .store import Store, composed_config, experiment_ids, open_store, resolve_run, search
 from .tracking import git_tags, resolve_uri
 
@@ -388,32 +385,3 @@ def _explain(args: argparse.Namespace) -> int:
     for node, status, why in rows:
         terminal.say(f"  {node:<{width}}  {status:<10}  {why}")
     return 0
-
-
-# --- ui, dashboard --------------------------------------------------------------------
-
-
-def ui(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    from . import terminal
-
-    terminal.say(f"MLflow UI on http://{args.host}:{args.port} for {hide_password(store.uri)} (Ctrl-C stops it)")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store.uri,
-               "--host", args.host, "--port", str(args.port)]
-    return serve(command)
-
-
-def dashboard(args: argparse.Namespace) -> int:
-    import importlib.util
-
-    if importlib.util.find_spec("optuna_dashboard") is None:
-        raise KmrunError("kmrun dashboard needs optuna-dashboard, which is not installed. "
-                         "Install it: pip install optuna-dashboard")
-    storage = args.storage or default_storage(open_store(args).uri)
-    if storage is None:
-        raise KmrunError("kmrun dashboard: the MLflow store is not a local file, so the study storage has no "
-                         "default; pass it: --storage postgresql://USER@HOST/DB (your study.storage)")
-    # optuna-dashboard's public entry point (the package has no __main__ to run with -m)
-    serve_it = "import sys, optuna_dashboard; optuna_dashboard.run_server(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
-    command = [sys.executable, "-c", serve_it, storage, args.host, str(args.port)]
-    return serve(command)

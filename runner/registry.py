@@ -1,4 +1,5 @@
-"""kmrun register, models and serve: MLflow's Model Registry and scoring server, on the
+"""kmrun register, models, serve, ui and dashboard: MLflow's Model Registry, and the
+servers kmrun starts (a model's scoring server, MLflow's UI, optuna-dashboard) on the
 store conf/kmrun.yaml names. Models are logged by jobs (``models``); these commands only
 read them, register them and serve them."""
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 from .errors import KmrunError
 from .processes import serve as run_server
 from .redact import hide_password
+from .storage import default_storage
 from .store import open_store, resolve_run
 
 if TYPE_CHECKING:
@@ -165,3 +167,32 @@ def _model_uri(client: MlflowClient, store: Store, given: str, path: str, tag: s
         raise KmrunError(f"Run {run.info.run_id} has no model. Set model.dataset (or model.pipeline) in the "
                          "config and run again.")
     return f"runs:/{run.info.run_id}/{path}"
+
+
+# --- ui, dashboard --------------------------------------------------------------------
+
+
+def ui(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    from . import terminal
+
+    terminal.say(f"MLflow UI on http://{args.host}:{args.port} for {hide_password(store.uri)} (Ctrl-C stops it)")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store.uri,
+               "--host", args.host, "--port", str(args.port)]
+    return run_server(command)
+
+
+def dashboard(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        raise KmrunError("kmrun dashboard needs optuna-dashboard, which is not installed. "
+                         "Install it: pip install optuna-dashboard")
+    storage = args.storage or default_storage(open_store(args).uri)
+    if storage is None:
+        raise KmrunError("kmrun dashboard: the MLflow store is not a local file, so the study storage has no "
+                         "default; pass it: --storage postgresql://USER@HOST/DB (your study.storage)")
+    # optuna-dashboard's public entry point (the package has no __main__ to run with -m)
+    serve_it = "import sys, optuna_dashboard; optuna_dashboard.run_server(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
+    command = [sys.executable, "-c", serve_it, storage, args.host, str(args.port)]
+    return run_server(command)
