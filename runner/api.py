@@ -235,7 +235,7 @@ def _execute(source: Source, tracker: Tracker, n_jobs: int, verbose: bool, max_f
         _note(outcome, f"{len(gpus)} jobs at a time: each asks for GPUs (ray.resources.gpus), and the GPUs here "
                        f"hold {len(gpus)}.", echo)
         n_jobs = len(gpus)
-    scheduler = make_scheduler(n_jobs, verbose, ray, gpus)
+    scheduler = make_scheduler(n_jobs, verbose, ray, gpus, warm=shared[0] if shared else None)
 
     label = "study" if outcome.kind == "study" else "sweep"
     policy = engine.FailurePolicy(max_failures, source.planned)

@@ -124,14 +124,14 @@ class Workers:
 
 
 def make_scheduler(n_jobs: int, verbose: bool = False, ray: RayConf | None = None,
-                   gpu_slots: Sequence[str] = ()) -> Scheduler:
+                   gpu_slots: Sequence[str] = (), warm: JobSpec | None = None) -> Scheduler:
     """``Inline`` for one job at a time, else ``Workers``; with ``ray`` settings, Ray tasks
     (``raycluster``: ``connect`` comes first). ``gpu_slots``: the GPUs each local worker
     sees (``gpu_slots``), as many workers as slots at most."""
     if ray is not None:
         from .raycluster import RayWorkers
 
-        return RayWorkers(n_jobs, ray, verbose)
+        return RayWorkers(n_jobs, ray, verbose, warm)  # warm: a spec whose project each worker loads first
     return Workers(n_jobs, verbose, gpu_slots) if n_jobs > 1 else Inline(gpu_slots)
 
 
