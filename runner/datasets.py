@@ -77,7 +77,10 @@ class Catalog:
     def state(self, name: str) -> str | None:
         """The state of a dataset's local file or folder (None: it has none kmrun can read)."""
         where = self.location(name)
-        return file_state(where) if isinstance(where, Path) else None
+        if not isinstance(where, Path):
+            return None
+        suffix = (self.entry(name) or {}).get("filename_suffix")  # a partitioned dataset reads only these
+        return file_state(where, suffix if isinstance(suffix, str) else "")
 
 
 def _location(entry: Mapping[str, Any] | None) -> str | None:
@@ -101,7 +104,7 @@ def _without_credentials(entry: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def file_state(path: Path) -> str:
+def file_state(path: Path, suffix: str = "") -> str:
     """A file's size and content digest (size and mtime when large); a folder's files,
     each by name; a glob's matches."""
     if any(ch in path.name for ch in "*?["):
@@ -110,8 +113,11 @@ def file_state(path: Path) -> str:
         return "missing"
     if path.is_dir():
         # every file counts, .DS_Store and editor backups too: a folder dataset without a
-        # filename_suffix reads them, and a needless rerun is better than a stale result
-        return _digest(f"{p.relative_to(path)}:{file_state(p)}" for p in sorted(path.rglob("*")) if p.is_file())
+        # filename_suffix reads them, and a needless rerun is better than a stale result; with
+        # one, it reads only the files that end with it (Kedro's PartitionedDataset), and so
+        # only those count
+        return _digest(f"{p.relative_to(path)}:{file_state(p)}" for p in sorted(path.rglob("*"))
+                       if p.is_file() and p.name.endswith(suffix))
     stat = path.stat()
     if stat.st_size > CONTENT_HASH_LIMIT:
         return f"{stat.st_size}:{stat.st_mtime_ns}"

@@ -87,3 +87,19 @@ def test_every_file_of_a_folder_dataset_counts_even_an_editor_backup(tmp_path):
     assert file_state(folder) != before
     (folder / "part-0.csv~").unlink()
     assert file_state(folder) == before
+
+
+def test_a_folder_dataset_with_a_filename_suffix_counts_only_the_files_it_reads(tmp_path):
+    """PartitionedDataset(filename_suffix=".csv") lists only files ending in .csv: an
+    editor's backup or a file manager's .DS_Store beside them is not its data."""
+    from runner.datasets import file_state
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    (folder / "part-0.csv").write_text("x\n1\n")
+    before = file_state(folder, ".csv")
+    (folder / "part-0.csv~").write_text("x\n9\n")
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    assert file_state(folder, ".csv") == before
+    (folder / "part-1.csv").write_text("x\n2\n")  # a new partition is data
+    assert file_state(folder, ".csv") != before
