@@ -290,8 +290,9 @@ def ray_figures(base: Path, template: Path, n: int) -> dict[str, Any]:
         cells = BASE_TRIALS + n
         local_whole, local = grid(cells, "local")
         ray_whole, remote = grid(cells, "ray", *on_ray)
-        heavy = ("-m", "+experiment=forest", "params.model.n_estimators=range(400,2000,200)", "cache=false",
-                 "sweep.executor=ray", "sweep.n_jobs=2")
+        jobs = max(2, min(8, n))  # 8 heavy jobs; 2 in --tiny, whose figures mean nothing anyway
+        heavy = ("-m", "+experiment=forest", f"params.model.n_estimators=range(400,{400 + 200 * jobs},200)",
+                 "cache=false", "sweep.executor=ray", "sweep.n_jobs=2")
         home = Path(tempfile.mkdtemp(dir=base))
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
