@@ -179,8 +179,8 @@ class BoardClaims:
         """Fail the cells of dead processes (their runs end FAILED) and queue them again;
         take in the cells others ended."""
         for trial in self.board.fail_dead():
-            if trial.user_attrs.get("mlflow_run_id"):
-                self.tracker.end_stale(trial.user_attrs["mlflow_run_id"])
+            if trial.user_attrs.get("mlflow_run_id"):  # FAILED even if it FINISHED: the cell runs again
+                self.tracker.end_stale(trial.user_attrs["mlflow_run_id"], trial_failed=True)
         self.board.queue(self._open)
         for identity, trial in self.board.settled(self._open).items():
             run_id = trial.user_attrs.get("mlflow_run_id")

@@ -212,6 +212,10 @@ class Tracker:
                     if self.owner_alive(run):
                         return None, run
                     self.end_stale(run.info.run_id)
+                    # its owner may have finished it (and let go of it) since the search read it RUNNING
+                    run = self.client.get_run(run.info.run_id)
+                    if run.info.status == "FINISHED" and not rerun:
+                        return None, run
             run_id = self.start(run_name, {**tags, "kmrun.config_hash": config_hash}, parent_id)
             self.hold(run_id)
             return run_id, None
