@@ -255,8 +255,8 @@ def test_two_hosts_with_two_workers_share_one_grid_each_cell_once(tmp_path_facto
 
 def test_a_host_killed_mid_cell_has_its_cell_run_again_by_the_other(tmp_path_factory, template_store, postgres):
     track = postgres("track_grid_kill")
-    values = ",".join(str(100 + 50 * i) for i in range(4))
-    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=5000", "cache=false",
+    values = ",".join(str(1500 + 300 * i) for i in range(4))  # forests of seconds: the kill lands mid-job
+    args = ["-m", "+experiment=forest", f"params.model.n_estimators={values}", "cache=false",
             f"mlflow.tracking_uri={track}"]
     a, b = host(tmp_path_factory, template_store, "cells_a"), host(tmp_path_factory, template_store, "cells_b")
     running: list = []
@@ -273,7 +273,7 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_by_the_other(tmp_path_fac
     runs = trial_runs(track)
     children = child_runs(runs)
     finished = [r for r in children if r.info.status == "FINISHED"]
-    assert sorted(float(r.data.params["model.C"]) for r in finished) == [100, 150, 200, 250]  # each cell once
+    assert sorted(int(r.data.params["model.n_estimators"]) for r in finished) == [1500, 1800, 2100, 2400]  # once each
     orphan = next(r for r in children if r.info.run_id == running[0].info.run_id)
     assert orphan.info.status == "FAILED" and orphan.data.tags.get("kmrun.stale") == "true"
     assert not [r for r in runs if r.info.status == "RUNNING"]
@@ -321,8 +321,10 @@ def test_two_hosts_share_a_grid_on_an_mlflow_server_through_an_optuna_storage(
 def test_a_host_killed_mid_cell_has_its_cell_run_again_through_the_optuna_storage(
         tmp_path_factory, template_store, postgres, server):
     board = postgres("board_kill")
-    values = ",".join(str(100 + 50 * i) for i in range(4))
-    args = ["-m", "+experiment=baseline", f"params.model.C={values}", "params.model.max_iter=5000", "cache=false",
+    # forests of seconds each: a logistic regression can end within the just_started window,
+    # and a kill that lands after its job finished leaves nothing to run again
+    values = ",".join(str(1500 + 300 * i) for i in range(4))
+    args = ["-m", "+experiment=forest", f"params.model.n_estimators={values}", "cache=false",
             f"sweep.storage={board}", f"mlflow.tracking_uri={server}", "mlflow.experiment_name=board-kill"]
     a, b = host(tmp_path_factory, template_store, "board_a"), host(tmp_path_factory, template_store, "board_b")
 
@@ -346,7 +348,7 @@ def test_a_host_killed_mid_cell_has_its_cell_run_again_through_the_optuna_storag
     runs = trial_runs(server, "board-kill")
     children = child_runs(runs)
     finished = [r for r in children if r.info.status == "FINISHED"]
-    assert sorted(float(r.data.params["model.C"]) for r in finished) == [100, 150, 200, 250]  # each cell once
+    assert sorted(int(r.data.params["model.n_estimators"]) for r in finished) == [1500, 1800, 2100, 2400]  # once each
     orphan = next(r for r in children if r.info.run_id == dead.user_attrs["mlflow_run_id"])
     assert orphan.info.status == "FAILED" and orphan.data.tags.get("kmrun.stale") == "true"
     trials = board_trials(board)
