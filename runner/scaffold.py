@@ -50,7 +50,7 @@ objective:
   direction: maximize
 """
 
-STUDY_TODO = """\
+STUDY_INACTIVE = """\
 # @package _global_
 # An example Optuna study, inactive: {why}. Uncomment, set what is missing, then:
 #   kmrun -m +experiment=baseline +study=example
@@ -106,7 +106,7 @@ def init(root: Path, run: bool = True, kedro_mlflow: bool = False) -> tuple[list
     else:
         why = "no metric was found (set objective.metric)" if space else "no numeric parameter was found"
         key, expression = space[0] if space else ("params.SOME_FLOAT", "interval(0.1, 1.0)")
-        study = STUDY_TODO.format(why=why, key=key, expression=expression, metric=objective or "CHANGE_ME")
+        study = STUDY_INACTIVE.format(why=why, key=key, expression=expression, metric=objective or "CHANGE_ME")
     texts = [
         KMRUN_YAML.format(package=package, metric=objective or "null", metric_note=note,
                           metrics=f"[{', '.join(metrics)}]").replace("direction: maximize", f"direction: {direction}"),
