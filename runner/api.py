@@ -131,7 +131,8 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
         if echo:
             terminal.dry_run(outcome)
         return outcome
-    ray = _on_ray(conf, {"mlflow.tracking_uri": grid.first.uri, "sweep.storage": conf.sweep.storage or ""}, verbose)
+    ray = _on_ray(grid.first, composer.base_dir, {"mlflow.tracking_uri": grid.first.uri,
+                                                  "sweep.storage": conf.sweep.storage or ""}, verbose)
     gpus = _gpu_slots(conf)
     jobs_dir = sweep_dir(conf, composer.base_dir)
     tracker = runtime.current().tracker(grid.first.uri, grid.first.experiment_name)
@@ -181,7 +182,8 @@ def _study(composer: Composer, conf: KmrunConf, name: str, overrides: list[str],
     base, space = search_space(composer, settings.search_space, overrides)
     study = Study(composer, conf, base, space, name)
     study.check()
-    ray = _on_ray(conf, {"mlflow.tracking_uri": study.first.uri, "study.storage": study.storage_url}, verbose)
+    ray = _on_ray(study.first, composer.base_dir, {"mlflow.tracking_uri": study.first.uri,
+                                                   "study.storage": study.storage_url}, verbose)
     gpus = _gpu_slots(conf)
     jobs_dir = sweep_dir(conf, composer.base_dir)
     tracker = runtime.current().tracker(study.first.uri, study.first.experiment_name)
@@ -279,15 +281,16 @@ def _execute(source: Source, tracker: Tracker, n_jobs: int, verbose: bool, max_f
     return outcome
 
 
-def _on_ray(conf: KmrunConf, stores: dict[str, str], verbose: bool) -> RayConf | None:
+def _on_ray(first: JobSpec, base: Path, stores: dict[str, str], verbose: bool) -> RayConf | None:
     """With ``sweep.executor=ray``: join the cluster and check that its nodes reach the
-    stores, before any run is made; the Ray settings, else None (local)."""
+    stores and get the project, before any run is made; the Ray settings, else None (local)."""
+    conf = first.conf
     if conf.sweep.executor != "ray":
         return None
     from . import raycluster
 
-    raycluster.connect(conf.ray, {k: v for k, v in stores.items() if v}, verbose)
-    return conf.ray
+    return raycluster.connect(conf.ray, {k: v for k, v in stores.items() if v}, conf.kedro.project_path,
+                              first.redact, base, verbose)
 
 
 def _warm_models(conf: KmrunConf, n_jobs: int) -> None:

@@ -5,10 +5,12 @@ Optuna's ask and tell, the failure policy, the parent run, progress). ``RayWorke
 scheduler like ``scheduler.Workers``: ``submit(spec)`` returns a future of the job's
 result, at most ``size`` jobs run at a time, each with ``ray.resources``.
 
-- Every node runs the same Python environment, with kmrun and the Kedro project at the
-  same paths (a shared disk, or the same image), or gets them through ``ray.runtime_env``
-  (``working_dir``, ``py_modules``): the task ships the job's spec only, without secrets
-  (``job.shipped``); each node reads the project's credentials itself.
+- Every node runs the same Python environment with kmrun installed. The Kedro project is
+  either at the same path on every node (a shared disk, or the same image), or shipped by
+  Ray: ``ray.runtime_env.working_dir`` (a folder holding the project) is packed once by the
+  driver, without ``conf/local`` and credentials files (``shipping``), and each task runs
+  the project found at the same place inside it. A task ships the job's spec only, without
+  secrets (``shipped``); each node reads the project's credentials itself.
 - A task is not retried by Ray: a job whose node or worker died comes back as a lost
   worker, and kmrun runs it again once, as for a local worker.
 - The stores must be reachable from every node: an SQLite file (or a journal file) is
@@ -22,6 +24,7 @@ import logging
 import os
 from concurrent.futures import Future
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, TrackingError, WorkerLost
@@ -37,22 +40,29 @@ log = logging.getLogger(__name__)
 RESOURCES = {"cpus": "num_cpus", "gpus": "num_gpus", "memory": "memory"}  # ray.resources -> Ray's option
 LOCAL_FILES = ("sqlite:", "file:", "journal:")
 NODE = "KMRUN_RAY_NODE"  # set in a Ray worker: its node, which the runs it owns record
+# never packed into a shipped working_dir: secrets, and what is this machine's or too big to travel
+NOT_SHIPPED = ("**/credentials*", "**/conf/local/", ".git/", ".venv/", "venv/", "__pycache__/", "kmrun-cache/",
+               ".kmrun-cache/", "mlruns/", "mlartifacts/", "**/sessions/")
 
 
-def connect(settings: RayConf, stores: dict[str, str], verbose: bool = False) -> int:
+def connect(settings: RayConf, stores: dict[str, str], project: str, redact: Redactor, base: Path,
+            verbose: bool = False) -> RayConf:
     """Join the Ray cluster (``ray.address``, else ``$RAY_ADDRESS``, else a running local
-    Ray, else one started now) and check that every node can reach ``stores`` (setting ->
-    URL). Returns the number of live nodes. Raises ``ConfigError`` before any run."""
+    Ray, else one started now) with the job-wide ``ray.runtime_env`` (``shipping``), and
+    check that every node can reach ``stores`` (setting -> URL). Returns the settings as
+    the tasks use them. Raises ``ConfigError`` before any run."""
     try:
         import ray
     except ImportError:
         raise ConfigError("sweep.executor=ray needs Ray, which is not installed. Install it: "
                           "pip install 'kmrun[ray]'") from None
+    settings = shipping(settings, project, redact, base, stores)
     if not ray.is_initialized():
         address = settings.address or os.environ.get("RAY_ADDRESS")
+        env = settings.runtime_env
         options: dict[str, Any] = {
             "log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR,
-            "runtime_env": {"env_vars": {"KEDRO_DISABLE_TELEMETRY": "true"}}}
+            "runtime_env": {**env, "env_vars": {**(env.get("env_vars") or {}), "KEDRO_DISABLE_TELEMETRY": "true"}}}
         try:
             if address:
                 _reachable(address)
@@ -76,7 +86,64 @@ def connect(settings: RayConf, stores: dict[str, str], verbose: bool = False) ->
             f"{key} is a file on this machine ({hide_password(url)}), which the other {nodes - 1} nodes of the "
             "Ray cluster cannot reach. Use a store every node reaches: an MLflow server "
             "(mlflow.tracking_uri=http://HOST:5000) and a database (study.storage=postgresql://USER@HOST/DB).")
-    return nodes
+    return settings
+
+
+def shipping(settings: RayConf, project: str, redact: Redactor, base: Path, stores: dict[str, str]) -> RayConf:
+    """``ray.runtime_env`` as Ray gets it. Its ``env_vars`` hold no secret value (Ray shows
+    them to whoever sees the cluster). A ``working_dir`` (relative to ``base``, the folder
+    holding ``conf/``) must hold the Kedro project at ``project``; it is packed without
+    ``NOT_SHIPPED`` and the local store files in it, on top of the user's ``excludes``."""
+    env = dict(settings.runtime_env)
+    for name, value in (env.get("env_vars") or {}).items():
+        if redact.text(str(value)) != str(value):
+            raise ConfigError(f"ray.runtime_env.env_vars.{name} holds a secret (a credential or a secret environment "
+                              "variable's value), and Ray shows a runtime_env to whoever sees the cluster. Set it in "
+                              "each node's environment instead.")
+    if not env.get("working_dir"):
+        return settings
+    root = (base / Path(str(env["working_dir"])).expanduser()).resolve()
+    if not root.is_dir():
+        raise ConfigError(f"ray.runtime_env.working_dir: {root} is not a folder. Set it to the Kedro project's folder "
+                          "(or one above it), which Ray then ships to every node.")
+    if not Path(project).resolve().is_relative_to(root):
+        raise ConfigError(f"ray.runtime_env.working_dir: {root} does not hold the Kedro project ({project}), so the "
+                          "nodes would not get it. Set it to the project's folder or one above it.")
+    files = [Path(url.split("///", 1)[-1]).resolve() for url in stores.values() if url.startswith(LOCAL_FILES)]
+    local = [f"/{f.relative_to(root).as_posix()}" for f in files if f.is_relative_to(root)]
+    env.update(working_dir=str(root), excludes=[*(env.get("excludes") or []), *NOT_SHIPPED, *local])
+    return replace(settings, runtime_env=env)
+
+
+def relocated(spec: JobSpec, root: str | None) -> JobSpec:
+    """A spec whose project travels in the shipped ``root`` (``ray.runtime_env.working_dir``):
+    its project path relative to it (a node resolves it in its copy, ``settled``), and the
+    node cache where the driver's is (``cache.dir``), rather than in each copy."""
+    if not root:
+        return spec
+    from .cache import default_dir
+
+    conf = spec.conf
+    inside = Path(conf.kedro.project_path).resolve().relative_to(root).as_posix()
+    cache_dir = conf.cache.dir or str(default_dir(spec.uri))
+    return replace(spec, conf=replace(conf, kedro=replace(conf.kedro, project_path=inside),
+                                      cache=replace(conf.cache, dir=cache_dir)))
+
+
+def settled(spec: JobSpec) -> JobSpec:
+    """On a node: a project path relative to the shipped working_dir (the task's working
+    directory) made whole, and the run tagged with the package it ran (``kmrun.ray_package``)."""
+    import ray
+
+    conf = spec.conf
+    if Path(conf.kedro.project_path).is_absolute():
+        return spec
+    package = str(ray.get_runtime_context().runtime_env.get("working_dir") or "")
+    project = str(Path.cwd() / conf.kedro.project_path)
+    if Path(project, "conf").is_dir():  # conf/local stayed behind (NOT_SHIPPED); Kedro wants the folder
+        Path(project, "conf", "local").mkdir(exist_ok=True)
+    return replace(spec, conf=replace(conf, kedro=replace(conf.kedro, project_path=project)),
+                   tags={**spec.tags, "kmrun.ray_package": package})
 
 
 def _reachable(address: str, timeout: float = 5.0) -> None:
@@ -98,6 +165,7 @@ class RayWorkers:
         import ray
 
         self.size, self.verbose, self.warm = size, verbose, warm
+        self.root = settings.runtime_env.get("working_dir")  # shipped by Ray: specs point into it
         options = {RESOURCES.get(k, k): v for k, v in settings.resources.items() if k in RESOURCES}
         custom = {k: float(v) for k, v in settings.resources.items() if k not in RESOURCES}
         self._task = ray.remote(_on_node).options(max_retries=0, retry_exceptions=False, resources=custom or None,
@@ -106,7 +174,7 @@ class RayWorkers:
         self._refs: dict[Future[JobResult], Any] = {}
 
     def submit(self, spec: JobSpec) -> Future[JobResult]:
-        ref = self._task.remote(shipped(spec))  # nothing secret in a task's arguments
+        ref = self._task.remote(shipped(relocated(spec, self.root)))  # nothing secret in a task's arguments
         result: Future[JobResult] = Future()
         self._refs[result] = ref
         ref.future().add_done_callback(lambda done: _settle(result, done, self._refs))
@@ -119,7 +187,8 @@ class RayWorkers:
 
         if self.warm is not None:
             try:
-                ray.get([self._warm_task.remote(shipped(self.warm)) for _ in range(self.size)], timeout=600)
+                warm = shipped(relocated(self.warm, self.root))
+                ray.get([self._warm_task.remote(warm) for _ in range(self.size)], timeout=600)
             except Exception as err:  # the jobs bootstrap themselves, and report what fails
                 log.debug("Warming the Ray workers failed: %s", err)
         return self
@@ -145,7 +214,7 @@ def _on_node(spec: JobSpec) -> JobResult:
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         logging.disable(logging.INFO)
     os.environ[NODE] = ray.get_runtime_context().get_node_id()[:12]
-    return execute(arrived(spec))  # with this node's redactor
+    return execute(arrived(settled(spec)))  # in the shipped project, if any; with this node's redactor
 
 
 def shipped(spec: JobSpec) -> JobSpec:
@@ -186,7 +255,7 @@ def _warm_node(spec: JobSpec) -> None:
 
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         logging.disable(logging.INFO)
-    conf = spec.conf
+    conf = settled(spec).conf
     runtime.current().project(conf.kedro.project_path, conf.kedro.env).pipeline(conf.kedro.pipeline, conf.kedro.tags)
 
 
@@ -204,8 +273,10 @@ def _settle(result: Future[JobResult], done: Future[Any], refs: dict[Future[JobR
     except (errors.TaskCancelledError, KeyboardInterrupt):
         result.set_exception(KeyboardInterrupt())
     except errors.OutOfMemoryError as err:
-        result.set_exception(WorkerLost(f"Ray's memory monitor killed the worker running this job (out of memory): "
-                                        f"{str(err).strip().splitlines()[0]}"))
+        why = str(err).strip().split(". ")[0]
+        result.set_exception(WorkerLost(f"The job ran out of memory: Ray's memory monitor killed it ({why}). Ask Ray "
+                                        "for the memory a job needs, ray.resources.memory=BYTES (a job then starts "
+                                        "only where that much is free), or run fewer jobs at a time."))
     except Exception as err:  # a node or worker died, an object was lost
         result.set_exception(WorkerLost(f"The Ray worker running this job died ({type(err).__name__}): "
                                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"))

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from functools import cache
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import ConfigError
+from .redact import is_secret_name
 
 # OmegaConf reads these annotations at runtime, so they use typing's generics.
 
@@ -66,6 +67,7 @@ class SweepConf:
 class RayConf:
     address: Optional[str] = None  # None: $RAY_ADDRESS, else a running local Ray, else one started for the sweep
     resources: Dict[str, Any] = field(default_factory=lambda: {"cpus": 1})  # each job's: cpus, gpus, memory, custom
+    runtime_env: Dict[str, Any] = field(default_factory=dict)  # Ray's: working_dir ships the project, py_modules, pip
 
 
 @dataclass
@@ -210,6 +212,12 @@ def _check_bounds(conf: KmrunConf) -> None:
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 <= amount < math.inf:
             problems.append(f"ray.resources.{name} is {amount!r}; use a number ≥ 0 (cpus, gpus, memory in bytes, "
                             "or a custom resource of your cluster).")
+    env_vars, working_dir = conf.ray.runtime_env.get("env_vars") or {}, conf.ray.runtime_env.get("working_dir", "")
+    if not isinstance(env_vars, Mapping) or not isinstance(working_dir, str):
+        problems.append("ray.runtime_env: env_vars is a mapping (NAME: value) and working_dir a path.")
+    elif secret := [k for k in env_vars if is_secret_name(str(k))]:
+        problems.append(f"ray.runtime_env.env_vars.{secret[0]} looks secret, and Ray shows a runtime_env to anyone "
+                        "who can see the cluster (its dashboard, its logs). Set it in each node's environment instead.")
     if not 0 <= conf.store_patience <= 86400:
         problems.append(f"store_patience is {conf.store_patience}; use seconds from 0 (do not wait) to 86400.")
     if sweep.max_failures is not None and sweep.max_failures <= 0:

@@ -220,3 +220,76 @@ def test_a_jobs_python_exception_on_ray_is_its_own_clear_message_and_the_run_end
     assert "died" not in text and "lost" not in text.lower()  # not taken for a lost worker, nor run again
     runs = {r.data.params["model.C"]: r.info.status for r in children(server, "ray-raises")}
     assert runs == {"1.0": "FINISHED", "-1.0": "FAILED"}  # C coerced to the parameter's float
+
+
+def test_a_project_shipped_by_ray_runs_from_its_package_which_holds_no_secret(ws, cluster, server):
+    """``ray.runtime_env.working_dir``: the driver packs the project once; each task runs the
+    copy Ray unpacked on its node (the run records the package), and the package holds
+    neither a file of ``conf/local`` nor a credentials file."""
+    credential = "cred-s3cret-shipped-123"
+    (ws.path / "examples/digits/conf/local/credentials.yml").write_text(f"db:\n  con: {credential}\n")
+    done = subprocess.run([sys.executable, "-m", "runner.cli", "-m", "+experiment=baseline", "params.model.C=0.5,2",
+                           "sweep.executor=ray", "sweep.n_jobs=2", "cache=false", f"ray.address={cluster.address}",
+                           f"mlflow.tracking_uri={server}", "mlflow.experiment_name=ray-shipped",
+                           "ray.runtime_env.working_dir=examples/digits"],
+                          cwd=ws.path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    runs = children(server, "ray-shipped")
+    assert sorted(r.data.params["model.C"] for r in runs if r.info.status == "FINISHED") == ["0.5", "2.0"]
+    packages = {r.data.tags.get("kmrun.ray_package", "") for r in runs}
+    assert len(packages) == 1 and packages.pop().startswith("gcs://_ray_pkg_"), packages
+    unpacked = [p for p in Path(cluster.head_node.get_session_dir_path()).glob(
+        "runtime_resources/working_dir_files/_ray_pkg_*") if (p / "conf/base/parameters.yml").is_file()]
+    assert unpacked, "Ray unpacked no copy of the project"
+    for copy in unpacked:
+        assert (copy / "src/digits/pipelines/train/nodes.py").is_file()
+        assert not [f for f in (copy / "conf/local").rglob("*") if f.is_file()]  # an empty folder, made on the node
+        assert not [f for f in copy.rglob("*") if f.is_file() and credential in f.read_text(errors="replace")]
+
+
+HOG = '''
+
+def _hog(gigabytes: float) -> None:
+    """Takes memory a quarter of a gigabyte at a time (a test's out-of-memory job)."""
+    import time
+
+    held = []
+    for _ in range(int(gigabytes * 4)):
+        held.append(np.ones(2**25))  # 256 MiB, touched
+        time.sleep(0.05)
+    time.sleep(30)
+'''
+
+
+def test_a_job_out_of_memory_on_ray_says_so_and_how_to_fix_it(ws, server):
+    """Ray's memory monitor kills a job that takes more memory than the node has to spare
+    (its threshold set 2 GB above what this machine uses now): the message says it ran out
+    of memory and names ray.resources.memory; it runs again once (as for any lost worker),
+    and both its runs end FAILED."""
+    from ray.cluster_utils import Cluster
+
+    nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
+    nodes.write_text(nodes.read_text().replace('    kind = model["type"]\n',
+                                               '    kind = model["type"]\n    _hog(model.get("hog_gb", 0))\n', 1) + HOG)
+    parameters = ws.path / "examples/digits/conf/base/parameters.yml"
+    parameters.write_text(parameters.read_text().replace("model:\n", "model:\n  hog_gb: 0\n", 1))
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total, available = (int(meminfo[k].split()[0]) * 1024 for k in ("MemTotal", "MemAvailable"))
+    threshold = (total - available + 2 * 2**30) / total
+    own = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "_system_config": {"memory_usage_threshold": threshold, "memory_monitor_refresh_ms": 100}})
+    try:
+        done = subprocess.run([sys.executable, "-m", "runner.cli", "-m", "+experiment=baseline",
+                               "params.model.hog_gb=6,0", "sweep.executor=ray", "cache=false",
+                               f"ray.address={own.address}", f"mlflow.tracking_uri={server}",
+                               "mlflow.experiment_name=ray-oom"],
+                              cwd=ws.path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"})
+    finally:
+        own.shutdown()
+    text = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in text, text[-3000:]
+    assert "out of memory" in text and "ray.resources.memory" in text, text[-3000:]
+    statuses = Counter((r.info.run_name, r.info.status) for r in children(server, "ray-oom"))
+    assert statuses == {("hog_gb=0", "FINISHED"): 1, ("hog_gb=6", "FAILED"): 2}, statuses  # run again once

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from runner.errors import ConfigError
+from runner.redact import Redactor
 from runner.schema import RayConf, parse
 
 
@@ -16,13 +18,15 @@ def test_without_ray_installed_the_message_says_what_to_install(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'kmrun\[ray\]'"):
-        raycluster.connect(RayConf(), {"mlflow.tracking_uri": "sqlite:///x.db"})
+        raycluster.connect(RayConf(), {"mlflow.tracking_uri": "sqlite:///x.db"}, ".", Redactor(), Path.cwd())
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("sweep.executor", "dask", "sweep.executor is 'dask'; use local or ray"),
     ("ray.resources", {"gpus": -1}, "ray.resources.gpus is -1"),
     ("ray.resources", {"cpus": "many"}, "ray.resources.cpus is 'many'"),
+    ("ray.runtime_env", {"env_vars": {"DB_PASSWORD": "x"}}, "ray.runtime_env.env_vars.DB_PASSWORD looks secret"),
+    ("ray.runtime_env", {"env_vars": ["A=1"]}, "env_vars is a mapping"),
 ])
 def test_bad_executor_settings_name_the_key(key, value, message):
     cfg = OmegaConf.create({})
@@ -64,6 +68,41 @@ def test_a_job_spec_travels_to_a_ray_node_without_secrets_and_the_node_hides_the
     assert {credential, token} <= set(on_node.redact.values)
     assert on_node.conf.mlflow.tags["origin"] == "postgresql://u:***@db.example/x"  # the run's tag, hidden already
     assert on_node.params == spec.params and on_node.config_hash == spec.config_hash
+
+
+def test_a_shipped_working_dir_holds_the_project_and_leaves_secrets_and_stores_behind(tmp_path):
+    from runner.raycluster import NOT_SHIPPED, shipping
+
+    project = tmp_path / "repo" / "project"
+    project.mkdir(parents=True)
+    store = {"mlflow.tracking_uri": f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"}
+    settings = RayConf(runtime_env={"working_dir": "repo", "excludes": ["data/big/"]})
+    env = shipping(settings, str(project), Redactor(), tmp_path, store).runtime_env
+    assert env["working_dir"] == str(tmp_path / "repo")
+    assert env["excludes"] == ["data/big/", *NOT_SHIPPED, "/mlflow.db"]
+    assert {"**/credentials*", "**/conf/local/"} <= set(env["excludes"])
+    with pytest.raises(ConfigError, match="does not hold the Kedro project"):
+        shipping(RayConf(runtime_env={"working_dir": "repo/project"}), str(tmp_path / "other"), Redactor(),
+                 tmp_path, {})
+    with pytest.raises(ConfigError, match="is not a folder"):
+        shipping(RayConf(runtime_env={"working_dir": "nowhere"}), str(project), Redactor(), tmp_path, {})
+    with pytest.raises(ConfigError, match="env_vars.TEAM holds a secret"):
+        shipping(RayConf(runtime_env={"env_vars": {"TEAM": "pw-s3cret-789"}}), str(project),
+                 Redactor(["pw-s3cret-789"]), tmp_path, {})
+
+
+def test_a_spec_bound_for_a_shipped_project_points_into_it(ws, monkeypatch):
+    from runner.compose import Composer
+    from runner.job import prepare
+    from runner.raycluster import relocated
+
+    monkeypatch.chdir(ws.path)
+    with Composer() as composer:
+        spec = prepare(composer.compose(["+experiment=baseline"]), ["+experiment=baseline"], open_store=False)
+    assert relocated(spec, None) is spec
+    moved = relocated(spec, str(ws.path))
+    assert moved.conf.kedro.project_path == "examples/digits"
+    assert moved.conf.cache.dir == str(ws.path / "kmrun-cache")  # the driver's, beside its store
 
 
 def test_local_jobs_that_ask_for_gpus_get_their_own(monkeypatch):
