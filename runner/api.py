@@ -121,8 +121,8 @@ def _grid(composer: Composer, conf: KmrunConf, overrides: list[str], command: st
 
     base, cells = expand(composer, overrides, conf.sweep.params)
     grid = Grid(composer, conf, base, cells)
-    grid.check(open_store=not conf.sweep.dry_run)
-    redact = Redactor.union(spec.redact for spec in grid.specs.values())
+    grid.check(open_store=not conf.sweep.dry_run, keep=not conf.sweep.dry_run)
+    redact = Redactor(grid.secrets)
     for cell in grid.outcomes:  # what is shown and logged of each cell; its spec keeps the values
         cell.swept = [redact.override(o) for o in cell.swept]
     outcome = SweepOutcome("grid", grid.outcomes, _objective(conf), None, _shown(command, overrides, redact),

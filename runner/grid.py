@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .claims import BoardClaims, Claims, StoreClaims
-from .compose import JobComposer, as_typed
+from .compose import JobComposer, as_typed, origin_finder
 from .engine import Job
 from .errors import ConfigError, KmrunError, WorkerLost, after
-from .job import JobSpec, prepare
+from .job import JobSpec, checked, prepare
 from .params import first_of
 from .records import JobResult, Outcome, Status
 
@@ -117,6 +117,9 @@ class Grid:
     def __init__(self, composer: Composer, conf: KmrunConf, base: list[str], cells: list[Outcome]) -> None:
         self.conf, self.base, self.outcomes = conf, base, cells
         self.specs: dict[int, JobSpec] = {}
+        self.secrets: set[str] = set()  # every cell's (``check``): one redactor for what the sweep shows
+        self._hashes: list[str] = []  # every cell's config hash (``check``)
+        self._fingerprints: set[str] = set()  # every cell's code, data and environment (``check``)
         self._compose = JobComposer(composer, base)
         self._conf_dir, self._base_dir = composer.config_dir, composer.base_dir
         self._todo: list[Outcome] = []
@@ -138,14 +141,29 @@ class Grid:
     def claims(self) -> Claims:
         return after("Grid.start()", self._claims)
 
-    def check(self, open_store: bool) -> None:
-        """Compose and check every cell before any runs; report every distinct problem once."""
+    def check(self, open_store: bool, keep: bool = True) -> None:
+        """Compose and check every cell before any runs; report every distinct problem once.
+        Without ``keep`` (a dry run) only the first cell's spec is kept: what the grid
+        needs of the others (``key``, ``fingerprint``, ``secrets``) is kept as it goes."""
         problems: dict[str, str] = {}
+        self.specs, self.secrets, self._hashes, self._fingerprints = {}, set(), [], set()
         for cell in self.outcomes:
-            cfg, choices = self._compose(cell.swept)
+            overrides = self.base + cell.swept
             try:
-                self.specs[cell.index] = prepare(cfg, self.base + cell.swept, choices, self._conf_dir,
-                                                 open_store=open_store, base_dir=self._base_dir)
+                typed = self._compose.params_only(cell.swept)  # most cells: no composition, no copy
+                if typed is not None:
+                    origin = origin_finder(self._conf_dir, overrides, self._compose.choices)
+                    spec = checked(*typed, overrides, self._compose.choices, origin, open_store, self._base_dir)
+                else:
+                    cfg, choices = self._compose(cell.swept)
+                    spec = prepare(cfg, overrides, choices, self._conf_dir, open_store=open_store,
+                                   base_dir=self._base_dir)
+                self._hashes.append(spec.config_hash)
+                if spec.fingerprint is not None:
+                    self._fingerprints.add(spec.fingerprint.value)
+                self.secrets.update(spec.redact.values)
+                if keep or not self.specs:
+                    self.specs[cell.index] = spec
             except KmrunError as err:
                 for line in str(err).splitlines():  # one line per bad key, not per value
                     problems.setdefault(line.split(" (", 1)[0], line)
@@ -161,7 +179,7 @@ class Grid:
     @property
     def key(self) -> str:
         """The grid's identity: the config hashes of its cells."""
-        hashes = sorted(spec.config_hash for spec in self.specs.values())
+        hashes = sorted(self._hashes)
         return hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
 
     def resume(self, tracker: RunStore, rerun: bool) -> tuple[int, str | None]:
@@ -202,7 +220,7 @@ class Grid:
     def fingerprint(self) -> str:
         """The code, data and environment of the grid's cells, as one value (cells whose catalog
         reads runtime params may each read other files)."""
-        values = sorted({spec.fingerprint.value for spec in self.specs.values() if spec.fingerprint is not None})
+        values = sorted(self._fingerprints)
         return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
     def start(self, tracker: RunStore, parent: str, sweep_dir: Path) -> None:

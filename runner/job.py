@@ -15,14 +15,14 @@ import os
 import shutil
 import tempfile
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, models, patience, runtime
-from .compose import config_hash, origin_finder
+from .compose import config_hash, origin_finder, resolved
 from .errors import (
     ConfigError,
     JobFailed,
@@ -95,19 +95,21 @@ def prepare(
     Relative paths (``kedro.project_path``, ``cache.dir``, the default store) start at ``base_dir``: the
     folder holding ``conf/`` (the working directory by default).
     """
-    from omegaconf import OmegaConf
-
-    rt = runtime.current()
     origin = origin_finder(conf_dir or Path.cwd() / "conf", overrides, choices or {})
     conf = parse(cfg, origin)
+    return checked(conf, resolved(cfg), overrides, choices, origin, open_store, base_dir)
+
+
+def checked(conf: KmrunConf, config: dict[str, Any], overrides: list[str], choices: Mapping[str, Any] | None,
+            origin: Callable[[str], str], open_store: bool = True, base_dir: Path | None = None) -> JobSpec:
+    """``prepare`` once the config is typed (``conf``) and plain (``config``): the checks
+    against the Kedro project and the store, and the job's spec."""
+    rt = runtime.current()
     base = base_dir or Path.cwd()
-    conf.kedro.project_path = str(base / Path(conf.kedro.project_path).expanduser())
-    if conf.cache.dir:  # as `kmrun cache` finds it, from whichever folder kmrun was started in
-        conf.cache.dir = str(base / Path(conf.cache.dir).expanduser())
-    # resolved before Kedro loads its config, which unregisters OmegaConf's oc.env resolver
-    job_cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    config = cast(dict[str, Any], OmegaConf.to_container(job_cfg, resolve=True))
-    assert isinstance(config, dict)
+    # as `kmrun cache` finds it, from whichever folder kmrun was started in
+    cache_dir = str(base / Path(conf.cache.dir).expanduser()) if conf.cache.dir else None
+    conf = replace(conf, kedro=replace(conf.kedro, project_path=str(base / Path(conf.kedro.project_path).expanduser())),
+                   cache=replace(conf.cache, dir=cache_dir))
     project = rt.project(conf.kedro.project_path, conf.kedro.env)
     params = check_params(conf.params, project.parameters(), added_on_purpose(overrides), origin)
     project.pipeline(conf.kedro.pipeline, conf.kedro.tags)

@@ -54,7 +54,7 @@ class JobResult:
         return str(self.error) if self.error is not None else None
 
 
-@dataclass
+@dataclass(slots=True)  # a 100,000-cell grid holds 100,000
 class Outcome:
     """One job of a sweep (a grid cell or a study trial) and how it ended."""
 

@@ -125,8 +125,17 @@ def models_table(rows: list[dict[str, Any]], metric: str) -> None:
     console.print(table)
 
 
+TABLE_ROWS = 1000  # a longer listing is plain lines: a table lays every row out in memory first
+
+
 def dry_run(outcome: SweepOutcome) -> None:
     console.print(f"Dry run: {len(outcome.outcomes)} job(s). Nothing was run or recorded.")
+    if len(outcome.outcomes) > TABLE_ROWS:
+        width = len(str(outcome.outcomes[-1].index))
+        for start in range(0, len(outcome.outcomes), TABLE_ROWS):  # written as it goes, not laid out
+            console.file.write("".join(f"{job.index:>{width}}  {' '.join(job.swept)}\n"
+                                       for job in outcome.outcomes[start:start + TABLE_ROWS]))
+        return
     table = Table(box=None)
     table.add_column("#", justify="right")
     table.add_column("overrides")

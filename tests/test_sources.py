@@ -107,6 +107,46 @@ def test_a_grid_expands_the_product_and_the_command_line_wins_over_yaml(composer
     assert len({spec.config_hash for spec in grid.specs.values()}) == 4
 
 
+@pytest.mark.parametrize("args, shortcut", [
+    (["+experiment=baseline", "params.model.C=0.1,1e-3,-2,7", "params.split.seed=range(0,3)"], True),
+    (["+experiment=baseline", "params.model.C=3", "params.model={C:0.5,max_iter:50},{C:2}", "+params.extra=a,'b c'"],
+     True),
+    (["+experiment=baseline", "mlflow.run_name=one", "params.model.C=0.1,2", "params.model.type=sgd,random_forest"],
+     True),
+    (["+experiment=baseline", "mlflow.experiment_name=e", "mlflow.run_name='${.experiment_name}'", "params.model.C=0.1,2"],
+     False),  # the config interpolates: each cell composed
+])
+def test_a_grid_checked_without_composing_each_cell_gives_the_specs_composing_gives(composer, args, shortcut):
+    """Cells that set only params values skip composition (``JobComposer.params_only``) and
+    Hydra's parser for numbers, unless the config interpolates: each spec equals the one
+    composed and parsed in full."""
+    from runner.job import prepare
+
+    grid = grid_of(composer, args)
+    grid.check(open_store=False)
+    assert all((grid._compose.params_only(cell.swept) is not None) is shortcut for cell in grid.outcomes)
+    for cell in grid.outcomes:
+        overrides = grid.base + cell.swept
+        cfg = composer.compose(overrides)
+        full = prepare(cfg, overrides, grid._compose.choices, composer.config_dir, open_store=False)
+        spec = grid.specs[cell.index]
+        assert (spec.conf, spec.params, spec.config, spec.config_hash, spec.fingerprint, spec.redact.values) == (
+            full.conf, full.params, full.config, full.config_hash, full.fingerprint, full.redact.values), cell.swept
+
+
+@pytest.mark.parametrize("line", ["params.a=1", "params.a=-1", "params.a.b=0", "params.a=1.5", "params.a=-0.25",
+                                  "params.a=1e-3", "params.a=2E+10", "params.a=1.5e3", "params.a=01", "params.a=1.",
+                                  "params.a=.5", "params.a=1_000", "params.a=inf", "params.a=0x1F", "params.a=true",
+                                  "params.a=abc", "params.a=1,2", "params.a-b.c=1", "+params.a=1", "mlflow.x=1"])
+def test_a_number_is_read_as_hydra_reads_it(composer, line):
+    from runner.compose import JobComposer
+
+    mine = JobComposer(composer, ["+experiment=baseline"]).parse([line])[0]
+    hydras = composer.parse([line])[0]
+    assert (mine.key_or_group, mine.value_type, type(mine._value), mine._value) == (
+        hydras.key_or_group, hydras.value_type, type(hydras._value), hydras._value)
+
+
 def test_a_grid_over_a_config_group_composes_each_option(composer):
     grid = grid_of(composer, ["+experiment=baseline", "model=logistic_regression,random_forest"])
     grid.check(open_store=False)
