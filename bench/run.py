@@ -50,9 +50,12 @@ ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
 
 SIZES = {  # trials per contender, rounds, naive trials, jobs per parallel sweep, runs in the query stores
-    "full": {"trials": 30, "rounds": 2, "naive": 3, "parallel_jobs": 16, "store_runs": 500, "big_store": 3000},
-    "quick": {"trials": 12, "rounds": 1, "naive": 2, "parallel_jobs": 8, "store_runs": 500, "big_store": 1000},
-    "tiny": {"trials": 1, "rounds": 1, "naive": 1, "parallel_jobs": 2, "store_runs": 20, "big_store": 60},
+    "full": {"trials": 30, "rounds": 2, "naive": 3, "parallel_jobs": 16, "store_runs": 500, "big_store": 3000,
+             "check_cells": 10_000, "dry_run_cells": 100_000},
+    "quick": {"trials": 12, "rounds": 1, "naive": 2, "parallel_jobs": 8, "store_runs": 500, "big_store": 1000,
+              "check_cells": 2_000, "dry_run_cells": 20_000},
+    "tiny": {"trials": 1, "rounds": 1, "naive": 1, "parallel_jobs": 2, "store_runs": 20, "big_store": 60,
+             "check_cells": 50, "dry_run_cells": 200},
 }
 SMALL_STORE = 50  # runs in the store `kmrun show` is compared against
 C_VALUES = [round(0.01 * 1.2**i, 6) for i in range(80)]  # distinct values: no cell is ever skipped
@@ -414,6 +417,30 @@ def node_keys_cost(base: Path, template: Path) -> dict[str, float]:
             "node_keys_ms_per_job": round(found["each"] * 1000, 2)}
 
 
+def grid_checks(base: Path, template: Path, cells: int, big: int) -> dict[str, Any]:
+    """Checking a grid before its first cell: a dry run (which composes and checks every
+    cell, then lists them) of ``cells`` cells against one of 10, per cell; and the peak
+    memory and time of a dry run of ``big`` cells (its peak RSS, read by a parent that
+    starts nothing else)."""
+    ws = workspace(base, template)
+
+    def dry(n: int) -> list[str]:
+        return [sys.executable, "-m", "runner.cli", "-m", "+experiment=baseline", f"params.model.C=range(1,{n + 1})",
+                "sweep.dry_run=true"]
+
+    small = statistics.median(timed(dry(10), ws) for _ in range(2))
+    per_cell = (timed(dry(cells), ws) - small) / (cells - 10)
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", probe, *dry(big)], cwd=ws, env=ENV, capture_output=True, text=True,
+                          check=True)
+    seconds, peak_kb = done.stdout.split()
+    label = f"{big // 1000}k" if big >= 1000 else str(big)
+    return {"grid_check_ms_per_cell": round(per_cell * 1000, 3), f"dry_run_peak_mb_{label}": round(int(peak_kb) / 1024),
+            f"dry_run_seconds_{label}": round(float(seconds), 1)}
+
+
 def template_store(base: Path) -> Path:
     from mlflow import MlflowClient
 
@@ -471,6 +498,7 @@ def main() -> None:
             "uncached_ratio": round(node_cache["uncached"] / node_cache["hand"], 3),
         })
         results.update(node_keys_cost(base, template))
+        results.update(grid_checks(base, template, n["check_cells"], n["dry_run_cells"]))
         results["naive_seconds_per_trial"] = round(naive(base, template, n["naive"]), 3)
         import importlib.util
 
