@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
+ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200", "KMRUN_DAEMON": "0"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
 
 SIZES = {  # trials per contender, rounds, naive trials, jobs per parallel sweep, runs in the query stores
@@ -72,9 +72,9 @@ def workspace(base: Path, template: Path) -> Path:
     return path
 
 
-def timed(command: list[str], cwd: Path) -> float:
+def timed(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -348,6 +348,63 @@ def filled_store(base: Path, template: Path, n: int) -> Path:
     return ws
 
 
+def started_daemon(ws: Path, env: dict[str, str]) -> None:
+    """A zygote for ``env``, started by a first command."""
+    timed([sys.executable, "-m", "runner.cli", "cache"], ws, env)
+    deadline = time.time() + 120
+    while "pid " not in subprocess.run([sys.executable, "-m", "runner.cli", "daemon", "status"], cwd=ws,
+                                       env={**ENV, **env}, capture_output=True, text=True).stdout:
+        if time.time() > deadline:
+            raise SystemExit("the daemon did not start")
+        time.sleep(0.5)
+
+
+def kedro_run(base: Path, template: Path, rounds: int) -> dict[str, Any]:
+    """A single `kmrun +experiment=baseline cache=false` against `kedro run` of the same
+    pipeline in the project, whole commands, in interleaved rounds (medians): kmrun with
+    the daemon and without it."""
+    ws = workspace(base, template)
+    with_daemon = {"KMRUN_DAEMON": "1", "XDG_RUNTIME_DIR": tempfile.mkdtemp(dir=base)}
+    started_daemon(ws, with_daemon)
+    run = [sys.executable, "-m", "runner.cli", "+experiment=baseline", "cache=false"]
+    times: dict[str, list[float]] = {"kedro": [], "daemon": [], "alone": []}
+    try:
+        for _ in range(rounds):
+            times["kedro"].append(timed([sys.executable, "-m", "kedro", "run"], ws / "examples" / "digits"))
+            times["daemon"].append(timed(run, ws, with_daemon))
+            times["alone"].append(timed(run, ws))
+    finally:
+        timed([sys.executable, "-m", "runner.cli", "daemon", "stop"], ws, with_daemon)
+    kedro, daemon, alone = (statistics.median(times[k]) for k in ("kedro", "daemon", "alone"))
+    return {"kedro_run_seconds": round(kedro, 3), "kmrun_run_seconds": round(daemon, 3),
+            "kmrun_run_seconds_no_daemon": round(alone, 3), "kedro_run_ratio": round(daemon / kedro, 3),
+            "kedro_run_ratio_no_daemon": round(alone / kedro, 3)}
+
+
+def read_commands(base: Path, template: Path, n: int) -> dict[str, Any]:
+    """`kmrun runs`, `kmrun best` and `kmrun show PREFIX` on a store of ``n`` finished runs,
+    whole commands (median of 3 each): the slowest of the three, with the daemon (a zygote
+    that a first command started) and without it."""
+    from mlflow import MlflowClient
+
+    ws = filled_store(base, template, n)
+    prefix = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").search_runs(["1"], max_results=1)[0].info.run_id[:8]
+    commands = (["runs"], ["best"], ["show", prefix])
+    with_daemon = {"KMRUN_DAEMON": "1", "XDG_RUNTIME_DIR": tempfile.mkdtemp(dir=base)}
+
+    def slowest(env: dict[str, str]) -> float:
+        return max(statistics.median(timed([sys.executable, "-m", "runner.cli", *c], ws, env) for _ in range(3))
+                   for c in commands)
+
+    alone = slowest({})
+    started_daemon(ws, with_daemon)
+    try:
+        served = slowest(with_daemon)
+    finally:
+        timed([sys.executable, "-m", "runner.cli", "daemon", "stop"], ws, with_daemon)
+    return {f"read_commands_seconds_{n}": round(served, 3), f"read_commands_seconds_{n}_no_daemon": round(alone, 3)}
+
+
 def runs_query(base: Path, template: Path, n: int) -> float:
     """`kmrun runs` top-10 by accuracy on a store of ``n`` finished runs, as a whole command."""
     ws = filled_store(base, template, n)
@@ -507,10 +564,13 @@ def main() -> None:
         results.update(parallel(base, template, n["parallel_jobs"], extra=("model.dataset=model", "model.runs=all"),
                                 prefix="model_"))
         results.update(startup(base, template))
+        results.update(kedro_run(base, template, max(1, n["rounds"] + 1)))
+        results["first_trial_ratio_daemon"] = round(results["kmrun_run_seconds"] / results["imports_seconds"], 3)
         results["runs_query_seconds_500" if n["store_runs"] == 500 else "runs_query_seconds_small"] = round(
             runs_query(base, template, n["store_runs"]), 3)
         results.setdefault("runs_query_seconds_500", results.get("runs_query_seconds_small"))
         results.update(show_lookup(base, template, SMALL_STORE, n["big_store"]))
+        results.update(read_commands(base, template, n["big_store"]))
         results.update(postgres(base, template, n["parallel_jobs"], n["trials"]))
         results.update(ray_figures(base, template, n["trials"]))
     results["bench_seconds"] = round(time.perf_counter() - started, 1)

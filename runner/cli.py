@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import daemon
 from .errors import KmrunError
 
 USAGE = """\
@@ -35,6 +36,7 @@ Subcommands (kmrun SUBCOMMAND --help for their options):
   dashboard   start optuna-dashboard on the study storage
   init        add kmrun's config to the Kedro project in this directory
   cache       the node cache: size and entries; `clear` empties it; `explain RUN_ID`: hit or miss, and why
+  daemon      the kept-alive process that runs commands with the libraries imported: status, stop
 
 Examples:
   kmrun +experiment=baseline                              one experiment
@@ -151,6 +153,12 @@ def parse_args(argv: list[str]) -> Args:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["daemon"]:
+        return daemon.command(args[1:])
+    if daemon.wanted():  # a kept-alive process with the libraries imported runs it, if one serves us
+        code = daemon.forward(args)
+        if code is not None:
+            return code
     if args and args[0] in SUBCOMMANDS:
         return subcommand(args)
     if args and "=" not in args[0] and not args[0].startswith(("-", "+", "~")):

@@ -20,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["KEDRO_DISABLE_TELEMETRY"] = "true"
+os.environ["KMRUN_DAEMON"] = "0"  # the tests that want the daemon turn it on (tests/test_daemon.py)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 

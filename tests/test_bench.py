@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"overhead_ratio", "study_overhead_ratio", "overhead_ms_per_trial", "parallel_speedup", "help_seconds",
         "first_trial_ratio", "runs_query_seconds_500", "naive_seconds_per_trial", "cpu_count", "versions",
         "cached_ratio", "uncached_ratio", "cached_study_seconds_per_trial", "show_ratio", "show_seconds_big_store",
-        "ray_overhead_ms_per_trial", "ray_two_node_speedup", "model_parallel_speedup"}
+        "ray_overhead_ms_per_trial", "ray_two_node_speedup", "model_parallel_speedup", "grid_check_ms_per_cell",
+        "kedro_run_ratio", "kedro_run_ratio_no_daemon", "first_trial_ratio_daemon"}
+PREFIXES = ("read_commands_seconds_", "dry_run_peak_mb_", "dry_run_seconds_")
 
 
 @pytest.mark.slow
@@ -24,5 +26,6 @@ def test_the_benchmark_runs_in_tiny_mode_and_writes_every_key(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert set(results) >= KEYS, KEYS - set(results)
+    assert all(any(k.startswith(prefix) for k in results) for prefix in PREFIXES)
     assert results["mode"] == "tiny" and results["versions"]["kmrun"]
     assert "postgres_workers_speedup" in results or results["postgres"].startswith("not measured: ")

@@ -1,0 +1,357 @@
+"""A kept-alive process that has imported kmrun's libraries, and forks a fresh child per command.
+
+A ``kmrun`` command spends most of a second or more importing MLflow, its SQL store, Kedro,
+Hydra and Optuna before it does anything. With the daemon, the command (the *client*)
+hands its arguments, working directory, environment and terminal to a *zygote* that has
+those libraries imported already; the zygote forks a child that runs the command as
+``kmrun`` would, and the client waits for it and exits with its code.
+
+What keeps a result the same as without it:
+- The zygote imports third-party libraries only. kmrun's own modules and the Kedro
+  project's code are imported by each child, after the fork, so an edit is never stale.
+- A zygote serves one interpreter, one ``sys.path``, the same installed packages (the
+  modification times of the ``site-packages`` folders, which an install or upgrade changes)
+  and the same values of the variables read at import (``IMPORT_TIME_VARIABLES``): the
+  *key* in its socket's name. Anything else asks for another zygote.
+- Each child takes the client's environment, working directory, umask and terminal, and
+  numpy's global random state is seeded afresh.
+
+Never two users: the socket lives in a folder only its user can enter (0700, checked),
+and the zygote checks each client's uid (``SO_PEERCRED``). If the zygote is killed, the
+next command runs without it and starts a new one. It stops after ``IDLE`` seconds
+without a command, and ``kmrun daemon stop`` stops it. Ctrl-C and SIGTERM reach the
+child's process group; a client that dies (kill -9) takes its child's group with it.
+
+Used when ``KMRUN_DAEMON=1``; with ``KMRUN_DAEMON`` unset, only in an interactive
+terminal outside CI; never with ``KMRUN_DAEMON=0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+IDLE = float(os.environ.get("KMRUN_DAEMON_IDLE", 900))  # seconds without a command before a zygote stops
+MAX_ZYGOTES = 2  # per user: starting another stops the oldest
+IMPORT_TIME_VARIABLES = ("PYTHON", "OMP_", "OPENBLAS_", "MKL_", "NUMEXPR_", "VECLIB_", "KMP_", "LD_", "CUDA_",
+                         "MLFLOW_", "KEDRO_", "HYDRA_", "OPTUNA_", "SQLALCHEMY_")
+PRELOAD = ("mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "sqlalchemy", "hydra",
+           "omegaconf", "optuna", "kedro.framework.session", "kedro.io", "rich.console", "rich.table", "pandas")
+
+
+def wanted() -> bool:
+    setting = os.environ.get("KMRUN_DAEMON", "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return sys.stdout.isatty() and os.environ.get("CI", "").lower() not in ("1", "true")
+
+
+def folder() -> Path:
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"kmrun-{os.getuid()}"
+
+
+def home() -> Path | None:
+    """This user's folder for zygote sockets, made 0700; None if it is not safely ours."""
+    root = folder()
+    try:
+        root.mkdir(mode=0o700, exist_ok=True)
+        found = root.lstat()
+    except OSError:
+        return None
+    if found.st_uid != os.getuid() or found.st_mode & 0o077 or not root.is_dir() or root.is_symlink():
+        return None
+    return root
+
+
+def key() -> str:
+    """What a zygote must share with a client to serve it (see the module's docstring)."""
+    stamps: list[tuple[str, int | None]] = []
+    for entry in sys.path:  # an install or upgrade changes its site-packages folder
+        installed = "site-packages" in entry or "dist-packages" in entry
+        with contextlib.suppress(OSError):
+            stamps.append((entry, os.stat(entry).st_mtime_ns if installed else None))
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_VARIABLES))
+    text = json.dumps([os.path.realpath(sys.executable), stamps, env])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---- the client: a `kmrun` command ----
+
+def forward(argv: list[str]) -> int | None:
+    """Run ``kmrun argv`` in a zygote's child and return its exit code; None when no zygote
+    serves this client (one is started for the next command)."""
+    sockets = home()
+    if sockets is None:
+        return None
+    path = sockets / f"{key()}.sock"
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(path))
+    except OSError:
+        client.close()
+        start(sockets, path)
+        return None
+    with client:
+        request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(), "path": sys.path}
+        try:
+            socket.send_fds(client, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+            reader = client.makefile("rb")
+            first = reader.readline()
+        except OSError:
+            return None
+        if not first.startswith(b"pid "):  # refused, or the zygote died before forking: run here
+            return None
+        child = int(first.split()[1])
+        relay = _relay_signals(child)
+        try:
+            last = reader.readline()
+        finally:
+            for sig, handler in relay.items():
+                signal.signal(sig, handler)
+        if last.startswith(b"exit "):
+            return int(last.split()[1])
+        print("kmrun: the daemon's process running this command ended without an exit status "
+              "(it was killed). Run it again; KMRUN_DAEMON=0 runs it without the daemon.", file=sys.stderr)
+        return 137
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _relay_signals(child: int) -> dict[int, Any]:
+    """Ctrl-C and SIGTERM of the client go to the child's process group (a terminal sends
+    Ctrl-C to the client's group, which the child is not in)."""
+    def relay(sig: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child, sig)
+
+    return {sig: signal.signal(sig, relay) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+
+def start(sockets: Path, path: Path) -> None:
+    """A zygote for this key, in the background (it outlives the command that started it)."""
+    stop_oldest(sockets)
+    with contextlib.suppress(OSError):
+        subprocess.Popen([sys.executable, "-c", "import runner.daemon as d, sys; d.serve(sys.argv[1])", str(path)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True, cwd=sockets)
+
+
+def zygotes(sockets: Path) -> list[dict[str, Any]]:
+    """Each live zygote's status (pid, key, started, last command, children)."""
+    found = []
+    for path in sorted(sockets.glob("*.sock")):
+        answer = _ask(path, "status")
+        if answer is None:
+            with contextlib.suppress(OSError):
+                path.unlink()  # its zygote is gone (killed): nothing listens
+            continue
+        found.append(answer)
+    return found
+
+
+def stop_oldest(sockets: Path) -> None:
+    running = sorted(zygotes(sockets), key=lambda z: z["last"])
+    for zygote in running[:max(0, len(running) - MAX_ZYGOTES + 1)]:
+        _ask(Path(zygote["socket"]), "stop")
+
+
+def stop_all(sockets: Path) -> int:
+    running = zygotes(sockets)
+    for zygote in running:
+        _ask(Path(zygote["socket"]), "stop")
+    return len(running)
+
+
+def _ask(path: Path, op: str) -> dict[str, Any] | None:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(str(path))
+            socket.send_fds(client, [json.dumps({"op": op}).encode() + b"\n"], [])
+            return json.loads(client.makefile("rb").readline() or b"null")
+    except (OSError, ValueError):
+        return None
+
+
+def command(args: list[str]) -> int:
+    """``kmrun daemon status|stop``."""
+    action = args[0] if args else "status"
+    if action not in ("status", "stop") or len(args) > 1:
+        print("usage: kmrun daemon [status|stop]", file=sys.stderr)
+        return 2
+    sockets = home()
+    if sockets is None:
+        print(f"daemon: not used: {folder()} is not a folder only you can enter (yours, mode 0700). "
+              "Remove it, or set XDG_RUNTIME_DIR to such a folder.")
+        return 0
+    if action == "stop":
+        print(f"stopped {stop_all(sockets)} daemon process(es)")
+        return 0
+    running = zygotes(sockets)
+    state = "on" if wanted() else "off (KMRUN_DAEMON=1 turns it on)"
+    print(f"daemon: {state}; {len(running)} running in {sockets}")
+    for zygote in running:
+        print(f"  pid {zygote['pid']}  key {zygote['key']}  up {time.time() - zygote['started']:.0f} s  "
+              f"idle {time.time() - zygote['last']:.0f} s  commands running {zygote['children']}")
+    return 0
+
+
+# ---- the zygote ----
+
+def serve(path_text: str) -> None:
+    """Listen on ``path`` until ``IDLE`` seconds pass with neither a command nor a child."""
+    path = Path(path_text)
+    lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115  (held for the zygote's life)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # another zygote serves this key
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
+    for name in PRELOAD:
+        with contextlib.suppress(Exception):
+            __import__(name)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    os.chmod(path, 0o600)
+    listener.listen(16)
+    started = last = time.time()
+    children: set[int] = set()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while children or time.time() - last < IDLE:
+            ready, _, _ = select.select([listener], [], [], 1.0)
+            children -= _reaped(children)
+            if not ready:
+                continue
+            conn, _ = listener.accept()
+            op = _serve_one(conn, children)
+            if op == "command":
+                last = time.time()
+            elif isinstance(op, dict):  # status
+                conn.sendall(json.dumps({"pid": os.getpid(), "key": path.stem, "socket": str(path),
+                                         "started": started, "last": last, "children": len(children)}).encode() + b"\n")
+            elif op == "stop":
+                conn.sendall(b"{}\n")
+                conn.close()
+                break
+            conn.close()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if path.exists() and path.stat().st_ino == os.fstat(listener.fileno()).st_ino:
+                path.unlink()
+        listener.close()
+
+
+def _reaped(children: set[int]) -> set[int]:
+    done = set()
+    for pid in children:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                done.add(pid)
+    return done
+
+
+def _serve_one(conn: socket.socket, children: set[int]) -> str | dict[str, Any] | None:
+    """One connection: a status or stop request, or a command forked into a child."""
+    uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+    if uid != os.getuid():
+        return None  # never another user's command
+    conn.settimeout(5)
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        while not data.endswith(b"\n"):
+            more = conn.recv(1 << 20)
+            if not more:
+                return None
+            data += more
+        request = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    if "op" in request:
+        return {} if request["op"] == "status" else str(request["op"])
+    if len(fds) != 3:
+        return None
+    pid = os.fork()
+    if pid == 0:
+        _child(conn, fds, request)  # never returns
+    for fd in fds:
+        os.close(fd)
+    children.add(pid)
+    return "command"
+
+
+def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None:
+    """In the fork: become the client's command, then tell it the exit code."""
+    code, finishing = 3, threading.Event()
+    try:
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"], KMRUN_DAEMON="0")  # the command, and what it starts, run here
+        os.umask(request["umask"])
+        sys.path[:] = request["path"]
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115
+        sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.argv = ["kmrun", *request["argv"]]
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed()  # not the zygote's state: each command its own
+        conn.settimeout(None)
+        conn.sendall(f"pid {os.getpid()}\n".encode())
+        threading.Thread(target=_watch_client, args=(conn, finishing), daemon=True).start()
+        for name in [m for m in sys.modules if m == "runner" or m.startswith("runner.")]:
+            del sys.modules[name]  # kmrun's own code, as it is on disk now
+        from runner import cli
+
+        code = cli.main(request["argv"])
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:  # reported as kmrun reports a bug
+        import traceback
+
+        traceback.print_exc()
+        code = 3
+    finally:
+        finishing.set()
+        with contextlib.suppress(BaseException):
+            import atexit
+
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            conn.sendall(f"exit {code}\n".encode())
+        os._exit(code)
+
+
+def _watch_client(conn: socket.socket, finishing: threading.Event) -> None:
+    """The client went away (killed): its command goes too, as it would have without the daemon."""
+    with contextlib.suppress(OSError):
+        while conn.recv(1024):
+            pass
+    if not finishing.is_set():
+        os.killpg(0, signal.SIGKILL)
