@@ -160,17 +160,24 @@ def cached(base: Path, template: Path, n: int, rounds: int) -> dict[str, float]:
     return {"hand": statistics.median(hand), "cached": statistics.median(warm), "uncached": statistics.median(cold)}
 
 
-def naive(base: Path, template: Path, n: int) -> float:
-    """Contender (c): seconds per `kedro run --params` subprocess, logging to MLflow through
-    kedro-mlflow when it is installed (pointed at an SQLite store: its default fails)."""
+def kedro_mlflow_to_store(ws: Path) -> Path:
+    """The workspace's project, whose `kedro run` logs through kedro-mlflow (when it is
+    installed) into the workspace's SQLite store: its default (./mlruns) fails."""
     import importlib.util
 
-    ws = workspace(base, template)
     project = ws / "examples" / "digits"
     if importlib.util.find_spec("kedro_mlflow") is not None:
         (project / "conf" / "local" / "mlflow.yml").write_text(
             f"server:\n  mlflow_tracking_uri: sqlite:///{ws / 'mlflow.db'}\n"
         )
+    return project
+
+
+def naive(base: Path, template: Path, n: int) -> float:
+    """Contender (c): seconds per `kedro run --params` subprocess, logging to MLflow through
+    kedro-mlflow when it is installed (pointed at an SQLite store: its default fails)."""
+    ws = workspace(base, template)
+    project = kedro_mlflow_to_store(ws)
     kedro = str(Path(sys.executable).parent / "kedro")
     times = [timed([kedro, "run", "--params", f"model.C={c}"], project) for c in C_VALUES[:n]]
     return sum(times) / n
@@ -361,16 +368,17 @@ def started_daemon(ws: Path, env: dict[str, str]) -> None:
 
 def kedro_run(base: Path, template: Path, rounds: int) -> dict[str, Any]:
     """A single `kmrun +experiment=baseline cache=false` against `kedro run` of the same
-    pipeline in the project, whole commands, in interleaved rounds (medians): kmrun with
-    the daemon and without it."""
+    pipeline in the project (logging to MLflow through kedro-mlflow, when installed), whole
+    commands, in interleaved rounds (medians): kmrun with the daemon and without it."""
     ws = workspace(base, template)
+    project = kedro_mlflow_to_store(ws)  # as kmrun, it records the run in MLflow
     with_daemon = {"KMRUN_DAEMON": "1", "XDG_RUNTIME_DIR": tempfile.mkdtemp(dir=base)}
     started_daemon(ws, with_daemon)
     run = [sys.executable, "-m", "runner.cli", "+experiment=baseline", "cache=false"]
     times: dict[str, list[float]] = {"kedro": [], "daemon": [], "alone": []}
     try:
         for _ in range(rounds):
-            times["kedro"].append(timed([sys.executable, "-m", "kedro", "run"], ws / "examples" / "digits"))
+            times["kedro"].append(timed([sys.executable, "-m", "kedro", "run"], project))
             times["daemon"].append(timed(run, ws, with_daemon))
             times["alone"].append(timed(run, ws))
     finally:
