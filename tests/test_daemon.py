@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import eventually, group_gone
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 
 @pytest.fixture
@@ -35,6 +35,7 @@ def started(ws, env) -> str:
     return zygotes(ws, env)[0]
 
 
+@slow
 def test_a_command_through_the_daemon_gives_what_it_gives_without_and_sees_edited_code(ws, daemon_env):
     first = ws.kmrun("+experiment=baseline", env=daemon_env)  # no daemon yet: runs here, and starts one
     assert first.code == 0, first.err
@@ -63,6 +64,7 @@ def test_a_command_through_the_daemon_gives_what_it_gives_without_and_sees_edite
     assert named["d2"].data.tags["kmrun.pid"] != str(pid)  # a fresh child ran it, not the zygote
 
 
+@slow
 def test_a_killed_daemon_is_replaced_and_a_killed_client_takes_its_command_along(ws, daemon_env):
     ws.kmrun("cache", env=daemon_env)
     old = started(ws, daemon_env)
@@ -91,6 +93,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@slow
 def test_ctrl_c_reaches_the_command_which_ends_its_run_killed(ws, daemon_env):
     ws.kmrun("cache", env=daemon_env)
     started(ws, daemon_env)
@@ -105,6 +108,7 @@ def test_ctrl_c_reaches_the_command_which_ends_its_run_killed(ws, daemon_env):
     assert [r.info.status for r in ws.runs()] == ["KILLED"]
 
 
+@slow
 def test_a_socket_folder_others_can_enter_is_not_used(ws, daemon_env, tmp_path):
     from runner.daemon import _ask
 
@@ -143,6 +147,7 @@ print("served" if answer else "refused")
 """
 
 
+@slow
 @pytest.mark.skipif(os.getuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
                     reason="needs root (to be another user) and /usr/bin/python3")
 def test_another_user_can_neither_reach_the_socket_nor_be_served(ws, daemon_env):
@@ -181,6 +186,7 @@ def _refuses_others(ws, daemon_env, runtime):
         sock.chmod(0o600)
 
 
+@slow
 def test_daemon_stop_stops_every_zygote(ws, daemon_env):
     ws.kmrun("cache", env=daemon_env)
     pid = int(started(ws, daemon_env))
@@ -196,3 +202,25 @@ def _zombie(pid: int) -> bool:
             return stat.read().split(") ", 1)[1].startswith("Z")
     except OSError:
         return True
+
+
+def test_when_the_daemon_is_used_and_what_asks_for_another(monkeypatch, tmp_path):
+    from runner import daemon
+
+    monkeypatch.setenv("KMRUN_DAEMON", "0")
+    assert not daemon.wanted()
+    monkeypatch.setenv("KMRUN_DAEMON", "1")
+    assert daemon.wanted()
+    monkeypatch.delenv("KMRUN_DAEMON")
+    monkeypatch.setenv("CI", "true")
+    assert not daemon.wanted()  # outside a terminal, or in CI: off unless asked
+    first = daemon.key()
+    monkeypatch.setenv("SOME_UNRELATED_VARIABLE", "x")
+    monkeypatch.chdir(tmp_path)
+    assert daemon.key() == first  # the child takes these from its client
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert daemon.key() != first  # read when numpy loads: another zygote
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert daemon.home() == tmp_path / f"kmrun-{os.getuid()}"
+    (tmp_path / f"kmrun-{os.getuid()}").chmod(0o755)
+    assert daemon.home() is None  # others may enter: not used
