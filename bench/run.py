@@ -572,7 +572,7 @@ def main() -> None:
         results.update(parallel(base, template, n["parallel_jobs"], extra=("model.dataset=model", "model.runs=all"),
                                 prefix="model_"))
         results.update(startup(base, template))
-        results.update(kedro_run(base, template, max(1, n["rounds"] + 1)))
+        results.update(kedro_run(base, template, {"full": 3, "quick": 2}.get(size, 1)))
         results["first_trial_ratio_daemon"] = round(results["kmrun_run_seconds"] / results["imports_seconds"], 3)
         results["runs_query_seconds_500" if n["store_runs"] == 500 else "runs_query_seconds_small"] = round(
             runs_query(base, template, n["store_runs"]), 3)
