@@ -249,7 +249,8 @@ def arrived(spec: JobSpec) -> JobSpec:
 
 
 def _warm_node(spec: JobSpec) -> None:
-    """In a Ray worker, before its first job: kmrun's modules and the project, loaded."""
+    """In a Ray worker, before its first job: kmrun's modules and the project loaded, and the
+    store opened (about a second each, which the first job's run would otherwise hold)."""
     from . import runtime
     from .job import execute  # noqa: F401  (what a job imports)
 
@@ -257,6 +258,7 @@ def _warm_node(spec: JobSpec) -> None:
         logging.disable(logging.INFO)
     conf = settled(spec).conf
     runtime.current().project(conf.kedro.project_path, conf.kedro.env).pipeline(conf.kedro.pipeline, conf.kedro.tags)
+    runtime.current().tracker(spec.uri, spec.experiment_name)
 
 
 def _settle(result: Future[JobResult], done: Future[Any], refs: dict[Future[JobResult], Any]) -> None:
