@@ -106,7 +106,9 @@ def forward(argv: list[str]) -> int | None:
         start(sockets, path)
         return None
     with client:
-        request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(), "path": sys.path}
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # started in the background: Ctrl-C is not ours
+        request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(), "path": sys.path,
+                   "sigint_ignored": ignored}
         try:
             socket.send_fds(client, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
             reader = client.makefile("rb")
@@ -116,7 +118,7 @@ def forward(argv: list[str]) -> int | None:
         if not first.startswith(b"pid "):  # refused, or the zygote died before forking: run here
             return None
         child = int(first.split()[1])
-        relay = _relay_signals(child)
+        relay = _relay_signals(child, ignored)
         try:
             last = reader.readline()
         finally:
@@ -135,14 +137,15 @@ def _umask() -> int:
     return mask
 
 
-def _relay_signals(child: int) -> dict[int, Any]:
+def _relay_signals(child: int, sigint_ignored: bool) -> dict[int, Any]:
     """Ctrl-C and SIGTERM of the client go to the child's process group (a terminal sends
-    Ctrl-C to the client's group, which the child is not in)."""
+    Ctrl-C to the client's group, which the child is not in); an ignored Ctrl-C stays so."""
     def relay(sig: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child, sig)
 
-    return {sig: signal.signal(sig, relay) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    relayed = (signal.SIGTERM, signal.SIGHUP) if sigint_ignored else (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    return {sig: signal.signal(sig, relay) for sig in relayed}
 
 
 def start(sockets: Path, path: Path) -> None:
@@ -305,7 +308,10 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
     code, finishing = 3, threading.Event()
     try:
         os.setpgid(0, 0)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        # Ctrl-C as the client had it (not as the zygote's starter had it): Python's own handler, or ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN if request.get("sigint_ignored") else signal.default_int_handler)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)

@@ -95,12 +95,15 @@ def _alive(pid: int) -> bool:
 
 @slow
 def test_ctrl_c_reaches_the_command_which_ends_its_run_killed(ws, daemon_env):
-    ws.kmrun("cache", env=daemon_env)
+    """The zygote is started by a command whose Ctrl-C is ignored (as a shell's background
+    job's is): the next command, whose Ctrl-C is not, still gets it."""
+    subprocess.run([sys.executable, "-m", "runner.cli", "cache"], cwd=ws.path, env={**os.environ, **daemon_env},
+                   capture_output=True, timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     started(ws, daemon_env)
     client = subprocess.Popen([sys.executable, "-m", "runner.cli", "+experiment=forest",
                                "params.model.n_estimators=4000", "cache=false"], cwd=ws.path,
                               env={**os.environ, **daemon_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+                              text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert eventually(lambda: ws.running() == 1, 120)
     client.send_signal(signal.SIGINT)
     out = client.communicate(timeout=60)[0]
@@ -138,10 +141,10 @@ try:
 except PermissionError:
     sys.exit(7)
 request = {"argv": ["cache"], "cwd": "/", "env": {}, "umask": 18, "path": []}
-socket.send_fds(s, [json.dumps(request).encode() + b"\\n"], [0, 1, 2])
-try:
+try:  # a refusal closes the connection: as soon as it is made, or once the request is in
+    socket.send_fds(s, [json.dumps(request).encode() + b"\\n"], [0, 1, 2])
     answer = s.makefile("rb").readline()
-except ConnectionResetError:
+except (BrokenPipeError, ConnectionResetError):
     answer = b""
 print("served" if answer else "refused")
 """
