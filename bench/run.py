@@ -389,9 +389,9 @@ def kedro_run(base: Path, template: Path, rounds: int) -> dict[str, Any]:
             "kedro_run_ratio_no_daemon": round(alone / kedro, 3)}
 
 
-def read_commands(base: Path, template: Path, n: int) -> dict[str, Any]:
+def read_commands(base: Path, template: Path, n: int, reps: int = 3) -> dict[str, Any]:
     """`kmrun runs`, `kmrun best` and `kmrun show PREFIX` on a store of ``n`` finished runs,
-    whole commands (median of 3 each): the slowest of the three, with the daemon (a zygote
+    whole commands (median of ``reps`` each): the slowest of the three, with the daemon (a zygote
     that a first command started) and without it."""
     from mlflow import MlflowClient
 
@@ -401,7 +401,7 @@ def read_commands(base: Path, template: Path, n: int) -> dict[str, Any]:
     with_daemon = {"KMRUN_DAEMON": "1", "XDG_RUNTIME_DIR": tempfile.mkdtemp(dir=base)}
 
     def slowest(env: dict[str, str]) -> float:
-        return max(statistics.median(timed([sys.executable, "-m", "runner.cli", *c], ws, env) for _ in range(3))
+        return max(statistics.median(timed([sys.executable, "-m", "runner.cli", *c], ws, env) for _ in range(reps))
                    for c in commands)
 
     alone = slowest({})
@@ -578,7 +578,7 @@ def main() -> None:
             runs_query(base, template, n["store_runs"]), 3)
         results.setdefault("runs_query_seconds_500", results.get("runs_query_seconds_small"))
         results.update(show_lookup(base, template, SMALL_STORE, n["big_store"]))
-        results.update(read_commands(base, template, n["big_store"]))
+        results.update(read_commands(base, template, n["big_store"], 1 if size == "tiny" else 3))
         results.update(postgres(base, template, n["parallel_jobs"], n["trials"]))
         results.update(ray_figures(base, template, n["trials"]))
     results["bench_seconds"] = round(time.perf_counter() - started, 1)

@@ -21,6 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["KEDRO_DISABLE_TELEMETRY"] = "true"
 os.environ["KMRUN_DAEMON"] = "0"  # the tests that want the daemon turn it on (tests/test_daemon.py)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started as a shell's background job: what we start
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (Ray's nodes, kmrun) gets Ctrl-C as from a terminal
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 

@@ -1,4 +1,4 @@
-"""Soak: a 200-job grid under random kill -9 of a worker or of the whole process tree,
+"""Soak: a 120-job grid under random kill -9 of a worker or of the whole process tree,
 run again until it is done. Every job ends FINISHED exactly once, nothing stays RUNNING,
 and the planted secrets are nowhere."""
 
@@ -19,7 +19,7 @@ from test_secrets import scan
 
 pytestmark = pytest.mark.slow
 
-GRID = ["-m", "+experiment=baseline", "params.split.seed=range(0,200)", "params.model.max_iter=50",
+GRID = ["-m", "+experiment=baseline", "params.split.seed=range(0,120)", "params.model.max_iter=50",
         "sweep.n_jobs=2", "+params.api_token=soak-secret-991"]
 
 
@@ -27,15 +27,15 @@ def children(ws) -> list:
     return child_runs(ws.runs())
 
 
-def test_200_jobs_under_random_kill_9_finish_exactly_once(ws):
+def test_120_jobs_under_random_kill_9_finish_exactly_once(ws):
     (ws.path / "examples/digits/conf/local/credentials.yml").write_text("db:\n  password: soak-cred-552\n")
     rng = random.Random(7)
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "MY_SERVICE_TOKEN": "soak-env-313"}
     outputs, kills = [], Counter()
-    for round_ in range(12):
+    for round_ in range(10):
         proc = subprocess.Popen([sys.executable, "-m", "runner.cli", *GRID], cwd=ws.path, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        if round_ < 8:  # kill, at a random moment, then run again
+        if round_ < 6:  # kill, at a random moment, then run again
             time.sleep(rng.uniform(8, 16))
             running = [r for r in children(ws) if r.info.status == "RUNNING"]
             if proc.poll() is None and running and rng.random() < 0.5:
@@ -50,9 +50,9 @@ def test_200_jobs_under_random_kill_9_finish_exactly_once(ws):
         if proc.returncode == 0:
             break
     assert proc.returncode == 0, outputs[-1]
-    assert kills["tree"] >= 4, kills  # the faults really happened
+    assert kills["tree"] >= 3, kills  # the faults really happened
     finished = Counter(r.data.tags["kmrun.config_hash"] for r in children(ws) if r.info.status == "FINISHED")
-    assert len(finished) == 200 and set(finished.values()) == {1}
+    assert len(finished) == 120 and set(finished.values()) == {1}
     assert ws.running() == 0
     assert scan(ws, ["soak-secret-991", "soak-cred-552", "soak-env-313"], outputs) == []
     assert left_behind(ws) == []  # no worker outlived its kmrun
