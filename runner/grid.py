@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .claims import BoardClaims, Claims, StoreClaims
-from .compose import JobComposer, as_typed, origin_finder
+from .compose import JobComposer, as_typed
 from .engine import Job
 from .errors import ConfigError, KmrunError, WorkerLost, after
-from .job import JobSpec, checked, prepare
+from .job import JobSpec, spec_of
 from .params import first_of
 from .records import JobResult, Outcome, Status
 
@@ -150,14 +150,7 @@ class Grid:
         for cell in self.outcomes:
             overrides = self.base + cell.swept
             try:
-                typed = self._compose.params_only(cell.swept)  # most cells: no composition, no copy
-                if typed is not None:
-                    origin = origin_finder(self._conf_dir, overrides, self._compose.choices)
-                    spec = checked(*typed, overrides, self._compose.choices, origin, open_store, self._base_dir)
-                else:
-                    cfg, choices = self._compose(cell.swept)
-                    spec = prepare(cfg, overrides, choices, self._conf_dir, open_store=open_store,
-                                   base_dir=self._base_dir)
+                spec = spec_of(self._compose, cell.swept, overrides, self._conf_dir, open_store, self._base_dir)
                 self._hashes.append(spec.config_hash)
                 if spec.fingerprint is not None:
                     self._fingerprints.add(spec.fingerprint.value)

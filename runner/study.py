@@ -23,7 +23,7 @@ from . import runtime
 from .compose import JobComposer, default_groups
 from .engine import Job
 from .errors import ConfigError, after
-from .job import JobSpec, prepare
+from .job import JobSpec, spec_of
 from .records import BestTrial, Constraint, JobResult, Outcome, Status, StudySummary
 from .redact import hide_password, is_secret_name
 from .space import CONSTRAINTS, Space, check_options, make_sampler, set_constraints
@@ -94,9 +94,7 @@ class Study:
 
     def job_spec(self, values: Mapping[str, Any], open_store: bool = True) -> JobSpec:
         lines = [f"{key}={_literal(value)}" for key, value in values.items()]
-        cfg, choices = self._compose(lines)
-        return prepare(cfg, self.base + lines, choices, self._conf_dir, open_store=open_store,
-                       base_dir=self._base_dir)
+        return spec_of(self._compose, lines, self.base + lines, self._conf_dir, open_store, self._base_dir)
 
     def check(self) -> None:
         """Compose a job at each end of every distribution: bad keys and types fail now."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import posixpath
 import re
 import socket
 import subprocess
@@ -45,11 +46,20 @@ def resolve_uri(configured: str | None, base_dir: Path | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store(base_dir)
 
 
+# MLflow's rule for param and metric names (``mlflow.utils.validation``), kept here so that
+# checking a grid's cells does not import MLflow; tests/test_tracking.py compares the two.
+NAME = re.compile(r"^[/\w.\- :]*$" if os.name != "nt" else r"^[/\w.\- ]*$")
+
+
 def rejected_names(names: Iterable[str]) -> list[str]:
     """The names MLflow would refuse for a param or a metric (and so a whole batch)."""
-    from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
+    return [n for n in names if not NAME.match(n) or _not_unique(n)]
 
-    return [n for n in names if not validate_param_and_metric_name(n) or path_not_unique(n)]
+
+def _not_unique(name: str) -> bool:
+    """A name that is not its own normal path ("a//b", "./a", "a/"), which MLflow refuses."""
+    norm = posixpath.normpath(name)
+    return norm != name or norm == "." or norm.startswith(("..", "/"))
 
 
 def name_rule() -> str:
@@ -114,6 +124,7 @@ class Tracker:
         self.uri = uri
         self.experiment_name = experiment_name
         self._run_locks: RunLocks | None = None
+        self._local_artifacts: dict[str, Path] = {}  # runs started here whose artifacts go to a local folder
         _quiet_store_logs()
         _check_reachable(uri)
         try:
@@ -186,10 +197,17 @@ class Tracker:
         return (db.parent / "mlartifacts" / re.sub(r"[^\w.-]", "_", name)).resolve().as_uri()
 
     def start(self, run_name: str | None, tags: Mapping[str, str], parent_id: str | None = None) -> str:
+        from urllib.request import url2pathname
+
         all_tags = {**process_tags(), **tags}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        where = urlparse(run.info.artifact_uri)
+        if where.scheme == "file" and where.netloc in ("", "localhost"):
+            if len(self._local_artifacts) > 10_000:
+                self._local_artifacts.clear()
+            self._local_artifacts[run.info.run_id] = Path(url2pathname(where.path))
         return str(run.info.run_id)
 
     def claim(self, config_hash: str, run_name: str | None, tags: Mapping[str, str], parent_id: str,
@@ -317,6 +335,19 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
+
+    def log_texts(self, run_id: str, files: Mapping[str, str]) -> None:
+        """Small text artifacts (name: text) of a run. A run this process started, whose
+        artifacts go to a local folder, gets them written there as MLflow would write them,
+        without asking the store where that folder is."""
+        folder = self._local_artifacts.get(run_id)
+        if folder is None:
+            for name, text in files.items():
+                self.log_text(run_id, text, name)
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (folder / name).write_text(text, encoding="utf-8")
 
     def finish(self, run_id: str, status: str) -> None:
         """End a run: FINISHED, FAILED or KILLED."""

@@ -82,6 +82,22 @@ def test_kedro_mlflow_installed_opens_no_second_run(ws):
     assert ws.running() == 0
 
 
+def test_a_dry_run_imports_neither_mlflow_nor_kedro_mlflows_hook(ws):
+    """Checking a grid loads the Kedro project, whose installed kedro-mlflow hook kmrun turns
+    off: blocked before Kedro imports it (1.7 s, 50 MB), as is MLflow's name check."""
+    code = (
+        "import sys; from runner.cli import main\n"
+        "try: main(['-m', '+experiment=baseline', 'params.model.C=0.1,0.2', 'sweep.dry_run=true'])\n"
+        "except SystemExit as done: assert not done.code, done.code\n"
+        "from kedro.framework.project import settings\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('mlflow', 'kedro_mlflow')], 'imported'\n"
+        "assert 'kedro-mlflow' not in settings.DISABLE_HOOKS_FOR_PLUGINS  # the project's settings are as they were"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ws.path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "2 cells" in done.stdout or "params.model.C=0.2" in done.stdout, done.stdout
+
+
 def test_help_is_kmruns_and_hydras_and_imports_no_mlflow_or_optuna(ws):
     code = (
         "import sys; from runner.cli import main; main(['--help']);"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from runner.redact import MAX_PARAM_VALUE, REDACTED, Redactor, flatten, is_secret_name
@@ -104,3 +106,38 @@ def test_redactor_takes_numbers_lists_and_url_passwords_but_not_common_values(mo
     assert red.override("params.model.C=0.1") == "params.model.C=0.1"
     both = Redactor.union([Redactor(["aaaa1"]), Redactor(["bbbb2"])])
     assert both.text("aaaa1,bbbb2") == "***,***"
+
+
+def test_text_artifacts_land_where_mlflow_puts_them_with_or_without_the_shortcut(tmp_path, template_store):
+    """``log_texts`` writes a local run's files itself; MLflow must find them as its own."""
+    import shutil
+
+    folder = tmp_path / "a folder with spaces"
+    folder.mkdir()
+    shutil.copy(template_store, folder / "mlflow.db")
+    tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "texts")
+    files = {"config.yaml": "params:\n  C: 0.5\n", "overrides.txt": "params.model.C=0.5\n"}
+    ours = tracker.start("ours", {})
+    other = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "texts")  # did not start it: goes through MLflow
+    for n, (store, run_id) in enumerate(((tracker, ours), (other, ours), (other, other.start("theirs", {})))):
+        store.log_texts(run_id, files)
+        assert {a.path for a in store.client.list_artifacts(run_id)} == set(files)
+        for name, text in files.items():
+            (tmp_path / str(n)).mkdir(exist_ok=True)
+            assert Path(store.client.download_artifacts(run_id, name, str(tmp_path / str(n)))).read_text() == text
+    assert ours in tracker._local_artifacts and ours not in other._local_artifacts
+
+
+NAMES = ["accuracy", "model.C", "a/b", "a b", "a:b", "a-b_c.d", "", ".", "..", "../a", "a/../b", "./a", "/a", "a/",
+         "a//b", "a\\b", "a!b", "a=b", "é", "数", "a\tb", "a\nb", "a,b", "params:x", "x..y", "a/./b", "$x", "a%b"]
+
+
+def test_kmruns_name_rule_is_mlflows():
+    """kmrun checks names without importing MLflow; MLflow's own rule must agree on every one."""
+    from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
+
+    from runner.tracking import rejected_names
+
+    mlflows = [n for n in NAMES if not validate_param_and_metric_name(n) or path_not_unique(n)]
+    assert rejected_names(NAMES) == mlflows
+    assert {"a!b", "..", "a//b", "/a"} <= set(mlflows) and "model.C" not in mlflows  # the list tests both ways
