@@ -347,10 +347,13 @@ def _blocked_before_import(distributions: tuple[str, ...]) -> Iterator[None]:
         return
 
     def register(hook_manager: Any, disabled: Any) -> None:
-        for dist in importlib.metadata.distributions():
-            if dist.metadata["Name"] in distributions:
-                for point in dist.entry_points.select(group="kedro.hooks"):
-                    hook_manager.set_blocked(point.name)
+        for name in distributions:
+            try:
+                points = importlib.metadata.distribution(name).entry_points
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            for point in points.select(group="kedro.hooks"):
+                hook_manager.set_blocked(point.name)
         original(hook_manager, disabled)
 
     service_session._register_hooks_entry_points = register  # type: ignore[assignment]
