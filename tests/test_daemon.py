@@ -227,3 +227,18 @@ def test_when_the_daemon_is_used_and_what_asks_for_another(monkeypatch, tmp_path
     assert daemon.home() == tmp_path / f"kmrun-{os.getuid()}"
     (tmp_path / f"kmrun-{os.getuid()}").chmod(0o755)
     assert daemon.home() is None  # others may enter: not used
+
+
+def test_an_install_or_upgrade_asks_for_another_zygote(monkeypatch, tmp_path):
+    """pip adds or swaps a ``*.dist-info`` folder in site-packages, which changes the folder's
+    time: a zygote holding the old version of a library it imported no longer serves."""
+    from runner import daemon
+
+    site = tmp_path / "lib" / "site-packages"
+    (site / "somelib-1.0.dist-info").mkdir(parents=True)
+    os.utime(site, ns=(1_000_000_000, 1_000_000_000))
+    monkeypatch.setattr(sys, "path", [*sys.path, str(site)])
+    before = daemon.key()
+    assert daemon.key() == before  # nothing changed: the same zygote
+    (site / "somelib-1.0.dist-info").rename(site / "somelib-1.1.dist-info")  # what an upgrade does
+    assert daemon.key() != before
