@@ -84,6 +84,7 @@ class NodeCache:
         self.memory: OrderedDict[str, Entry] = OrderedDict()
         self._salt_value: bytes | None = None
         self._written = 0  # bytes written since the folder's size was last checked
+        self._explained: dict[str, tuple[str, Any]] = {}  # node -> the summary this process wrote, its file's stamp
 
     def _remember(self, key: str, entry: Entry) -> None:
         self.memory[key] = entry
@@ -165,19 +166,31 @@ class NodeCache:
             temporary.unlink(missing_ok=True)
             return f"the cache folder cannot be written ({err.strerror})"
         if parts is not None:
-            try:
-                last = self._last(node)
-                last.parent.mkdir(parents=True, exist_ok=True)
-                last.with_suffix(f".{os.getpid()}.tmp").write_text(json.dumps(_summary(parts), sort_keys=True))
-                last.with_suffix(f".{os.getpid()}.tmp").replace(last)
-            except OSError:  # only an explanation is lost
-                pass
+            self._explain(node, json.dumps(_summary(parts), sort_keys=True))
         self._remember(key, entry)
         self._written += len(data)
         if self._written > self.max_bytes / 20:  # look at the whole folder now and then, not at every write
             self._written = 0
             self.evict()
         return None
+
+    def _explain(self, node: str, summary: str) -> None:
+        """Keep ``summary`` as the parts of ``node``'s last entry, unless the file holds it already
+        (written by this process, and not since by another: the file is the one written)."""
+        last = self._last(node)
+        try:
+            if self._explained.get(node) == (summary, _stamp(last)):
+                return
+        except OSError:
+            pass
+        try:
+            last.parent.mkdir(parents=True, exist_ok=True)
+            temporary = last.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(summary)
+            temporary.replace(last)
+            self._explained[node] = (summary, _stamp(last))
+        except OSError:  # only an explanation is lost
+            self._explained.pop(node, None)
 
     def files(self) -> list[Path]:
         return sorted(self.root.glob("*/*.pkl")) if self.root.is_dir() else []
@@ -350,6 +363,12 @@ def _dataset_reach(entry: Mapping[str, Any] | None, root: Path) -> Any:
 
 
 _DATASET_CLASSES: dict[str, Any] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """A file as written: another writer's replace gives another inode."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _summary(parts: Mapping[str, str]) -> dict[str, str]:

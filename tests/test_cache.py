@@ -173,3 +173,16 @@ def test_entry_files_are_named_by_a_salted_key_and_secret_params_are_not_cached(
     store.put(allowed["features"], "features", {"b": 1}, "r", parts["features"])
     beside = [p.read_text() for p in (tmp_path / "cache/nodes").glob("*.json")]
     assert beside and not [text for text in beside if "Hunter2Pass" in text]  # parameter values by digest only
+
+
+def test_a_nodes_explanation_is_written_when_it_changes_and_always_holds_the_last_entrys_parts(tmp_path):
+    ours, theirs = NodeCache(tmp_path, 10**6), NodeCache(tmp_path, 10**6)  # two processes on one folder
+    first = {"code": "a1", "param model.C": "1"}
+    ours.put("k1", "train", {"m": 1}, "run1", first)
+    written = ours._last("train").stat().st_ino
+    ours.put("k2", "train", {"m": 2}, "run2", first)  # the same parts: the file is left as it is
+    assert ours._last("train").stat().st_ino == written
+    theirs.put("k3", "train", {"m": 3}, "run3", {"code": "a1", "param model.C": "2"})
+    assert "param model.C" in ours.why("train", first)  # the last entry stored is theirs
+    ours.put("k4", "train", {"m": 4}, "run4", first)  # ours again, though this process wrote it before
+    assert ours.why("train", first) == theirs.why("train", first) == "its entry was evicted or cleared"
