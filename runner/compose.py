@@ -9,12 +9,9 @@ Where a key came from (``origin_finder``) names the file in errors. The override
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import re
 from collections.abc import Callable, Mapping
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -24,7 +21,6 @@ if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
     from omegaconf import DictConfig
 
-    from .schema import KmrunConf
 
 CONFIG_NAME = "kmrun"
 
@@ -197,105 +193,6 @@ def find_config_dir(config_name: str = CONFIG_NAME) -> tuple[Path, list[Path]]:
     return Path.cwd() / "conf", looked
 
 
-class JobComposer:
-    """Many job configs, cheaply. Hydra composes the overrides every job shares once; a
-    job that only sets config values (``params.model.C=0.1``) is a copy of that config with
-    its values set. A job that picks config groups (``model=random_forest``) goes through
-    Hydra. Each call returns the job's config without Hydra's own section, and the config
-    group choices Hydra made for it."""
-
-    def __init__(self, composer: Composer, base: list[str]) -> None:
-        from .schema import SECTIONS
-
-        self.composer, self.base, self.sections = composer, list(base), SECTIONS
-        self.template, self.choices = _without_hydra(composer.compose(self.base))
-        self._lines: dict[str, Override] = {}  # a grid repeats each value of an axis in many cells
-
-    def parse(self, lines: list[str]) -> list[Override]:
-        return [_number(line) or self._parsed(line) for line in lines]
-
-    def _parsed(self, line: str) -> Override:
-        if line not in self._lines:
-            if len(self._lines) > MAX_PARSED:
-                self._lines.clear()
-            self._lines[line] = self.composer.parse([line])[0]
-        return self._lines[line]
-
-    def params_only(self, lines: list[str]) -> tuple[KmrunConf, dict[str, Any]] | None:
-        """A job that only sets values under ``params``, typed (``schema.parse``) and plain
-        (``job.resolved``) without composing or copying a config: the template's, with its
-        params set as ``OmegaConf.update`` would. None when it sets anything else, or when
-        the template interpolates (a value could depend on the params): compose it then."""
-        from dataclasses import replace
-
-        from .params import deep_merge
-
-        overrides = self.parse(lines)
-        if not all(self._is_value(o) and o.key_or_group.startswith("params.") and "${" not in repr(o.value())
-                   for o in overrides):
-            return None
-        if self._typed is None:
-            return None
-        conf, config = self._typed
-        params = config.get("params") or {}
-        for override in overrides:
-            value: Any = override.value()
-            for part in reversed(override.key_or_group.split(".")[1:]):
-                value = {part: value}
-            params = deep_merge(params, value)
-        params = copy.deepcopy(params)  # a job's own, as a composed config's would be
-        return replace(conf, params=copy.deepcopy(params)), {**config, "params": params}
-
-    @cached_property
-    def _typed(self) -> tuple[KmrunConf, dict[str, Any]] | None:
-        """The template, typed and plain; None if it interpolates or does not parse."""
-        from omegaconf import OmegaConf
-
-        from .schema import parse
-
-        if "${" in json.dumps(OmegaConf.to_container(self.template, resolve=False), default=repr):
-            return None
-        try:
-            return parse(self.template), resolved(self.template)
-        except Exception:  # the jobs report it, each composed
-            return None
-
-    def __call__(self, lines: list[str]) -> tuple[DictConfig, dict[str, Any]]:
-        from omegaconf import OmegaConf, open_dict
-
-        overrides = self.parse(lines)
-        if not all(self._is_value(o) for o in overrides):
-            return _without_hydra(self.composer.compose(self.base + lines))
-        job = self.template.copy()
-        with open_dict(job):
-            for override in overrides:
-                OmegaConf.update(job, override.key_or_group, override.value(), merge=True, force_add=True)
-        return job, dict(self.choices)
-
-    def _is_value(self, override: Override) -> bool:
-        key = override.key_or_group
-        return "." in key and key.split(".", 1)[0] in self.sections and not override.is_delete()
-
-
-MAX_PARSED = 10_000  # overrides a JobComposer keeps parsed
-NUMBER = re.compile(r"(params(?:\.[A-Za-z_][A-Za-z0-9_]*)+)=(-?(?:0|[1-9][0-9]*)(\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)")
-
-
-def _number(line: str) -> Override | None:
-    """``params.KEY=NUMBER`` as Hydra's parser reads it (an int, else a float), without the
-    parser (a millisecond a line, and a grid's cells are mostly such lines); None for
-    anything else, which Hydra parses."""
-    from hydra.core.override_parser.types import Override, OverrideType, ValueType
-
-    match = NUMBER.fullmatch(line)
-    if match is None:
-        return None
-    key, text, fraction = match.groups()
-    value = float(text) if fraction or "e" in text.lower() else int(text)
-    return Override(type=OverrideType.FORCE_ADD, key_or_group=key, value_type=ValueType.ELEMENT, _value=value,
-                    input_line=f"++{line}")
-
-
 def _check_hydra_plugins(choices: dict[str, Any]) -> None:
     """Hydra's launchers and other sweepers would be ignored: kmrun runs jobs itself."""
     launcher, sweeper = choices.get("hydra/launcher"), choices.get("hydra/sweeper")
@@ -313,7 +210,7 @@ def _check_hydra_plugins(choices: dict[str, Any]) -> None:
         )
 
 
-def _without_hydra(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+def without_hydra(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     """The config without its ``hydra`` section (big, and no job reads it), and the choices."""
     from omegaconf import OmegaConf
 

@@ -22,11 +22,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cells import JobComposer, spec_of
 from .claims import BoardClaims, Claims, StoreClaims
-from .compose import JobComposer, as_typed
+from .compose import as_typed
 from .engine import Job
 from .errors import ConfigError, KmrunError, WorkerLost, after
-from .job import JobSpec, spec_of
+from .job import JobSpec
 from .params import first_of
 from .records import JobResult, Outcome, Status
 

@@ -48,7 +48,6 @@ from .trial import TrialRef, attach
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from .compose import JobComposer
     from .fingerprint import Fingerprint
     from .kedro_bridge import KedroProject
     from .tracking import Tracker
@@ -99,19 +98,6 @@ def prepare(
     origin = origin_finder(conf_dir or Path.cwd() / "conf", overrides, choices or {})
     conf = parse(cfg, origin)
     return checked(conf, resolved(cfg), overrides, choices, origin, open_store, base_dir)
-
-
-def spec_of(compose: JobComposer, lines: list[str], overrides: list[str], conf_dir: Path, open_store: bool = True,
-            base_dir: Path | None = None) -> JobSpec:
-    """The checked spec of the job ``compose`` makes of ``lines`` (``overrides``: all of its
-    lines, the shared ones first). A job that only sets values under ``params`` is not
-    composed: it is the template, typed once, with its params set."""
-    typed = compose.params_only(lines)
-    if typed is None:
-        cfg, choices = compose(lines)
-        return prepare(cfg, overrides, choices, conf_dir, open_store=open_store, base_dir=base_dir)
-    origin = origin_finder(conf_dir, overrides, compose.choices)
-    return checked(*typed, overrides, compose.choices, origin, open_store, base_dir)
 
 
 def checked(conf: KmrunConf, config: dict[str, Any], overrides: list[str], choices: Mapping[str, Any] | None,

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import runtime
-from .compose import JobComposer, default_groups
+from .cells import JobComposer, spec_of
+from .compose import default_groups
 from .engine import Job
 from .errors import ConfigError, after
-from .job import JobSpec, spec_of
+from .job import JobSpec
 from .records import BestTrial, Constraint, JobResult, Outcome, Status, StudySummary
 from .redact import hide_password, is_secret_name
 from .space import CONSTRAINTS, Space, check_options, make_sampler, set_constraints

@@ -139,7 +139,7 @@ def test_a_grid_checked_without_composing_each_cell_gives_the_specs_composing_gi
                                   "params.a=.5", "params.a=1_000", "params.a=inf", "params.a=0x1F", "params.a=true",
                                   "params.a=abc", "params.a=1,2", "params.a-b.c=1", "+params.a=1", "mlflow.x=1"])
 def test_a_number_is_read_as_hydra_reads_it(composer, line):
-    from runner.compose import JobComposer
+    from runner.cells import JobComposer
 
     mine = JobComposer(composer, ["+experiment=baseline"]).parse([line])[0]
     hydras = composer.parse([line])[0]
