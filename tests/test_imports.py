@@ -125,6 +125,13 @@ def test_kedros_private_surfaces_kmrun_relies_on_still_exist(tmp_path):
     loader = OmegaConfigLoader(str(tmp_path), base_env="base", default_run_env="local")
     assert getattr(loader, "_protocol", None) == "file"
     assert list(inspect.signature(KedroServiceSession._get_config_loader).parameters)[:2] == ["self", "runtime_params"]
+    # kedro_bridge blocks kedro-mlflow's hooks before they are imported by wrapping this function,
+    # which the session calls by its module-level name with the hook manager and the disabled plugins
+    from kedro.framework.session import service_session
+
+    assert list(inspect.signature(service_session._register_hooks_entry_points).parameters) == [
+        "hook_manager", "disabled_plugins"]
+    assert "_register_hooks_entry_points(hook_manager" in inspect.getsource(KedroServiceSession.__init__)
     import kedro
 
     if tuple(int(part) for part in kedro.__version__.split(".")[:2]) < (1, 7):  # before the method existed:
