@@ -18,16 +18,17 @@ from .redact import hide_password
 
 
 @contextmanager
-def creation_lock(url: str) -> Iterator[None]:
+def creation_lock(url: str, patient: bool = True) -> Iterator[None]:
     """Hold an exclusive lock while a store is created or migrated, so that processes
     starting at once on an empty store do not race each other's schema creation: a file
     lock beside a local SQLite file, an advisory lock in a PostgreSQL database (every host
-    sees it). Other URLs take no lock."""
+    sees it). Other URLs take no lock. Without ``patient`` (opening a store), a database
+    that does not answer fails at once instead of being waited for (store_patience)."""
     if url.startswith("sqlite:///"):
         with _file_lock(Path(url.removeprefix("sqlite:///").split("?", 1)[0])):
             yield
     elif url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
-        with _advisory_lock(url):
+        with _advisory_lock(url, patient):
             yield
     else:
         yield
@@ -85,13 +86,14 @@ CREATION_LOCK_KEY = 0x6B6D72756E  # "kmrun": one advisory lock id, shared by eve
 
 
 @contextmanager
-def _advisory_lock(url: str) -> Iterator[None]:
+def _advisory_lock(url: str, patient: bool) -> Iterator[None]:
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
     engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=NullPool)
     try:
-        connection = patience.call(hide_password(url), _locked, engine, CREATION_LOCK_KEY)
+        connection = patience.call(hide_password(url), _locked, engine, CREATION_LOCK_KEY) if patient else \
+            _locked(engine, CREATION_LOCK_KEY)
         try:
             yield
         finally:

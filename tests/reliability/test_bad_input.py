@@ -141,6 +141,8 @@ CATALOGUE = [
     ("promote-name-absolute", ["promote", "abc", "--name", "/tmp/x"], None, 2, ["--name '/tmp/x'"]),
     ("study-searches-a-secret", S + ["+params.api_token=choice(aaaa,bbbb)"], None, 2, ["names a secret"]),
     ("unreachable-http-store", B + ["mlflow.tracking_uri=http://127.0.0.1:1"], None, 2, ["cannot reach the MLflow server"]),
+    ("unreachable-postgres-store", B + ["mlflow.tracking_uri=postgresql://u:pw@127.0.0.1:1/db"], None, 2,
+     ["mlflow.tracking_uri: cannot open the MLflow store 'postgresql://u:***@127.0.0.1:1/db'", "Connection refused"]),
     ("damaged-store-run", B, write("mlflow.db", "not a database " * 100), 2, ["cannot open the MLflow store"]),
     ("damaged-store-runs", ["runs"], write("mlflow.db", "not a database " * 100), 2, ["Cannot read the MLflow store"]),
     ("damaged-store-best", ["best"], write("mlflow.db", "not a database " * 100), 2, ["Cannot read the MLflow store"]),
@@ -198,6 +200,7 @@ def test_bad_input(ws, args, setup, code, fragments):
     assert "Traceback" not in done.text
     assert "hunter22" not in done.text  # a password in a URL is never shown
     assert len(done.err.strip().splitlines()) <= 12, done.err  # one paragraph, not a log
+    assert "store_patience" not in done.err  # a store that never answered is not waited for
     assert ws.running() == 0
 
 
