@@ -112,6 +112,8 @@ def test_text_artifacts_land_where_mlflow_puts_them_with_or_without_the_shortcut
     """``log_texts`` writes a local run's files itself; MLflow must find them as its own."""
     import shutil
 
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
     folder = tmp_path / "a folder with spaces"
     folder.mkdir()
     shutil.copy(template_store, folder / "mlflow.db")
@@ -124,7 +126,9 @@ def test_text_artifacts_land_where_mlflow_puts_them_with_or_without_the_shortcut
         assert {a.path for a in store.client.list_artifacts(run_id)} == set(files)
         for name, text in files.items():
             (tmp_path / str(n)).mkdir(exist_ok=True)
-            assert Path(store.client.download_artifacts(run_id, name, str(tmp_path / str(n)))).read_text() == text
+            # through the run's artifact URI (MLflow 3.0 reads runs:/ URIs from the default store)
+            repository = get_artifact_repository(store.client.get_run(run_id).info.artifact_uri)
+            assert Path(repository.download_artifacts(name, str(tmp_path / str(n)))).read_text() == text
     assert ours in tracker._local_artifacts and ours not in other._local_artifacts
 
 
