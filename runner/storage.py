@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import TrackingError
-from .liveness import note_stale_trial
+from .liveness import in_worker, note_stale_trial
 from .locks import creation_lock
 from .patience import patient_storage
 from .redact import Redactor, hide_password, url_password
@@ -54,7 +54,7 @@ def open_storage(url: str, key: str = "study.storage") -> optuna.storages.BaseSt
             return optuna.storages.JournalStorage(backend)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT}} if url.startswith("sqlite") else {}
         stale_callback: dict[str, Any] = {_stale_callback_name(): note_stale_trial}  # failed stale: trial.fail_dead
-        with creation_lock(url, patient=False), warnings.catch_warnings():
+        with creation_lock(url, patient=in_worker()), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: not news
             storage = optuna.storages.RDBStorage(
                 url,

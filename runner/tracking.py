@@ -131,7 +131,8 @@ class Tracker:
             from mlflow import MlflowClient
 
             _http_retries_to_kmrun(uri)
-            with creation_lock(uri, patient=False):  # several kmrun processes may create one store at once
+            # a command opening its store fails at once if it never answers; a sweep's worker waits out an outage
+            with creation_lock(uri, patient=in_worker()):  # several kmrun processes may create one store at once
                 self.client: MlflowClient = MlflowClient(tracking_uri=uri)
                 self.experiment_id = self._experiment(experiment_name)
             # a store that works now: from here on, each call waits out a brief outage (store_patience)

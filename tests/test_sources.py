@@ -247,3 +247,21 @@ def test_oc_env_works_in_kmruns_config_after_kedro_has_loaded_its_own(ws, monkey
             grid.check(open_store=False)
         assert {spec.conf.mlflow.tags["owner"] for spec in grid.specs.values()} == {"from-env"}
         assert os.environ["KMRUN_TEST_TAG"] == "from-env"
+
+
+@pytest.mark.parametrize("values", [{"params.model.C": 1e-05}, {"params.model.C": 0.5, "params.model.max_iter": 50},
+                                    {"params.model.type": "random_forest", "params.model.n_estimators": 7},
+                                    {"params.model.C": 2.0, "params.split.test_size": 0.3}])
+def test_a_study_trials_spec_equals_its_full_composition(composer, values):
+    """A study's trial is the shared config with its params set (``spec_of``), as a grid's cell:
+    the spec must be the one Hydra's full composition of the same lines gives."""
+    from runner.cells import JobComposer, spec_of
+    from runner.job import prepare
+    from runner.study import _literal
+
+    base = ["+experiment=baseline"]
+    lines = [f"{key}={_literal(value)}" for key, value in values.items()]
+    spec = spec_of(JobComposer(composer, base), lines, base + lines, composer.config_dir, open_store=False)
+    full = prepare(composer.compose(base + lines), base + lines, None, composer.config_dir, open_store=False)
+    assert (spec.conf, spec.params, spec.config, spec.config_hash, spec.fingerprint, spec.redact.values) == (
+        full.conf, full.params, full.config, full.config_hash, full.fingerprint, full.redact.values), lines
