@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from kedro.pipeline import Pipeline
 
     from .datasets import Catalog
+    from .trace import Ran
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Entry:
     outputs: dict[str, Any]
     run_id: str
     created: float
+    ran: Ran | None = None  # what the node executed and read when it computed them; None: unknown, never used
 
 
 @dataclass
@@ -97,6 +99,10 @@ class NodeCache:
         cannot be checked against a guessed parameter value."""
         name = hmac.new(self._salt(), key.encode(), hashlib.sha256).hexdigest()[:32]
         return self.root / name[:2] / f"{name}.pkl"
+
+    def salt(self) -> bytes:
+        """This cache's own secret (environment variables are kept by digests salted with it)."""
+        return self._salt()
 
     def _salt(self) -> bytes:
         if self._salt_value is None:
@@ -148,10 +154,12 @@ class NodeCache:
         return self.root / "nodes" / f"{hashlib.sha256(node.encode()).hexdigest()[:24]}.json"
 
     def put(self, key: str, node: str, outputs: dict[str, Any], run_id: str,
-            parts: Mapping[str, str] | None = None) -> str | None:
-        """Store a node's outputs (and the parts of their key, to explain the next miss);
-        returns why not, when they cannot be stored."""
-        entry = Entry(node, dict(outputs), run_id, time.time())
+            parts: Mapping[str, str] | None = None, ran: Ran | None = None) -> str | None:
+        """Store a node's outputs with what it ran and read (``ran``), and the parts of their
+        key (to explain the next miss); returns why not, when they cannot be stored."""
+        if ran is None:
+            return "what it ran was not recorded"
+        entry = Entry(node, dict(outputs), run_id, time.time(), ran)
         try:
             data = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as err:
@@ -248,15 +256,27 @@ def plan(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog, root: 
     secret-named parameter is not cached unless ``allow_secrets``."""
     keys, reasons, parts = node_keys(pipeline, params, catalog, root, allow_secrets)
     result = Plan(keys, reasons, parts, serve=serve)
+    recomputed: dict[str, str] = {}  # dataset -> the node that computes it again though its key is the same
     for node in pipeline.nodes:
         key = keys[node.name]
         entry = store.get(key) if key is not None and serve else None
+        why = None
         if entry is not None:
+            again = next((name for name in node.inputs if name in recomputed), None)
+            if again is not None:  # same key upstream, but what upstream ran has changed
+                why = f"its input {again} is computed again by {recomputed[again]}"
+            elif entry.ran is None:
+                why = "its entry does not say what the node ran (stored by an earlier kmrun)"
+            else:
+                why = next(iter(entry.ran.changes(root.resolve(), store.salt(), first=True)), None)
+        if entry is not None and why is None:
             result.hits[node.name] = entry
-        else:
-            result.run.append(node.name)
-            if key is not None and serve:
-                result.why[node.name] = store.why(node.name, parts[node.name])
+            continue
+        result.run.append(node.name)
+        if entry is not None:
+            recomputed.update({name: node.name for name in node.outputs})
+        if key is not None and serve:
+            result.why[node.name] = why or store.why(node.name, parts[node.name])
     needed = {name for node in pipeline.nodes if node.name in result.run for name in node.inputs}
     for entry in result.hits.values():
         result.inject.update({name: value for name, value in entry.outputs.items() if name in needed})

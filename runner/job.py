@@ -38,7 +38,7 @@ from .fluent import active_run, reporting_done, reporting_to
 from .job_cache import cache_plan, cache_tags, kedro_run_id
 from .kedro_bridge import KedroRun
 from .metrics import is_point, latest, objective_of, read_metrics
-from .params import added_on_purpose, check_params, deep_merge
+from .params import added_on_purpose, check_params
 from .records import Constraint, JobResult, Status
 from .redact import Redactor, flatten
 from .schema import KmrunConf, parse
@@ -113,13 +113,14 @@ def checked(conf: KmrunConf, config: dict[str, Any], overrides: list[str], choic
     project = rt.project(conf.kedro.project_path, conf.kedro.env)
     params = check_params(conf.params, project.parameters(), added_on_purpose(overrides), origin)
     project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
+    project.job_params(params, conf.kedro.pipeline, typed=True)  # Kedro's typed parameters check the values
     models.check(conf, project)
     for name in conf.artifacts:
         if project.filepath(name, params) is None:
             files = project.catalog(params).files()
             raise ConfigError(f"artifacts: '{name}' is not a dataset with a file in the catalog of {project.root}. "
                               f"Datasets with files: {', '.join(files) or 'none'}.")
-    bad = rejected_names(flatten(deep_merge(project.parameters(), params)))
+    bad = rejected_names(flatten(project.job_params(params, conf.kedro.pipeline)))
     if bad:
         raise ParamError(
             f"MLflow cannot store a parameter named {', '.join(repr(n) for n in bad)}{origin('params.' + bad[0])}. "
@@ -129,7 +130,7 @@ def checked(conf: KmrunConf, config: dict[str, Any], overrides: list[str], choic
     experiment = conf.mlflow.experiment_name or project.package_name
     if open_store:
         rt.tracker(uri, experiment)
-    redact = redactor(project, params, config, uri)
+    redact = redactor(project, project.job_params(params, conf.kedro.pipeline), config, uri)
     return JobSpec(
         conf=conf,
         params=params,
@@ -149,10 +150,11 @@ def checked(conf: KmrunConf, config: dict[str, Any], overrides: list[str], choic
 
 def redactor(project: KedroProject, params: Mapping[str, Any], config: Mapping[str, Any], *uris: str) -> Redactor:
     """What must never reach MLflow for a job: the project's credentials, secret-named
-    params and environment variables, and the password of every URL in the config
-    (tracking URI, study and sweep storages, any later key) and of ``uris``."""
+    params (``params``: the job's, as Kedro resolves them) and environment variables, and
+    the password of every URL in the config (tracking URI, study and sweep storages, any
+    later key) and of ``uris``."""
     urls = [*uris, *(str(v) for v in flatten(config).values() if isinstance(v, str) and "://" in v)]
-    return Redactor.for_project(project.credentials(), deep_merge(project.parameters(), params), urls=urls)
+    return Redactor.for_project(project.credentials(), params, urls=urls)
 
 
 def execute(spec: JobSpec) -> JobResult:
@@ -292,8 +294,8 @@ class _Job:
         spec = self.spec
         if not models.wanted(spec.conf):
             return
-        params = self.record.params if self.record.params is not None else deep_merge(
-            self.project.parameters(), spec.params)
+        params = self.record.params if self.record.params is not None else self.project.job_params(
+            spec.params, spec.conf.kedro.pipeline)
         later = spec.conf.model.runs == "best" and spec.parent_run_id and spec.output_dir
         folder = models.staging(Path(spec.output_dir or "").parent) / self.run_id if later else \
             Path(tempfile.mkdtemp(prefix="kmrun-model-"))
@@ -366,8 +368,8 @@ class _Job:
         """Log the resolved params and the metrics, then end the run. A run whose records
         could not be written ends FAILED, never FINISHED without its metrics."""
         spec = self.spec
-        params = self.record.params if self.record.params is not None else deep_merge(
-            self.project.parameters(), spec.params)
+        params = self.record.params if self.record.params is not None else self.project.job_params(
+            spec.params, spec.conf.kedro.pipeline)
         logged = self._logged_by_project()
         try:
             self.tracker.log(self.run_id, params=spec.redact.params(flatten(params)),

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import runtime
 from .kedro_bridge import KedroRun
-from .params import deep_merge
 
 if TYPE_CHECKING:
     from .cache import NodeCache, Plan
@@ -35,7 +34,7 @@ def cache_plan(spec: JobSpec, project: KedroProject) -> tuple[NodeCache, Plan]:
     conf = spec.conf
     root = Path(conf.cache.dir) if conf.cache.dir else cache.default_dir(spec.uri)
     store = runtime.current().node_cache(root.resolve(), conf.cache.max_gb)
-    params = deep_merge(project.parameters(), spec.params)
+    params = project.job_params(spec.params, conf.kedro.pipeline, typed=True)  # what the nodes are given
     pipeline = project.pipeline(conf.kedro.pipeline, conf.kedro.tags)
     return store, cache.plan(pipeline, params, project.catalog(spec.params), project.root, store,
                              serve=conf.cache.enabled, allow_secrets=conf.cache.secrets)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from kedro.framework.hooks import hook_impl
 
-from .errors import ProjectError
+from .errors import ParamError, ProjectError
 from .kedro_config import ParsedConfig
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from .cache import NodeCache, Plan
     from .datasets import Catalog
+    from .trace import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class _Hooks:
         self.root = root
         self.record: KedroRun | None = None
         self.outputs: set[str] = set()
+        self.recorder: Recorder | None = None  # made on the first node whose outputs are stored
+        self.recording: str | None = None  # the node being recorded
 
     @hook_impl
     def after_catalog_created(self, catalog, conf_catalog, conf_creds, parameters, save_version):  # type: ignore[no-untyped-def]
@@ -89,23 +92,71 @@ class _Hooks:
             if self.record.output_dir is not None:
                 self._redirect(catalog, conf_catalog, save_version, self.record)
             if self.record.plan is not None and self.record.plan.inject:
-                from kedro.io import MemoryDataset
-
-                # after the redirect: a cached output is read from the cache, not from a file
-                # its node (served by the cache) never wrote in this job's folder
-                for name, value in self.record.plan.inject.items():
-                    catalog[name] = MemoryDataset(value)
+                self._hand_on(catalog, self.record.plan.inject)
         finally:
             catalog_log.setLevel(level)
+
+    @staticmethod
+    def _hand_on(catalog: Any, values: dict[str, Any]) -> None:
+        """Give the nodes that run what a run of the cached nodes would have given them: each
+        cached output is saved through its dataset (after the redirect: in this job's folder),
+        and the node that reads it loads it back as in a run (a CSV without its index, a
+        dtype from ``load_args``). Outputs with no dataset in the catalog stay in memory."""
+        from kedro.io import MemoryDataset
+
+        for name, value in values.items():
+            dataset = catalog.get(name) if name in catalog else None
+            if dataset is None or isinstance(dataset, MemoryDataset):
+                catalog[name] = MemoryDataset(value)
+            else:
+                dataset.save(value)
+
+    @hook_impl
+    def before_dataset_loaded(self, dataset_name: str, node: Any) -> None:
+        self._record(node)  # a project dataset's load() runs project code for the node
+
+    @hook_impl
+    def before_node_run(self, node: Any) -> None:
+        self._record(node)
+        if self.recording == node.name and self.recorder is not None:
+            self.recorder.io = True  # what the node itself opens and reads; its inputs are keyed already
+
+    def _record(self, node: Any) -> None:
+        record = self.record
+        if record is None or record.plan is None or record.cache is None or self.recording is not None \
+                or record.plan.keys.get(node.name) is None:
+            return
+        if sys.gettrace() is not None:  # a debugger or coverage: kmrun's recording would take its place
+            record.not_cached[node.name] = "another tracer (a debugger, coverage) is active, so what it ran is unknown"
+            return
+        if self.recorder is None:
+            from .trace import Recorder, install
+
+            install()
+            self.recorder = Recorder(self.root)
+        self.recorder.start(ignore=[record.cache.root, record.output_dir])
+        self.recording = node.name
+
+    @hook_impl
+    def on_node_error(self, node: Any) -> None:
+        if self.recording is not None and self.recorder is not None:
+            self.recorder.abandon()
+        self.recording = None
 
     @hook_impl
     def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:
         record = self.record
+        ran = None
+        if self.recording == node.name and self.recorder is not None and record is not None \
+                and record.cache is not None:
+            ran = self.recorder.stop(record.cache.salt())
+        self.recording = None
         if record is None or record.plan is None or record.cache is None:
             return
         key = record.plan.keys.get(node.name)
-        if key is not None:
-            reason = record.cache.put(key, node.name, outputs, record.mlflow_run_id, record.plan.parts.get(node.name))
+        if key is not None and node.name not in record.not_cached:
+            reason = record.cache.put(key, node.name, outputs, record.mlflow_run_id, record.plan.parts.get(node.name),
+                                      ran)
             if reason is not None:
                 record.not_cached[node.name] = reason
 
@@ -189,6 +240,8 @@ class KedroProject:
         self._runtime_catalog = False  # whether catalog entries read ${runtime_params:...}
         self._job_catalogs: dict[str, Catalog] = {}
         self._credentials: dict[str, Any] | None = None
+        self._job_params: dict[str, dict[str, Any]] = {}
+        self._typed: dict[str, bool] = {}  # pipeline -> whether a node of it takes typed parameters
 
     def refresh(self) -> None:
         """Forget what was read from the project's config files."""
@@ -196,6 +249,55 @@ class KedroProject:
         self._catalog = None
         self._job_catalogs.clear()
         self._credentials = None
+        self._job_params.clear()
+
+    def job_params(self, overrides: dict[str, Any] | None, pipeline: str = "__default__",
+                   typed: bool = False) -> dict[str, Any]:
+        """The parameters of a run with ``overrides`` as runtime params, as Kedro resolves them:
+        ``${runtime_params:...}``, globals and custom resolvers included. With ``typed``, as the
+        nodes receive them: a section a node annotates with a dataclass or pydantic model is that
+        object (Kedro's own validation; a value it rejects raises ``ParamError``)."""
+        slot = json.dumps([overrides or {}, pipeline, typed], sort_keys=True, default=repr)
+        hit = self._job_params.get(slot)
+        if hit is not None:
+            return hit
+        if len(self._job_params) > 512:
+            self._job_params.clear()
+        if not overrides:
+            raw = self.parameters()
+        else:
+            try:
+                raw = dict(self.session._get_config_loader(overrides)["parameters"])
+            except Exception as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ProjectError(f"Kedro cannot resolve the parameters of {self.root} (env {self.env_name}) "
+                                   f"with the overrides {overrides}: {first}") from None
+        out = self._validated(raw, pipeline) if typed else raw
+        self._job_params[slot] = out
+        return out
+
+    def _validated(self, raw: dict[str, Any], pipeline: str) -> dict[str, Any]:
+        """Kedro's validation of typed parameters, scoped as ``session.run`` scopes it."""
+        try:
+            from kedro.validation.parameter_validator import ParameterValidator
+        except ImportError:  # Kedro before typed parameters
+            return raw
+        from kedro.framework.project import pipelines
+
+        scope = dict(pipelines) if pipeline == "__default__" else {pipeline: pipelines[pipeline]}
+        validator = ParameterValidator(scope)
+        if not self._typed.setdefault(pipeline, bool(validator.type_extractor.extract_types_from_pipelines())):
+            return raw
+        try:
+            return validator.validate_raw_params(raw)
+        except Exception as err:
+            if type(err).__name__ != "ParameterValidationError":
+                raise
+            raise ParamError(
+                f"params: Kedro's typed parameters of pipeline '{pipeline}' reject the values: {err}\n"
+                "Fix the parameter (its YAML, or the params.* override) to fit the type the node's argument "
+                "is annotated with."
+            ) from None
 
     def catalog(self, params: dict[str, Any] | None = None) -> Catalog:
         """The project's catalog for this env, as Kedro resolves it for a run with
@@ -238,10 +340,11 @@ class KedroProject:
         return self.session.load_context().catalog.load(name)
 
     def parameters(self) -> dict[str, Any]:
-        """The project's parameters for this env, before any kmrun override."""
+        """The project's parameters for this env, before any kmrun override, as plain values
+        (typed sections as the dicts they are written as)."""
         if self._params is None:
             try:
-                self._params = dict(self.session.load_context().params)
+                self._params = dict(self.session._get_config_loader()["parameters"])
             except RecursionError:
                 raise ProjectError(
                     f"Kedro cannot load the parameters of {self.root} (env {self.env_name}): they nest deeper than "
@@ -317,7 +420,9 @@ class KedroProject:
                              runtime_params=params or None,
                              node_names=plan.run if plan and len(plan.run) < len(selected.nodes) else None)
         finally:
-            self._hooks.record = None
+            if self._hooks.recording is not None and self._hooks.recorder is not None:  # Ctrl-C inside a node
+                self._hooks.recorder.abandon()
+            self._hooks.record, self._hooks.recording = None, None
         return record
 
     def _check_env(self, env: str | None) -> None:

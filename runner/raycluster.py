@@ -245,7 +245,8 @@ def arrived(spec: JobSpec) -> JobSpec:
     conf = spec.conf
     project = runtime.current().project(conf.kedro.project_path, conf.kedro.env)
     storage = [spec.trial.storage] if spec.trial is not None else []
-    return replace(spec, redact=redactor(project, spec.params, spec.config, spec.uri, *storage))
+    params = project.job_params(spec.params, conf.kedro.pipeline)
+    return replace(spec, redact=redactor(project, params, spec.config, spec.uri, *storage))
 
 
 def _warm_node(spec: JobSpec) -> None:

@@ -13,6 +13,9 @@ from kedro.pipeline import Pipeline, node
 from runner import deps
 from runner.cache import NodeCache, node_keys, plan
 from runner.datasets import Catalog
+from runner.trace import Ran
+
+RAN = Ran()  # a node that ran no project code and read nothing
 
 NODES = '''
 def load(raw):
@@ -93,17 +96,17 @@ def test_the_cache_serves_hits_and_feeds_the_nodes_that_run(mod, tmp_path):
     (tmp_path / "data/raw.csv").write_text("x\n")
     first = plan(pipeline(mod), {"p": 1, "q": 2}, Catalog(CATALOG, tmp_path), tmp_path, store)
     assert first.run == ["load", "features", "model"] and not first.hits
-    assert store.put(first.keys["load"], "load", {"a": 10}, "run-1") is None
-    assert store.put(first.keys["features"], "features", {"b": 21}, "run-1") is None
+    assert store.put(first.keys["load"], "load", {"a": 10}, "run-1", ran=RAN) is None
+    assert store.put(first.keys["features"], "features", {"b": 21}, "run-1", ran=RAN) is None
     second = plan(pipeline(mod), {"p": 1, "q": 9}, Catalog(CATALOG, tmp_path), tmp_path, NodeCache(tmp_path / "cache", 10**6))
     assert second.run == ["model"] and second.inject == {"b": 21} and second.sources == {"load": "run-1", "features": "run-1"}
-    assert store.put("ab" + "0" * 30, "x", {"f": lambda: 1}, "r").startswith("its outputs cannot be pickled")
+    assert store.put("ab" + "0" * 30, "x", {"f": lambda: 1}, "r", ran=RAN).startswith("its outputs cannot be pickled")
 
 
 def test_least_recently_used_entries_go_beyond_the_size_limit(tmp_path):
     store = NodeCache(tmp_path, max_bytes=3000)
     for i in range(6):
-        assert store.put(f"{i:02d}" + "k" * 30, f"n{i}", {"x": "y" * 900}, "r") is None
+        assert store.put(f"{i:02d}" + "k" * 30, f"n{i}", {"x": "y" * 900}, "r", ran=RAN) is None
     assert store.size() <= 3000 and store.get("05" + "k" * 30) is not None
     kept = len(store.files())
     assert 0 < kept < 6 and store.clear() == kept and store.files() == []
@@ -139,12 +142,12 @@ def test_cache_false_serves_nothing_and_refreshes_every_entry(mod, tmp_path):
     (tmp_path / "data/raw.csv").write_text("x\n")
     catalog = Catalog(CATALOG, tmp_path)
     first = plan(pipeline(mod), {"p": 1, "q": 2}, catalog, tmp_path, store)
-    store.put(first.keys["load"], "load", {"a": 10}, "run-1", first.parts["load"])
+    store.put(first.keys["load"], "load", {"a": 10}, "run-1", first.parts["load"], ran=RAN)
     again = plan(pipeline(mod), {"p": 1, "q": 2}, catalog, tmp_path, store, serve=False)
     assert not again.hits and again.run == ["load", "features", "model"] and again.keys == first.keys
     third = plan(pipeline(mod), {"p": 7, "q": 2}, catalog, tmp_path, store)
     assert third.hits.keys() == {"load"} and third.why["features"] == "no earlier entry of this node"
-    store.put(third.keys["features"], "features", {"b": 1}, "run-2", third.parts["features"])
+    store.put(third.keys["features"], "features", {"b": 1}, "run-2", third.parts["features"], ran=RAN)
     fourth = plan(pipeline(mod), {"p": 8, "q": 2}, catalog, tmp_path, store)
     assert fourth.why["features"] == "param p"
 
@@ -152,7 +155,7 @@ def test_cache_false_serves_nothing_and_refreshes_every_entry(mod, tmp_path):
 def test_a_damaged_entry_of_any_kind_is_a_miss_and_goes(tmp_path):
     store = NodeCache(tmp_path, max_bytes=10**6)
     key = "ab" + "c" * 30
-    assert store.put(key, "n", {"x": 1}, "r") is None
+    assert store.put(key, "n", {"x": 1}, "r", ran=RAN) is None
     store.path(key).write_bytes(pickle.dumps(5))  # unpickles, to the wrong type
     fresh = NodeCache(tmp_path, max_bytes=10**6)
     assert fresh.get(key) is None and not fresh.path(key).exists() and fresh.entries() == []
@@ -161,7 +164,7 @@ def test_a_damaged_entry_of_any_kind_is_a_miss_and_goes(tmp_path):
 def test_entry_files_are_named_by_a_salted_key_and_secret_params_are_not_cached(mod, tmp_path):
     store = NodeCache(tmp_path / "cache", max_bytes=10**6)
     key = "ab" + "c" * 30
-    store.put(key, "n", {"x": 1}, "r")
+    store.put(key, "n", {"x": 1}, "r", ran=RAN)
     assert key not in str(store.path(key)) and oct((tmp_path / "cache/salt").stat().st_mode & 0o777) == "0o600"
     assert NodeCache(tmp_path / "other", 10**6).path(key) != store.path(key)  # each cache its own salt
     params = {"p": {"db_password": "Hunter2Pass"}, "q": 2}
@@ -170,7 +173,7 @@ def test_entry_files_are_named_by_a_salted_key_and_secret_params_are_not_cached(
     deps.forget()
     allowed, _, parts = node_keys(pipeline(mod), params, Catalog(CATALOG, tmp_path), tmp_path, allow_secrets=True)
     assert allowed["features"] is not None
-    store.put(allowed["features"], "features", {"b": 1}, "r", parts["features"])
+    store.put(allowed["features"], "features", {"b": 1}, "r", parts["features"], ran=RAN)
     beside = [p.read_text() for p in (tmp_path / "cache/nodes").glob("*.json")]
     assert beside and not [text for text in beside if "Hunter2Pass" in text]  # parameter values by digest only
 
@@ -178,11 +181,11 @@ def test_entry_files_are_named_by_a_salted_key_and_secret_params_are_not_cached(
 def test_a_nodes_explanation_is_written_when_it_changes_and_always_holds_the_last_entrys_parts(tmp_path):
     ours, theirs = NodeCache(tmp_path, 10**6), NodeCache(tmp_path, 10**6)  # two processes on one folder
     first = {"code": "a1", "param model.C": "1"}
-    ours.put("k1", "train", {"m": 1}, "run1", first)
+    ours.put("k1", "train", {"m": 1}, "run1", first, ran=RAN)
     written = ours._last("train").stat().st_ino
-    ours.put("k2", "train", {"m": 2}, "run2", first)  # the same parts: the file is left as it is
+    ours.put("k2", "train", {"m": 2}, "run2", first, ran=RAN)  # the same parts: the file is left as it is
     assert ours._last("train").stat().st_ino == written
-    theirs.put("k3", "train", {"m": 3}, "run3", {"code": "a1", "param model.C": "2"})
+    theirs.put("k3", "train", {"m": 3}, "run3", {"code": "a1", "param model.C": "2"}, ran=RAN)
     assert "param model.C" in ours.why("train", first)  # the last entry stored is theirs
-    ours.put("k4", "train", {"m": 4}, "run4", first)  # ours again, though this process wrote it before
+    ours.put("k4", "train", {"m": 4}, "run4", first, ran=RAN)  # ours again, though this process wrote it before
     assert ours.why("train", first) == theirs.why("train", first) == "its entry was evicted or cleared"
