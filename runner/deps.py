@@ -10,11 +10,12 @@ hashed as compiled bytecode, so comments, blank lines, docstrings and line endin
 count. Code from an installed distribution is keyed by the distribution's version (and
 those of the distributions it requires); the standard library by the Python version.
 
-Where the walk cannot see what a function reaches (``exec``, ``eval``, ``compile``,
-``__import__``, ``importlib.import_module``), the whole project's code stands in for it: a
-coarser key, still sound; ``Reach.coarse`` says why. A function that calls ``getattr``,
-``globals()`` or ``vars()`` reaches every attribute of the project modules it names (and
-of its own module).
+The walk is what kmrun can know before a node runs; what the node reaches only at run time
+(a class named in YAML, a module imported in its body, a ``singledispatch`` branch) is
+recorded while it runs (``trace``). A function that calls ``getattr``, ``globals()`` or
+``vars()`` reaches every attribute of the project modules it names (and of its own module).
+A library decorator's wrapper is followed through ``__wrapped__`` to the project's function.
+An editable install outside the project is keyed by its source files, not its version.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ from typing import Any
 from . import dists
 from .dists import distributions
 
-DYNAMIC = ("exec", "eval", "compile", "__import__", "import_module")  # what they reach is unknowable
 WIDE = ("getattr", "globals", "vars")  # any attribute of the modules the code names may be read
-SKIPPED_DIRS = {"site-packages", "dist-packages", "node_modules", "__pycache__", "build", "dist", "data"}
+SKIPPED_DIRS = {"site-packages", "dist-packages", "node_modules", "__pycache__"}  # never the project's own code
 PLAIN = (type(None), bool, int, float, complex, str, bytes)
 
 
@@ -122,13 +122,24 @@ class _Walk:
     def function(self, fn: types.FunctionType) -> None:
         code = fn.__code__
         module = fn.__globals__.get("__name__") or fn.__module__ or ""  # functools.wraps copies __module__
+        wrapped = getattr(fn, "__wrapped__", None)
         if not self.own(module):
             self.installed(module)
+            if wrapped is not None:  # a library's decorator (functools.wraps): the project's function inside
+                self.value(wrapped)
+            for item in (fn.__closure__ or ()):  # a library's wrapper made around project code
+                try:
+                    self.value(item.cell_contents)
+                except ValueError:
+                    continue
             return
         name = f"{module}.{code.co_qualname}"
         doc = fn.__doc__ if code.co_consts and code.co_consts[0] == fn.__doc__ else None
-        self.reach.code[name] = _digest([_code_digest(code, skip_doc=doc is not None),
-                                         _stable(fn.__defaults__, fn), _stable(fn.__kwdefaults__, fn)])
+        attrs = {k: v for k, v in vars(fn).items() if k != "__wrapped__"}  # set by a decorator
+        self._add(name, _digest([_code_digest(code, skip_doc=doc is not None), _stable(fn.__defaults__, fn),
+                                 _stable(fn.__kwdefaults__, fn), _stable(attrs, fn) if attrs else ""]))
+        if attrs:
+            self.value(attrs)
         for item in (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()):
             self.value(item)
         for i, cell in enumerate(fn.__closure__ or ()):
@@ -137,15 +148,12 @@ class _Walk:
             except ValueError:  # an empty cell
                 continue
             if not _is_code(contents):
-                self.reach.code[f"{name}.<closure {code.co_freevars[i]}>"] = _stable(contents, fn)
+                self._add(f"{name}.<closure {code.co_freevars[i]}>", _stable(contents, fn))
             self.value(contents)
-        if getattr(fn, "__wrapped__", None) is not None:
-            self.value(fn.__wrapped__)  # type: ignore[attr-defined]
+        if wrapped is not None:
+            self.value(wrapped)
         names, imports = _names(code)
         scope = fn.__globals__
-        dynamic = sorted(n for n in names & set(DYNAMIC) if n not in scope)
-        if dynamic and self.reach.coarse is None:
-            self.reach.coarse = f"{name} calls {', '.join(dynamic)}"
         wide = any(n in names and n not in scope for n in WIDE)
         for imported, level in imports:
             if level:  # a relative import inside the function
@@ -159,6 +167,13 @@ class _Walk:
         for used in sorted(names):
             if used in scope:
                 self.global_(scope[used], module, used, None if wide else names)
+
+    def _add(self, name: str, digest: str) -> None:
+        """One named part; two functions of one name (closures of one factory) both count."""
+        before = self.reach.code.get(name)
+        if before is not None and before != digest:
+            digest = _digest(sorted({before, digest}))
+        self.reach.code[name] = digest
 
     def global_(self, obj: Any, module: str, name: str, names: set[str] | None) -> None:
         """A module-level name a function reads: followed if it is code, hashed by value if
@@ -332,7 +347,7 @@ def _code_digest(code: types.CodeType, skip_doc: bool = False) -> str:
     parts = [code.co_name, code.co_code.hex(), ",".join(code.co_names), ",".join(code.co_varnames),
              ",".join(code.co_freevars), str((code.co_argcount, code.co_kwonlyargcount, code.co_flags))]
     for const in consts:
-        parts.append(_code_digest(const) if isinstance(const, types.CodeType) else repr(const))
+        parts.append(_code_digest(const) if isinstance(const, types.CodeType) else repr(_sorted(const)))
     return _digest(parts)
 
 
@@ -344,8 +359,36 @@ def _stable(value: Any, context: Any = None) -> str:
     try:
         return hashlib.sha256(pickle.dumps(value, protocol=4)).hexdigest()[:16]
     except Exception:
-        where = getattr(context, "__file__", None) or getattr(getattr(context, "__code__", None), "co_filename", None)
-        return _file_digest(Path(where)) if where else f"unhashable {type(value).__qualname__}"
+        pass
+    shape = _shape(value)
+    if shape is not None:  # containers of lambdas and other functions: by their code, not their file
+        return _digest([shape])
+    where = getattr(context, "__file__", None) or getattr(getattr(context, "__code__", None), "co_filename", None)
+    return _file_digest(Path(where)) if where else f"unhashable {type(value).__qualname__}"
+
+
+def _shape(value: Any, depth: int = 0) -> str | None:
+    """A value made of plain data, containers and functions, written out with each function's
+    code digest; None for anything else."""
+    if depth > 10:
+        return None
+    if _plain(value):
+        return repr(_sorted(value))
+    if isinstance(value, types.FunctionType):
+        return f"<fn {_code_digest(value.__code__)} {_shape(value.__defaults__, depth + 1)}>"
+    if isinstance(value, functools.partial):
+        return f"<partial {_shape((value.func, value.args, value.keywords), depth + 1)}>"
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_shape(v, depth + 1) for v in value]
+        if any(i is None for i in items):
+            return None
+        return f"{type(value).__name__}[{','.join(sorted(items) if isinstance(value, set | frozenset) else items)}]"  # type: ignore[arg-type]
+    if isinstance(value, dict):
+        pairs = [(_shape(k, depth + 1), _shape(v, depth + 1)) for k, v in value.items()]
+        if any(k is None or v is None for k, v in pairs):
+            return None
+        return "{" + ",".join(sorted(f"{k}:{v}" for k, v in pairs)) + "}"
+    return None
 
 
 def _plain(value: Any, depth: int = 0) -> bool:

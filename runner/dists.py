@@ -45,7 +45,43 @@ def _distribution(name: str) -> tuple[str, str, list[str]] | None:
     record = dist.read_text("RECORD") or ""
     if record:
         version += f" {hashlib.sha256(record.encode()).hexdigest()[:8]}"
+    source = _editable_source(dist)
+    if source is not None:  # pip install -e: its code is its source folder, whatever the version says
+        version += f" source {_source_digest(source)}"
     return re.sub(r"[-_.]+", "-", name).lower(), version, requires
+
+
+def _editable_source(dist: metadata.Distribution) -> Path | None:
+    import json
+    from urllib.parse import unquote, urlparse
+
+    text = dist.read_text("direct_url.json")
+    try:
+        info = json.loads(text) if text else {}
+    except ValueError:
+        return None
+    if info.get("dir_info", {}).get("editable") and str(info.get("url", "")).startswith("file://"):
+        return Path(unquote(urlparse(info["url"]).path))
+    return None
+
+
+def _source_digest(folder: Path) -> str:
+    """Every Python file under ``folder`` (virtual environments and hidden folders left out),
+    by its content."""
+    import os
+
+    digest = hashlib.sha256()
+    for where, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "node_modules")
+                         and not os.path.exists(os.path.join(where, d, "pyvenv.cfg")))
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(where, name)
+            try:
+                with open(path, "rb") as handle:
+                    digest.update(f"{os.path.relpath(path, folder)}\0".encode() + handle.read())
+            except OSError:
+                continue
+    return digest.hexdigest()[:12]
 
 
 def _providers(top: str) -> list[str]:

@@ -123,17 +123,70 @@ def test_a_miss_says_what_changed(project):
     assert differences(before["square"], after["square"]) == "input d (its producer evaluate changed)"
 
 
-def test_code_that_cannot_be_followed_falls_back_to_the_whole_project(project):
+def test_dynamic_code_is_not_coarse_what_it_reaches_is_recorded_when_it_runs(project):
     (project / "src/kmrun_dep_pkg/dyn.py").write_text(
-        "import importlib\n\n\ndef run(x):\n    return importlib.import_module('kmrun_dep_root').BONUS + x\n")
+        "import importlib\nimport re\n\n\ndef run(x):\n    return importlib.import_module('kmrun_dep_root').BONUS + x\n"
+        "\n\ndef pattern(s):\n    return re.compile('a+').sub('', s)\n")
     _import(project)
     dyn = importlib.import_module("kmrun_dep_pkg.dyn")
-    reach = deps.reach(dyn.run, project)
-    assert reach.coarse == "kmrun_dep_pkg.dyn.run calls import_module"
-    before = reach.parts(project)["code (whole project)"]
-    (project / "kmrun_dep_root.py").write_text("BONUS = 9\n")
+    assert deps.reach(dyn.run, project).coarse is None
+    assert deps.reach(dyn.pattern, project).coarse is None  # re.compile is not the builtin compile
+
+
+STATIC = {
+    "closures of one factory": ("def make(k):\n    def f(x):\n        return x * k\n    return f\n\n\n"
+                                "double = make(2)\ntriple = make(3)\n\n\ndef f(x):\n    return double(x) + triple(x)\n",
+                                "f", "make(2)", "make(5)", True),
+    "decorator attribute": ("def tag(fn):\n    fn.weight = 2\n    return fn\n\n\n@tag\ndef g(x):\n    return x\n\n\n"
+                            "def f(x):\n    return g(x) * g.weight\n", "f", "fn.weight = 2", "fn.weight = 3", True),
+    "library decorator around project code": ("import contextlib\n\n\n@contextlib.contextmanager\ndef scope():\n"
+                                              "    yield 1\n\n\ndef f(x):\n    with scope() as s:\n        return x + s\n",
+                                              "f", "yield 1", "yield 2", True),
+    "lambdas in a dict, comment edit": ("OPS = {'a': lambda x: x + 1, 'b': lambda x: x * 2}\n\n\ndef f(x, k):\n"
+                                        "    return OPS[k](x)\n", "f", "OPS = {", "# ops\nOPS = {", False),
+    "lambdas in a dict, body edit": ("OPS = {'a': lambda x: x + 1, 'b': lambda x: x * 2}\n\n\ndef f(x, k):\n"
+                                     "    return OPS[k](x)\n", "f", "x + 1", "x + 2", True),
+}
+
+
+@pytest.mark.parametrize("case", list(STATIC))
+def test_the_static_walk_keys_values_a_trace_cannot_see(project, case):
+    text, name, old, new, moves = STATIC[case]
+    where = project / "src/kmrun_dep_pkg/static.py"
+    where.write_text(text)
+    _import(project)
+    first = deps.reach(getattr(importlib.import_module("kmrun_dep_pkg.static"), name), project).code
+    where.write_text(text.replace(old, new))
+    _import(project)
     deps.forget()
-    assert deps.reach(dyn.run, project).parts(project)["code (whole project)"] != before
+    second = deps.reach(getattr(importlib.import_module("kmrun_dep_pkg.static"), name), project).code
+    assert (first != second) == moves, (first, second)
+
+
+@pytest.mark.slow
+def test_a_set_literal_keys_the_same_in_every_process(project):
+    """A set's order follows the hash seed, which differs between processes."""
+    import json
+    import os
+    import subprocess
+
+    (project / "src/kmrun_dep_pkg/static.py").write_text("def f(k):\n    return k in {'alpha', 'beta', 'gamma', 'delta'}\n")
+    program = ("import sys, importlib, json; from pathlib import Path; sys.path[:0] = [sys.argv[1] + '/src']; "
+               "from runner import deps; m = importlib.import_module('kmrun_dep_pkg.static'); "
+               "print(json.dumps(deps.reach(m.f, Path(sys.argv[1])).code))")
+    seen = {subprocess.run([sys.executable, "-c", program, str(project)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3, 4)}
+    assert len(seen) == 1 and "kmrun_dep_pkg.static.f" in json.loads(seen.pop())
+
+
+def test_a_project_folder_named_data_or_build_is_the_projects_code(project):
+    for folder in ("data", "build", "dist"):
+        (project / "src/kmrun_dep_pkg" / folder).mkdir(exist_ok=True)
+        (project / "src/kmrun_dep_pkg" / folder / "__init__.py").write_text("def f(x):\n    return x\n")
+    _import(project)
+    for folder in ("data", "build", "dist"):
+        module = importlib.import_module(f"kmrun_dep_pkg.{folder}")
+        assert f"kmrun_dep_pkg.{folder}.f" in deps.reach(module.f, project).code
 
 
 def test_imports_inside_a_function_are_followed_relative_or_not(project):
