@@ -65,8 +65,8 @@ class Ran:
         for unit, digest in self.code.items():
             if code_digest(unit, root) != digest:
                 path, _, name = unit.partition("::")
-                out.append(f"code of {path}:{name} changed (it ran)" if name else
-                           f"module-level code of {path} changed (the node ran code in it)")
+                out.append(f"code of {path}:{name} changed (it ran)" if name and not name.startswith("<module") else
+                           f"module-level code of {path} changed (the node ran code in it, or imports it)")
                 if first:
                     return out
         for path, digest in self.files.items():
@@ -131,9 +131,10 @@ class Recorder:
                 continue
             name = self.name(measured)
             ran.code.update(units(name, self.root, lines))
-        for unit in list(ran.code):  # the project modules those files import, for the constants they hand over
-            if "::" not in unit:
-                for imported in self.imports(unit):
+        seen: set[str] = set()
+        for unit in list(ran.code):  # the project modules those files import, for the values they hand over
+            if "::" not in unit or "::<module" in unit:
+                for imported in self.imports(unit.partition("::")[0], seen):
                     ran.code.setdefault(imported, code_digest(imported, self.root))
         for path in sorted(self._opened):
             name = self.name(path)
@@ -160,18 +161,23 @@ class Recorder:
         except ValueError:
             return str(Path(path).resolve())
 
-    def imports(self, unit: str, seen: set[str] | None = None) -> list[str]:
-        """The project files a file's module-level imports load (transitively)."""
+    def imports(self, name: str, seen: set[str] | None = None) -> list[str]:
+        """The units of the project files a file's module-level imports load, transitively:
+        ``from m import A`` needs what ``A`` needs in ``m``; ``import m``, all of ``m``."""
         seen = set() if seen is None else seen
         out = []
-        for module in _module_imports(_resolve(unit, self.root)):
+        for module, names in _module_imports(_resolve(name, self.root)):
             where = getattr(sys.modules.get(module), "__file__", None)
             if not where or not _traced(where) or not any(_under(where, s) for s in self.sources):
                 continue
-            name = self.name(where)
-            if name not in seen:
-                seen.add(name)
-                out += [name, *self.imports(name, seen)]
+            imported = self.name(where)
+            unit = imported if names is None else f"{imported}::<module {','.join(sorted(names))}>"
+            if unit not in seen:
+                seen.add(unit)
+                out.append(unit)
+            if imported not in seen:
+                seen.add(imported)
+                out += self.imports(imported, seen)
         return out
 
     def opened(self, path: Any, writing: bool) -> None:
@@ -249,20 +255,34 @@ def env_digest(name: str, salt: bytes) -> str:
 
 
 def units(name: str, root: Path, lines: Iterable[int]) -> dict[str, str]:
-    """A file's module-level unit and the units of the functions that ``lines`` fall in."""
+    """The units of the functions that ``lines`` fall in, and the file's module-level unit:
+    its statements other than assignments, and the assignments of the names those functions
+    read (and of the names those assignments read, and so on). Module-level lines outside
+    any function (the file imported during the node) take every statement."""
     parsed = _parse(_resolve(name, root))
-    out = {name: parsed.skeleton}
+    out = {}
+    reads: set[str] | None = set()
     for line in lines:
         function = parsed.function_at(line)
-        if function is not None:
+        if function is None:
+            reads = None
+        else:
             out[f"{name}::{function}"] = parsed.functions[function]
+            if reads is not None:
+                reads |= parsed.reads[function]
+    module = name if reads is None else f"{name}::<module {','.join(sorted(reads))}>"
+    out[module] = code_digest(module, root)
     return out
 
 
 def code_digest(unit: str, root: Path) -> str:
     path, _, function = unit.partition("::")
     parsed = _parse(_resolve(path, root))
-    return parsed.functions.get(function, "absent") if function else parsed.skeleton
+    if not function:
+        return parsed.module(None)
+    if function.startswith("<module "):
+        return parsed.module(frozenset(n for n in function[len("<module "):-1].split(",") if n))
+    return parsed.functions.get(function, "absent")
 
 
 def file_digest(name: str, root: Path) -> str:
@@ -295,24 +315,47 @@ class _Parsed:
 
     def __init__(self, source: bytes | None) -> None:
         self.functions: dict[str, str] = {}
+        self.reads: dict[str, set[str]] = {}  # function -> the names it reads
         self.spans: list[tuple[int, int, str]] = []  # (first body line, last line, qualname)
+        self.statements: list[tuple[set[str] | None, set[str], str]] = []  # (names assigned or None, read, digest)
+        self._modules: dict[frozenset[str] | None, str] = {}
         if source is None:
-            self.skeleton = "absent"
+            self._modules[None] = "absent"
             return
         try:
             tree = ast.parse(source)
         except (SyntaxError, ValueError):
-            self.skeleton = hashlib.sha256(source).hexdigest()[:16]
+            self._modules[None] = hashlib.sha256(source).hexdigest()[:16]
             return
         self._visit(tree.body, "")
-        self.skeleton = _dump(_Skeleton().visit(tree))
         self.spans.sort(key=lambda span: (span[0], -span[1]))
+        for statement in _Skeleton().visit(_undocumented(tree)).body:
+            assigned = _assigned(statement)
+            self.statements.append((assigned, _read(statement) if assigned is not None else set(), _dump(statement)))
+
+    def module(self, names: frozenset[str] | None) -> str:
+        """The digest of the module-level statements that ``names`` need (every one for None):
+        all but assignments, and the assignments of those names, followed through the names
+        their values read."""
+        if names not in self._modules:
+            needed = set(names or ())
+            kept = [names is None or assigned is None for assigned, _, _ in self.statements]
+            grew = True
+            while grew:
+                grew = False
+                for i, (assigned, read, _) in enumerate(self.statements):
+                    if not kept[i] and assigned is not None and assigned & needed:
+                        kept[i], grew = True, True
+                        needed |= read
+            self._modules[names] = _digest_of(d for keep, (_, _, d) in zip(kept, self.statements, strict=True) if keep)
+        return self._modules[names]
 
     def _visit(self, body: list[ast.stmt], prefix: str) -> None:
         for node in body:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 name = f"{prefix}{node.name}"
-                self.functions[name] = _dump(node)
+                self.functions[name] = _dump(_undocumented(node))
+                self.reads[name] = _read(node)
                 self.spans.append((node.body[0].lineno, node.end_lineno or node.lineno, name))
                 self._visit(node.body, f"{name}.<locals>.")
             elif isinstance(node, ast.ClassDef):
@@ -350,6 +393,45 @@ def _dump(node: ast.AST) -> str:
     return hashlib.sha256(ast.dump(node, annotate_fields=False).encode()).hexdigest()[:16]
 
 
+def _digest_of(parts: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _assigned(statement: ast.stmt) -> set[str] | None:
+    """The names a plain module-level assignment binds; None for any other statement."""
+    if isinstance(statement, ast.Assign):
+        targets = statement.targets
+    elif isinstance(statement, ast.AnnAssign | ast.AugAssign):
+        targets = [statement.target]
+    else:
+        return None
+    names = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    if any(not isinstance(n, ast.Name | ast.Tuple | ast.List | ast.Starred) for t in targets for n in [t]):
+        return None  # obj.attr = ... or d[k] = ...: a side effect on something else
+    return names
+
+
+def _read(node: ast.AST) -> set[str]:
+    """Every name a piece of code reads (globals among them)."""
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+        name for n in ast.walk(node) if isinstance(n, ast.Global) for name in n.names}
+
+
+def _undocumented(node: Any) -> Any:
+    """The same tree without docstrings (of the module, classes and functions), which change
+    no behaviour; the tree is copied first."""
+    import copy
+
+    node = copy.deepcopy(node)
+    for item in ast.walk(node):
+        body = getattr(item, "body", None)
+        if isinstance(item, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+                isinstance(body[0].value.value, str):
+            item.body = body[1:] or [ast.Pass()]
+    return node
+
+
 def _parse(path: Path) -> _Parsed:
     try:
         st = os.stat(path)
@@ -370,26 +452,28 @@ def _parse(path: Path) -> _Parsed:
 _PARSED: dict[str, tuple[tuple[int, ...], _Parsed]] = {}
 
 
-def _module_imports(path: Path) -> list[str]:
-    """The modules a file's module-level statements import (absolute names)."""
+def _module_imports(path: Path) -> list[tuple[str, frozenset[str] | None]]:
+    """The modules a file's module-level statements import (absolute names), each with the
+    names taken from it (None: the module itself is bound)."""
     try:
         tree = ast.parse(path.read_bytes())
     except (OSError, SyntaxError, ValueError):
         return []
     package = _package_of(path)
-    out = []
+    out: list[tuple[str, frozenset[str] | None]] = []
     for node in tree.body:
         if isinstance(node, ast.Import):
-            out += [alias.name for alias in node.names]
+            out += [(alias.name, None) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 parts = package.split(".") if package else []
                 parts = parts[:len(parts) - node.level + 1] if node.level > 1 else parts
                 base = ".".join([*parts, *([node.module] if node.module else [])])
-            out.append(base)
-            out += [f"{base}.{alias.name}" for alias in node.names]
-    return [name for name in out if name]
+            names = [alias.name for alias in node.names]
+            out.append((base, None if "*" in names else frozenset(names)))
+            out += [(f"{base}.{name}", None) for name in names if f"{base}.{name}" in sys.modules]  # submodules
+    return [(name, names) for name, names in out if name]
 
 
 def _package_of(path: Path) -> str:

@@ -15,7 +15,8 @@ SALT = b"s" * 32
 FILES = {
     "pkg/__init__.py": "",
     "pkg/consts.py": "W = 0.5\n",
-    "pkg/helpers.py": "from pkg.consts import W\n\nSCALE = 2\n\n\ndef scale(x):\n    return x * SCALE * W\n\n\n"
+    "pkg/helpers.py": "import decimal\n\nfrom pkg.consts import W\n\nSCALE = 2\nOTHER = 1\n"
+                      "decimal.getcontext().prec = 28\n\n\ndef scale(x):\n    return x * SCALE * W\n\n\n"
                       "def unused(x):\n    return x\n",
     "pkg/late.py": "def late(x):\n    return x + 100\n",
     "pkg/nodes.py": "import os\n\nfrom pkg.helpers import scale\n\n\ndef node(x, path=None):\n"
@@ -63,7 +64,8 @@ def test_what_ran_is_recorded_by_function_and_module(project):
     ran = record(project, 1.0)
     assert {"pkg/nodes.py::node", "pkg/helpers.py::scale", "pkg/late.py::late"} <= set(ran.code)
     assert "pkg/helpers.py::unused" not in ran.code  # not executed
-    assert {"pkg/nodes.py", "pkg/helpers.py", "pkg/consts.py"} <= set(ran.code)  # module-level code, imports too
+    files = {unit.partition("::")[0] for unit in ran.code}
+    assert {"pkg/nodes.py", "pkg/helpers.py", "pkg/consts.py", "pkg/late.py"} <= files  # module-level code, imports too
     assert ran.changes(project, SALT) == []
 
 
@@ -73,7 +75,10 @@ EDITS = [
     ("pkg/helpers.py", "SCALE = 2", "SCALE = 3", True),
     ("pkg/consts.py", "W = 0.5", "W = 0.7", True),  # a constant another module imports
     ("pkg/late.py", "x + 100", "x + 101", True),  # a module imported inside the node
+    ("pkg/helpers.py", "prec = 28", "prec = 6", True),  # a side effect at import
     ("pkg/helpers.py", "return x\n", "return x + 1\n", False),  # a function the node did not run
+    ("pkg/helpers.py", "OTHER = 1", "OTHER = 2", False),  # a constant no code that ran reads
+    ("pkg/helpers.py", "return x * SCALE * W", '"""Scaled."""\n    return x * SCALE * W', False),  # a docstring
     ("pkg/helpers.py", "SCALE = 2\n", "SCALE = 2  # why two\n\n", False),  # a comment and a blank line
     ("pkg/nodes.py", "\n", "\r\n", False),  # line endings
 ]
