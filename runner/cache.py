@@ -142,16 +142,22 @@ class NodeCache:
         return entry
 
     def why(self, node: str, parts: Mapping[str, str]) -> str:
-        """What differs between ``parts`` and the parts of the last entry stored for
-        ``node``, in words ("code of pkg.helpers.make_model; param model.C")."""
-        try:
-            last = json.loads(self._last(node).read_text())
-        except (OSError, ValueError):
-            return "no earlier entry of this node"
-        return differences(last, _summary(parts)) or "its entry was evicted or cleared"
+        """What differs between ``parts`` and the parts of the node's last entry for the same
+        inputs, in words ("code of pkg.helpers.make_model"); with no entry for these inputs,
+        what differs from the node's last entry ("new inputs: param split.seed: 42 -> 1")."""
+        now = _summary(parts)
+        for slot, prefix in ((_given(parts), ""), (None, "new inputs: ")):
+            try:
+                last = json.loads(self._last(node, slot).read_text())
+            except (OSError, ValueError):
+                continue
+            return prefix + (differences(last, now) or "its entry was evicted or cleared")
+        return "no earlier entry of this node"
 
-    def _last(self, node: str) -> Path:
-        return self.root / "nodes" / f"{hashlib.sha256(node.encode()).hexdigest()[:24]}.json"
+    def _last(self, node: str, given: str | None = None) -> Path:
+        """The parts of the node's last entry (for the inputs digested as ``given``)."""
+        name = node if given is None else f"{node}\0{given}"
+        return self.root / "nodes" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.json"
 
     def put(self, key: str, node: str, outputs: dict[str, Any], run_id: str,
             parts: Mapping[str, str] | None = None, ran: Ran | None = None) -> str | None:
@@ -174,7 +180,9 @@ class NodeCache:
             temporary.unlink(missing_ok=True)
             return f"the cache folder cannot be written ({err.strerror})"
         if parts is not None:
-            self._explain(node, json.dumps(_summary(parts), sort_keys=True))
+            summary = json.dumps(_summary(parts), sort_keys=True)
+            self._explain(node, None, summary)
+            self._explain(node, _given(parts), summary)
         self._remember(key, entry)
         self._written += len(data)
         if self._written > self.max_bytes / 20:  # look at the whole folder now and then, not at every write
@@ -182,12 +190,13 @@ class NodeCache:
             self.evict()
         return None
 
-    def _explain(self, node: str, summary: str) -> None:
-        """Keep ``summary`` as the parts of ``node``'s last entry, unless the file holds it already
-        (written by this process, and not since by another: the file is the one written)."""
-        last = self._last(node)
+    def _explain(self, node: str, given: str | None, summary: str) -> None:
+        """Keep ``summary`` as the parts of ``node``'s last entry (for the inputs ``given``), unless
+        the file holds it already (written by this process, and not since by another)."""
+        last = self._last(node, given)
+        slot = f"{node}\0{given}"
         try:
-            if self._explained.get(node) == (summary, _stamp(last)):
+            if self._explained.get(slot) == (summary, _stamp(last)):
                 return
         except OSError:
             pass
@@ -196,9 +205,9 @@ class NodeCache:
             temporary = last.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_text(summary)
             temporary.replace(last)
-            self._explained[node] = (summary, _stamp(last))
+            self._explained[slot] = (summary, _stamp(last))
         except OSError:  # only an explanation is lost
-            self._explained.pop(node, None)
+            self._explained.pop(slot, None)
 
     def files(self) -> list[Path]:
         return sorted(self.root.glob("*/*.pkl")) if self.root.is_dir() else []
@@ -392,10 +401,26 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 
 
 def _summary(parts: Mapping[str, str]) -> dict[str, str]:
-    """A key's parts as kept beside an entry: versions and producers as they are, every
-    other value (parameter values among them) by digest only."""
+    """A key's parts as kept beside an entry: versions, producers and parameter values (short
+    ones; a node that reads a secret-named parameter is not cached) as they are, every other
+    value by digest only."""
     return {name: value if name.startswith(("dist ", "python")) or value.startswith("from ")
+            or (name.startswith("param ") and len(value) <= 2000 and not _secret_part(name, value))
             else hashlib.sha256(value.encode()).hexdigest()[:16] for name, value in parts.items()}
+
+
+def _secret_part(name: str, value: str) -> bool:
+    section = name[len("param "):]
+    try:
+        return _secret(json.loads(value), "" if section == "(all)" else section) is not None
+    except ValueError:
+        return True
+
+
+def _given(parts: Mapping[str, str]) -> str:
+    """A digest of what a node is given: its parameters and inputs (not its code)."""
+    given = sorted((name, value) for name, value in parts.items() if name.startswith(("param ", "input ")))
+    return hashlib.sha256(json.dumps(given).encode()).hexdigest()[:16]
 
 
 def differences(before: Mapping[str, str], after: Mapping[str, str]) -> str:
@@ -412,6 +437,8 @@ def differences(before: Mapping[str, str], after: Mapping[str, str]) -> str:
                          f"{after.get(name, 'absent').split()[0]}")
         elif kind == "input" and str(after.get(name, "")).startswith("from "):
             words.append(f"input {what} (its producer {after[name].split(':')[0][5:]} changed)")
+        elif kind == "param" and name in before and name in after:
+            words.append(_param_change(what, before[name], after[name]))
         elif kind in ("param", "input", "output", "entry"):
             words.append({"output": "catalog entry of output", "entry": "catalog entry of input"}.get(kind, kind)
                          + f" {what}")
@@ -420,6 +447,23 @@ def differences(before: Mapping[str, str], after: Mapping[str, str]) -> str:
         else:
             words.append(name)
     return "; ".join(words)
+
+
+def _param_change(section: str, before: str, after: str) -> str:
+    """``param split.seed: 42 -> 1`` for each leaf that changed (a digest says only which section)."""
+    from .redact import flatten
+
+    try:
+        old, new = json.loads(before), json.loads(after)
+    except ValueError:
+        return f"param {section}"
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return f"param {section}: {before[:40]} -> {after[:40]}"
+    flat_old, flat_new = flatten(old), flatten(new)
+    keys = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k, "absent") != flat_new.get(k, "absent"))
+    prefix = "" if section == "(all)" else f"{section}."
+    changes = [f"param {prefix}{k}: {flat_old.get(k, 'absent')} -> {flat_new.get(k, 'absent')}" for k in keys[:5]]
+    return "; ".join(changes) or f"param {section}"
 
 
 def _secret(value: Any, prefix: str) -> str | None:

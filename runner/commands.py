@@ -359,6 +359,11 @@ def cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _records(text: str) -> dict[str, str]:
+    """A cache tag's ``node: text`` lines."""
+    return dict(line.partition(": ")[::2] for line in text.splitlines() if ": " in line)
+
+
 def _explain(args: argparse.Namespace) -> int:
     """``kmrun cache explain RUN_ID``: each node of the run, served from the cache or run, and why."""
     from . import terminal
@@ -371,12 +376,12 @@ def _explain(args: argparse.Namespace) -> int:
     tags = run.data.tags
     terminal.say(f"run {run.info.run_id} ({run.info.run_name}), node cache "
                  f"{ {'off': 'off', 'refresh': 'refreshed (cache=false)'}.get(tags.get('kmrun.cache', ''), 'on')}")
-    rows = [(node, "hit", f"computed by run {tags.get('kmrun.cache.from', '?')[:12]}")
+    sources = _records(tags.get("kmrun.cache.sources", ""))
+    rows = [(node, "hit", f"computed by run {sources.get(node, tags.get('kmrun.cache.from', '?'))[:12]}")
             for node in tags.get("kmrun.cache.hits", "none").split(",") if node != "none"]
     for key, status in (("kmrun.cache.misses", "ran"), ("kmrun.cache.not_cached", "not cached"),
                         ("kmrun.cache.coarse", "coarse key")):
-        for item in filter(None, tags.get(key, "").split("; ")):
-            node, _, why = item.partition(": ")
+        for node, why in _records(tags.get(key, "")).items():
             coarse = ": keyed by all of the project's code" if key.endswith("coarse") else ""
             rows.append((node, status, why + coarse))
     if not rows and tags.get("kmrun.cache") not in ("off", "refresh"):

@@ -74,16 +74,30 @@ def cache_tags(record: KedroRun) -> dict[str, str]:
     if not plan.serve:
         tags["kmrun.cache"] = "refresh"  # cache=false: computed every node, stored what it computed
     coarse = {node: parts["coarse"] for node, parts in plan.parts.items() if "coarse" in parts}
+    # one line per node ("node: why"): a reason may hold "; " and ": " itself
     if coarse:
-        tags["kmrun.cache.coarse"] = "; ".join(f"{node}: {why}" for node, why in coarse.items())[:5000]
+        tags["kmrun.cache.coarse"] = _lines(coarse)
     if plan.why:
-        tags["kmrun.cache.misses"] = "; ".join(f"{node}: {why}" for node, why in plan.why.items())[:5000]
+        tags["kmrun.cache.misses"] = _lines(plan.why)
     if plan.hits:
         tags["kmrun.cache.from"] = ",".join(sorted(set(plan.sources.values())))[:5000]
+        tags["kmrun.cache.sources"] = _lines(plan.sources)
     why = {**plan.reasons, **record.not_cached}
     if why:
-        tags["kmrun.cache.not_cached"] = "; ".join(f"{node}: {reason}" for node, reason in why.items())[:5000]
+        tags["kmrun.cache.not_cached"] = _lines(why)
     return tags
+
+
+def _lines(by_node: dict[str, str]) -> str:
+    """``node: text`` lines, within MLflow's size for a tag (the last line says how many were left out)."""
+    lines = [f"{node}: {text}".replace("\n", " ") for node, text in by_node.items()]
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        if sum(len(x) + 1 for x in out) + len(line) > 4900:
+            out.append(f"(and {len(lines) - i} more nodes)")
+            break
+        out.append(line[:1000])
+    return "\n".join(out)
 
 
 def kedro_run_id() -> str:

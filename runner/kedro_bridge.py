@@ -343,14 +343,22 @@ class KedroProject:
         """The project's parameters for this env, before any kmrun override, as plain values
         (typed sections as the dicts they are written as)."""
         if self._params is None:
+            from kedro.config import MissingConfigException
+
             try:
                 self._params = dict(self.session._get_config_loader()["parameters"])
+            except MissingConfigException:  # a project without parameters files, as Kedro takes it
+                self._params = {}
             except RecursionError:
                 raise ProjectError(
                     f"Kedro cannot load the parameters of {self.root} (env {self.env_name}): they nest deeper than "
                     f"its config loader can follow (Python's recursion limit, {sys.getrecursionlimit()} frames; about "
                     "100 levels). Flatten the deepest section of the parameters files."
                 ) from None
+            except Exception as err:  # a duplicate key, a resolver that fails, a YAML error: the project's config
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ProjectError(f"Kedro cannot load the parameters of {self.root} (env {self.env_name}): "
+                                   f"{first}\nFix the project's parameters files under {self.root / 'conf'}.") from None
         return self._params
 
     def credentials(self) -> dict[str, Any]:

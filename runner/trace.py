@@ -454,7 +454,23 @@ _PARSED: dict[str, tuple[tuple[int, ...], _Parsed]] = {}
 
 def _module_imports(path: Path) -> list[tuple[str, frozenset[str] | None]]:
     """The modules a file's module-level statements import (absolute names), each with the
-    names taken from it (None: the module itself is bound)."""
+    names taken from it (None: the module itself is bound); kept while the file is unchanged."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns, len(sys.modules))
+    hit = _IMPORTS.get(str(path))
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, _read_imports(path))
+        _IMPORTS[str(path)] = hit
+    return hit[1]
+
+
+_IMPORTS: dict[str, tuple[tuple[int, ...], list[tuple[str, frozenset[str] | None]]]] = {}
+
+
+def _read_imports(path: Path) -> list[tuple[str, frozenset[str] | None]]:
     try:
         tree = ast.parse(path.read_bytes())
     except (OSError, SyntaxError, ValueError):
@@ -478,11 +494,21 @@ def _module_imports(path: Path) -> list[tuple[str, frozenset[str] | None]]:
 
 def _package_of(path: Path) -> str:
     """The dotted package a file belongs to, read from the loaded modules."""
-    for name, module in list(sys.modules.items()):
-        where = getattr(module, "__file__", None)
-        if where and Path(where).resolve() == path.resolve():
-            return name if path.name == "__init__.py" else name.rpartition(".")[0]
-    return ""
+    if _MODULES_SEEN[0] != len(sys.modules):
+        _MODULES_SEEN[0] = len(sys.modules)
+        _FILES_TO_MODULES.clear()
+        for loaded, module in list(sys.modules.items()):
+            where = getattr(module, "__file__", None)
+            if isinstance(where, str):
+                _FILES_TO_MODULES[os.path.realpath(where)] = loaded
+    found = _FILES_TO_MODULES.get(os.path.realpath(path))
+    if found is None:
+        return ""
+    return found if path.name == "__init__.py" else found.rpartition(".")[0]
+
+
+_FILES_TO_MODULES: dict[str, str] = {}
+_MODULES_SEEN = [0]  # how many modules were loaded when the map was made
 
 
 def _resolve(name: str, root: Path) -> Path:

@@ -66,3 +66,24 @@ def pip(*args: str) -> None:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def editable(folder: Path, name: str, module_text: str) -> tuple[Path, list[Path]]:
+    """``name`` installed as ``pip install -e`` installs it: its source stays in ``folder``
+    (outside any project), found through a ``.pth`` file, and its dist-info says so in
+    ``direct_url.json``. Returns the module's source file and what to remove to uninstall."""
+    import json
+    import sysconfig
+
+    source = folder / name / "__init__.py"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text(module_text)
+    site = Path(sysconfig.get_paths()["purelib"])
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "direct_url.json").write_text(json.dumps({"url": folder.resolve().as_uri(), "dir_info": {"editable": True}}))
+    pth = site / f"__editable__.{name}-1.0.pth"
+    pth.write_text(f"{folder.resolve()}\n")
+    (info / "RECORD").write_text(f"{pth.name},,\n{info.name}/METADATA,,\n{info.name}/direct_url.json,,\n{info.name}/RECORD,,\n")
+    return source, [pth, info]
