@@ -457,18 +457,64 @@ from runner import runtime
 from runner.cache import node_keys
 root = Path(sys.argv[1])
 project = runtime.current().project(root, None)
-pipeline, params = project.pipeline("__default__", []), project.parameters()
+pipeline = project.pipeline("__default__", [])
 started = time.perf_counter()
-node_keys(pipeline, params, project.catalog(), root)
+node_keys(pipeline, project.job_params({}, "__default__", typed=True), project.catalog(), root)
 first = time.perf_counter() - started
 each = []
-for c in range(50):
-    varied = {**params, "model": {**params["model"], "C": 0.01 * (c + 1)}}
+for c in range(50):  # each job: its params as Kedro resolves them, then the keys
+    overrides = {"model": {"C": 0.01 * (c + 1)}}
     started = time.perf_counter()
-    node_keys(pipeline, varied, project.catalog(), root)
+    node_keys(pipeline, project.job_params(overrides, "__default__", typed=True), project.catalog(overrides), root)
     each.append(time.perf_counter() - started)
 print(json.dumps({"first": first, "each": statistics.median(each)}))
 """
+
+TRACE_PROBE = """
+import json, statistics, sys, tempfile, time
+from pathlib import Path
+from runner import runtime, trace
+from runner.cache import NodeCache, plan
+from runner.kedro_bridge import KedroRun
+root, rounds = Path(sys.argv[1]), int(sys.argv[2])
+project = runtime.current().project(root, None)
+pipeline = project.pipeline("__default__", [])
+store = NodeCache(Path(tempfile.mkdtemp()), 2**30)
+real = trace.Recorder.start, trace.Recorder.stop
+
+def miss(c, recording):
+    overrides = {"model": {"C": c}}
+    job = plan(pipeline, project.job_params(overrides, "__default__", typed=True), project.catalog(overrides), root,
+               store, serve=False)  # every node runs and stores its entry
+    if not recording:  # the same miss, with the recording left out
+        trace.Recorder.start = lambda self, ignore=(): None
+        trace.Recorder.stop = lambda self, salt: trace.Ran()
+    record = KedroRun(f"r{c}", cache=store, plan=job, output_dir=Path(tempfile.mkdtemp()))
+    started = time.perf_counter()
+    try:
+        project.run(record, overrides)
+    finally:
+        trace.Recorder.start, trace.Recorder.stop = real
+    return time.perf_counter() - started
+
+miss(0.5, True), miss(0.5, False)
+recorded, plain = [], []
+for i in range(rounds):
+    recorded.append(miss(0.1 * (i + 1), True))
+    plain.append(miss(0.1 * (i + 1), False))
+print(json.dumps({"recorded": statistics.median(recorded), "plain": statistics.median(plain)}))
+"""
+
+
+def trace_cost(base: Path, template: Path, rounds: int) -> dict[str, float]:
+    """A miss (every node of the example runs and stores its entry) with what each node ran
+    recorded, against the same miss without the recording, in one process, interleaved."""
+    ws = workspace(base, template)
+    done = subprocess.run([sys.executable, "-c", TRACE_PROBE, str(ws / "examples" / "digits"), str(rounds)], cwd=ws,
+                          env=ENV, capture_output=True, text=True, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"miss_seconds_recorded": round(found["recorded"], 4), "miss_seconds_unrecorded": round(found["plain"], 4),
+            "trace_overhead_ratio": round(found["recorded"] / found["plain"], 3)}
 
 
 def node_keys_cost(base: Path, template: Path) -> dict[str, float]:
@@ -563,6 +609,7 @@ def main() -> None:
             "uncached_ratio": round(node_cache["uncached"] / node_cache["hand"], 3),
         })
         results.update(node_keys_cost(base, template))
+        results.update(trace_cost(base, template, {"full": 7, "quick": 3}.get(size, 1)))
         results.update(grid_checks(base, template, n["check_cells"], n["dry_run_cells"]))
         results["naive_seconds_per_trial"] = round(naive(base, template, n["naive"]), 3)
         import importlib.util

@@ -140,19 +140,20 @@ def best(args: argparse.Namespace) -> int:
     from . import terminal
 
     store = open_store(args)
-    metric = args.metric or store.metric
+    client = store.client()
+    parent = resolve_run(client, store, args.sweep) if args.sweep else None
+    swept = _sweep_objective(client, parent) if parent is not None else {}
+    metric = args.metric or swept.get("kmrun.objective") or store.metric
     if not metric:
         raise KmrunError("kmrun best needs a metric: set objective.metric in conf/kmrun.yaml or pass --metric NAME.")
-    direction = args.direction or store.direction
-    client = store.client()
+    direction = args.direction or swept.get("kmrun.direction") or store.direction
     filters = ["attributes.status = 'FINISHED'", f"metrics.`{metric}` > -1e300"]
     if args.env:
         filters.append(f"tags.`kedro.env` = '{args.env}'")
     if args.current:
         current = _current_fingerprint(args)
         filters.append(f"tags.`kmrun.fingerprint` = '{current}'")
-    if args.sweep:
-        parent = resolve_run(client, store, args.sweep)
+    if parent is not None:
         filters.append(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         ids = [parent.info.experiment_id]
     else:
@@ -163,8 +164,9 @@ def best(args: argparse.Namespace) -> int:
         narrowed = (f" of Kedro env '{args.env}'" if args.env else "") + (
             " of the current code and data (--current)" if args.current else "")
         raise KmrunError(f"No FINISHED run{narrowed} with metric '{metric}' in {hide_password(store.uri)}.")
-    rules = _constraints(store.constraints)
-    feasible_runs = [r for r in found if feasible(rules, r.data.metrics)]
+    # each run meets the constraints it ran under (its sweep's) and, outside --sweep, the config's
+    rules = [] if parent is not None else _constraints(store.constraints)
+    feasible_runs = [r for r in found if feasible(rules + _constraints(_own_rules(r)), r.data.metrics)]
     if not feasible_runs:
         raise KmrunError(f"No FINISHED run with metric '{metric}' meets objective.constraints "
                          f"({', '.join(map(str, rules))}) in {hide_password(store.uri)}.")
@@ -179,6 +181,22 @@ def best(args: argparse.Namespace) -> int:
         terminal.say(f"note: left out {len(found) - len(feasible_runs)} run(s) outside objective.constraints "
                      f"({', '.join(map(str, rules))}).")
     return 0
+
+
+def _own_rules(run: Run) -> list[str]:
+    text = run.data.tags.get("kmrun.constraints", "")
+    return [rule.strip() for rule in text.split("; ") if rule.strip()]
+
+
+def _sweep_objective(client: Any, parent: Run) -> dict[str, str]:
+    """The objective a sweep ranked by: its runs' ``kmrun.objective`` and ``kmrun.direction`` tags
+    (a single objective only)."""
+    for run in [parent, *client.search_runs([parent.info.experiment_id], max_results=1,
+                                             filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")]:
+        tags = {k: run.data.tags[k] for k in ("kmrun.objective", "kmrun.direction") if k in run.data.tags}
+        if tags and "," not in tags.get("kmrun.objective", ""):
+            return tags
+    return {}
 
 
 def _constraints(texts: list[str]) -> list[Constraint]:

@@ -363,8 +363,13 @@ def _stable(value: Any, context: Any = None) -> str:
     shape = _shape(value)
     if shape is not None:  # containers of lambdas and other functions: by their code, not their file
         return _digest([shape])
-    where = getattr(context, "__file__", None) or getattr(getattr(context, "__code__", None), "co_filename", None)
-    return _file_digest(Path(where)) if where else f"unhashable {type(value).__qualname__}"
+    # anything else (a ufunc from np.frompyfunc, a lock, a connection): by its type and a repr that
+    # names no address; how it was made is the module-level code the node's run records (trace)
+    try:
+        text = repr(value)
+    except Exception:
+        text = ""
+    return _digest([f"{type(value).__module__}.{type(value).__qualname__}", "" if " at 0x" in text else text])
 
 
 def _shape(value: Any, depth: int = 0) -> str | None:

@@ -148,6 +148,15 @@ def checked(conf: KmrunConf, config: dict[str, Any], overrides: list[str], choic
     )
 
 
+def recorded_params(spec: JobSpec) -> dict[str, Any]:
+    """The params a job's run records: every parameter as Kedro resolves it for the job
+    (runtime params applied; typed sections as the values they are written as), flattened,
+    with secrets redacted."""
+    conf = spec.conf
+    project = runtime.current().project(conf.kedro.project_path, conf.kedro.env)
+    return spec.redact.params(flatten(project.job_params(spec.params, conf.kedro.pipeline)))
+
+
 def redactor(project: KedroProject, params: Mapping[str, Any], config: Mapping[str, Any], *uris: str) -> Redactor:
     """What must never reach MLflow for a job: the project's credentials, secret-named
     params (``params``: the job's, as Kedro resolves them) and environment variables, and
@@ -194,6 +203,8 @@ def execute(spec: JobSpec) -> JobResult:
     if conf.objective.metric:  # what this run was optimised for (kmrun best says when it ranks others)
         wanted = conf.objective.metric
         tags["kmrun.objective"] = ",".join(wanted) if isinstance(wanted, list) else str(wanted)
+        direction = conf.objective.direction
+        tags["kmrun.direction"] = ",".join(direction) if isinstance(direction, list) else str(direction)
     if spec.fingerprint is not None:
         tags.update(spec.fingerprint.tags())
     if spec.output_dir:
@@ -368,11 +379,9 @@ class _Job:
         """Log the resolved params and the metrics, then end the run. A run whose records
         could not be written ends FAILED, never FINISHED without its metrics."""
         spec = self.spec
-        params = self.record.params if self.record.params is not None else self.project.job_params(
-            spec.params, spec.conf.kedro.pipeline)
         logged = self._logged_by_project()
         try:
-            self.tracker.log(self.run_id, params=spec.redact.params(flatten(params)),
+            self.tracker.log(self.run_id, params=recorded_params(spec),
                              metrics={k: v for k, v in self.metrics.items() if k not in logged},
                              series={k: v for k, v in self.series.items() if k not in logged},
                              tags={**self.late_tags, **cache_tags(self.record)})

@@ -164,7 +164,7 @@ class Study:
             known = {str(t.user_attrs.get("mlflow_run_id")) for t in self.study.trials}
             metric = self.conf.objective.metric
             trials = trials_from_runs(self.tracker.search("attributes.status = 'FINISHED'"), self.space,
-                                      self._fingerprint_of, metric if isinstance(metric, list) else [metric],
+                                      self._identity_of, metric if isinstance(metric, list) else [metric],
                                       self.constraints, known)
             self.study.add_trials(trials)
             self.warm_started = [str(t.user_attrs[WARM_FROM]) for t in trials]
@@ -180,9 +180,12 @@ class Study:
             notes.append(f"Enqueued {len(sets)} param set(s) to run first.")
         return notes
 
-    def _fingerprint_of(self, values: dict[str, Any]) -> str:
+    def _identity_of(self, values: dict[str, Any]) -> tuple[str, dict[str, str]]:
+        """What a trial with ``values`` would be now: its fingerprint, and the params it records."""
+        from .job import recorded_params
+
         spec = self.job_spec(values, open_store=False)
-        return spec.fingerprint.value if spec.fingerprint is not None else ""
+        return spec.fingerprint.value if spec.fingerprint is not None else "", recorded_params(spec)
 
     def parent_tags(self, command: str) -> dict[str, str]:
         tags = {

@@ -4,9 +4,11 @@
 
 A run becomes a trial only when its searched values lie inside the search space (its
 option of each family, from its ``kmrun.groups`` tag), its objective is a finite number,
-and its fingerprint equals the one a trial with those values gets now: the same code,
-the same params the nodes read, the same input data and environment. A run of other code
-is never learnt from.
+every other parameter it recorded equals the trial's (the job resolved as Kedro resolves
+it: another model family, or another value of a key the study does not search, is another
+experiment), and its fingerprint equals the one a trial with those values gets now: the
+same code, input data and environment. This is the notion of "the same job" that a resume
+uses. A run of other code is never learnt from.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ WARM_FROM = "kmrun.warm_from"  # a trial's user attribute: the run it was made f
 MAX_CANDIDATES = 2000  # runs composed and fingerprinted per study start, newest first
 
 
-def trials_from_runs(runs: Iterable[Any], space: Space, fingerprint_of: Callable[[dict[str, Any]], str],
+def trials_from_runs(runs: Iterable[Any], space: Space,
+                     identity_of: Callable[[dict[str, Any]], tuple[str, dict[str, str]]],
                      metrics: list[str], constraints: list[Constraint], known: set[str]) -> list[Any]:
     """Completed trials (``optuna.trial.create_trial``) made of ``runs`` that a study over
-    ``space`` on the current code could have run; ``known``: run ids it holds already."""
+    ``space`` on the current code could have run; ``known``: run ids it holds already.
+    ``identity_of(values)``: the fingerprint a trial with ``values`` gets now, and the
+    params it records (as MLflow holds them, flattened to strings)."""
     import optuna
 
     made: list[Any] = []
@@ -44,8 +49,11 @@ def trials_from_runs(runs: Iterable[Any], space: Space, fingerprint_of: Callable
         candidates += 1
         if candidates > MAX_CANDIDATES:
             break
-        if run.data.tags.get("kmrun.fingerprint") != fingerprint_of(values):
-            continue  # other code, params the nodes read, data or environment
+        fingerprint, params = identity_of(values)
+        if run.data.tags.get("kmrun.fingerprint") != fingerprint:
+            continue  # other code, data or environment
+        if unsearched(run.data.params, values) != unsearched(params, values):
+            continue  # another family, or another value of a key the study does not search
         attrs: dict[str, Any] = {"mlflow_run_id": run.info.run_id, WARM_FROM: run.info.run_id}
         violations = [c.violation(dict(run.data.metrics)) for c in constraints]
         if constraints:
@@ -54,6 +62,12 @@ def trials_from_runs(runs: Iterable[Any], space: Space, fingerprint_of: Callable
             params=values, distributions=space.active(values), values=[float(v) for v in objective], user_attrs=attrs,
             system_attrs=constraint_system_attrs([str(c) for c in constraints], violations)))
     return made
+
+
+def unsearched(params: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, str]:
+    """A run's params without the keys a study searches (``values``), as strings."""
+    searched = {key.removeprefix("params.") for key in values}
+    return {key: str(value) for key, value in params.items() if key not in searched}
 
 
 def values_of(params: Mapping[str, str], groups: str, space: Space) -> dict[str, Any] | None:

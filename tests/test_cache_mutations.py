@@ -31,6 +31,8 @@ def kmrun(where: Path, env: dict[str, str], *args: str, daemon: bool = True) -> 
     from mlflow import MlflowClient
 
     started = int(time.time() * 1000) - 1
+    if "-m" in args:  # a grid run again resumes (skips its finished cells): here every cell must run
+        args = (*args, "sweep.rerun=true")
     full = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", **env, "KMRUN_DAEMON": "1" if daemon else "0"}
     done = subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=where, env=full, capture_output=True,
                           text=True, timeout=300)
@@ -39,6 +41,7 @@ def kmrun(where: Path, env: dict[str, str], *args: str, daemon: bool = True) -> 
     runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()],
                                           filter_string=f"attributes.start_time >= {started}", max_results=100)]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags] or runs
+    assert children, f"kmrun {' '.join(args)} made no run"
     ran = set()
     for run in children:
         ran |= ALL - (set(run.data.tags["kmrun.cache.hits"].split(",")) - {"none"})

@@ -75,13 +75,12 @@ def test_a_constrained_study_never_reports_an_infeasible_best_and_kmrun_best_agr
     best_trial = int(parent.data.tags["optuna.best_trial"])
     assert best_trial == max(feasible, key=lambda t: t.value).number  # the best feasible, not the best
     assert parent.data.metrics["trials_infeasible"] == len(complete) - len(feasible)
-    primary = ws.path / "conf/kmrun.yaml"  # what kmrun best reads: the project's objective, with the rule
-    primary.write_text(primary.read_text().replace("  direction: maximize\n",
-                                                   f"  direction: maximize\n  constraints: [{rule!r}]\n", 1))
-    shown = ws.kmrun("best")
-    assert shown.code == 0, shown.text
     top = max(feasible, key=lambda t: t.value).user_attrs["mlflow_run_id"]
-    assert f"best run {top}" in shown.out and "left out" in shown.out, shown.out
+    # the rule lives in the sweep only (conf/kmrun.yaml has none): kmrun best ranks by what each run ran under
+    for args in (("best",), ("best", "--sweep", parent.info.run_id)):
+        shown = ws.kmrun(*args)
+        assert shown.code == 0, shown.text
+        assert f"best run {top}" in shown.out and "left out" in shown.out, shown.out
 
 
 def test_a_constraint_on_a_metric_no_dataset_produces_stops_the_study_at_once(ws):
@@ -104,6 +103,10 @@ def test_a_grid_with_constraints_ranks_the_best_feasible_cell_first(ws):
 def test_a_warm_started_study_learns_from_the_grid_already_run_and_does_not_run_it_again(ws):
     grid = ws.kmrun("-m", "+experiment=baseline", "params.model.C=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")  # 10 cells
     assert grid.code == 0, grid.text
+    # runs whose searched value fits, but which are other experiments: another family, another split
+    for other in (("+experiment=forest", "params.model.C=0.55"), ("+experiment=baseline", "params.model.C=0.65",
+                                                                   "params.split.test_size=0.3")):
+        assert ws.kmrun(*other).code == 0
     space = "study.search_space={params.model.C: 'interval(0.01, 2)'}"
     tpe = "study.sampler={name: tpe, seed: 42, n_startup_trials: 10}"
     done = ws.kmrun("-m", "+experiment=baseline", "+study=tune", "study.n_trials=12", "study.warm_start=true",
@@ -123,6 +126,13 @@ def test_a_warm_started_study_learns_from_the_grid_already_run_and_does_not_run_
     first_cold = cold.ask({"params.model.C": optuna.distributions.FloatDistribution(0.01, 2)}).params["params.model.C"]
     assert not math.isclose(new[1].params["params.model.C"], first_cold)  # the sampler learnt from the 10
     assert parent_of(ws, "tune").data.metrics["trials_warm_started"] == 10
+    best = study.best_trial  # exported as its params: a plain run of them gives its value
+    rerun = ws.kmrun("+experiment=baseline", f"params.model.C={best.params['params.model.C']}", "cache=false",
+                     "mlflow.experiment_name=rerun")
+    assert rerun.code == 0, rerun.text
+    client = ws.client()
+    [again_run] = client.search_runs([client.get_experiment_by_name("rerun").experiment_id])
+    assert again_run.data.metrics["accuracy"] == pytest.approx(best.value)
     # other code: nothing of the store is learnt from
     nodes = ws.path / "examples/digits/src/digits/pipelines/train/nodes.py"
     nodes.write_text(nodes.read_text().replace("    predicted = estimator.predict(X_test)\n",
