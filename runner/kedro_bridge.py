@@ -420,8 +420,9 @@ class KedroProject:
         if plan is not None:  # captured outputs of cached nodes are read from the cache
             for entry in plan.hits.values():
                 record.datasets.update({k: v for k, v in entry.outputs.items() if k in record.capture})
-            if not plan.run:
-                return record  # every node is served by the cache
+            if not plan.run:  # every node is served by the cache; the project's pipeline hooks still run
+                self._pipeline_hooks(record, params, pipeline, selected)
+                return record
         self._hooks.record, self._hooks.outputs = record, set(selected.all_outputs())
         try:
             self.session.run(run_id=record.run_id, pipeline_names=[pipeline], tags=tags or None,
@@ -432,6 +433,27 @@ class KedroProject:
                 self._hooks.recorder.abandon()
             self._hooks.record, self._hooks.recording = None, None
         return record
+
+    def _pipeline_hooks(self, record: KedroRun, params: dict[str, Any], name: str, selected: Pipeline) -> None:
+        """Call the project's ``before_pipeline_run`` and ``after_pipeline_run`` hooks, as a run
+        would, for a job whose nodes were all served by the cache (nothing, when the project
+        has no such hook)."""
+        manager = self.session._hook_manager
+        hooks = (manager.hook.before_pipeline_run, manager.hook.after_pipeline_run)
+        if not any(impl.plugin is not self._hooks for hook in hooks for impl in hook.get_hookimpls()):
+            return
+        context = self.session.load_context(params or None)
+        catalog = context._get_catalog(save_version=record.run_id)
+        from kedro import __version__ as kedro_version
+
+        run_params = {"session_id": self.session.session_id, "run_id": record.run_id,
+                      "project_path": self.root.as_posix(), "env": self.env_name, "kedro_version": kedro_version,
+                      "tags": None, "from_nodes": None, "to_nodes": None, "node_names": [], "from_inputs": None,
+                      "to_outputs": None, "load_versions": None, "runtime_params": params or {},
+                      "pipeline_names": [name], "namespaces": None, "runner": "SequentialRunner",
+                      "only_missing_outputs": False}
+        manager.hook.before_pipeline_run(run_params=run_params, pipeline=selected, catalog=catalog)
+        manager.hook.after_pipeline_run(run_params=run_params, run_result={}, pipeline=selected, catalog=catalog)
 
     def _check_env(self, env: str | None) -> None:
         if env is None:

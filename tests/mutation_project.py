@@ -226,7 +226,11 @@ def register_pipelines():
 FILES = {
     "src/mutp/__init__.py": "from mutp import sideeffect  # noqa: F401  (decimal's precision, set at import)\n",
     "src/mutp/sideeffect.py": "import decimal\n\ndecimal.getcontext().prec = 6\n",
-    "src/mutp/settings.py": 'from mutp.resolvers import twice\n\nCONFIG_LOADER_ARGS = {"base_env": "base", "default_run_env": "local", "custom_resolvers": {"twice": twice}}\n',
+    "src/mutp/hooks.py": "from pathlib import Path\n\nfrom kedro.framework.hooks import hook_impl\n\n\nclass RunLog:\n"
+                         "    @hook_impl\n    def after_pipeline_run(self, run_params):\n"
+                         "        with open(Path(run_params['project_path']) / 'data' / 'pipeline_runs.txt', 'a') as log:\n"
+                         "            log.write(run_params['run_id'] + '\\n')\n",
+    "src/mutp/settings.py": 'from mutp.hooks import RunLog\nfrom mutp.resolvers import twice\n\nHOOKS = (RunLog(),)\nCONFIG_LOADER_ARGS = {"base_env": "base", "default_run_env": "local", "custom_resolvers": {"twice": twice}}\n',
     "src/mutp/resolvers.py": "def twice(x):\n    return float(x) * 2\n",
     "src/mutp/nodes.py": NODES,
     "src/mutp/options.py": "from dataclasses import dataclass\n\n\n@dataclass\nclass ModelOptions:\n    alpha: float\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -149,7 +150,7 @@ def test_cache_false_serves_nothing_and_refreshes_every_entry(mod, tmp_path):
     assert third.hits.keys() == {"load"} and third.why["features"] == "no earlier entry of this node"
     store.put(third.keys["features"], "features", {"b": 1}, "run-2", third.parts["features"], ran=RAN)
     fourth = plan(pipeline(mod), {"p": 8, "q": 2}, catalog, tmp_path, store)
-    assert fourth.why["features"] == "param p"
+    assert fourth.why["features"] == "new inputs: param p: 7 -> 8"  # against the last entry of any inputs
 
 
 def test_a_damaged_entry_of_any_kind_is_a_miss_and_goes(tmp_path):
@@ -186,6 +187,7 @@ def test_a_nodes_explanation_is_written_when_it_changes_and_always_holds_the_las
     ours.put("k2", "train", {"m": 2}, "run2", first, ran=RAN)  # the same parts: the file is left as it is
     assert ours._last("train").stat().st_ino == written
     theirs.put("k3", "train", {"m": 3}, "run3", {"code": "a1", "param model.C": "2"}, ran=RAN)
-    assert "param model.C" in ours.why("train", first)  # the last entry stored is theirs
+    assert json.loads(ours._last("train").read_text())["param model.C"] == "2"  # the last entry stored is theirs
+    assert ours.why("train", {"code": "a2", "param model.C": "1"}).startswith("code")  # against the entry for C=1
     ours.put("k4", "train", {"m": 4}, "run4", first, ran=RAN)  # ours again, though this process wrote it before
     assert ours.why("train", first) == theirs.why("train", first) == "its entry was evicted or cleared"

@@ -123,5 +123,9 @@ def test_cached_runs_equal_fresh_runs_after_every_kind_of_edit(tmp_path, templat
           f"node runs\nneedless (every edit): " + "\n  ".join(needless))
     assert stale == [], "stale cache hits:\n" + "\n".join(stale)
     assert noop_needless <= NEEDLESS_SHARE * noop_runs, needless
-    # the refreshed entries are served afterwards: a default run after cache=false reruns nothing
+    # the refreshed entries are served afterwards: a default run after cache=false reruns nothing,
+    # and the project's pipeline hooks still run for it
+    log = where / "data" / "pipeline_runs.txt"
+    before = log.read_text().count("\n")
     assert kmrun(root, env)["ran"] == set()
+    assert log.read_text().count("\n") == before + 1

@@ -125,6 +125,12 @@ def test_kedros_private_surfaces_kmrun_relies_on_still_exist(tmp_path):
     loader = OmegaConfigLoader(str(tmp_path), base_env="base", default_run_env="local")
     assert getattr(loader, "_protocol", None) == "file"
     assert list(inspect.signature(KedroServiceSession._get_config_loader).parameters)[:2] == ["self", "runtime_params"]
+    # a job served wholly by the node cache calls the project's pipeline hooks through the session's
+    # hook manager, with a catalog made as a run makes it
+    assert "self._hook_manager" in inspect.getsource(KedroServiceSession.run)
+    from kedro.framework.context import KedroContext
+
+    assert "save_version" in inspect.signature(KedroContext._get_catalog).parameters
     # kedro_bridge blocks kedro-mlflow's hooks before they are imported by wrapping this function,
     # which the session calls by its module-level name with the hook manager and the disabled plugins
     from kedro.framework.session import service_session
