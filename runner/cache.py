@@ -54,6 +54,7 @@ class Entry:
     run_id: str
     created: float
     ran: Ran | None = None  # what the node executed and read when it computed them; None: unknown, never used
+    inputs: dict[str, str] | None = None  # input made by another node -> the token of the entry it was read from
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Plan:
     run: list[str] = field(default_factory=list)  # nodes to run, in order
     inject: dict[str, Any] = field(default_factory=dict)  # dataset -> cached value, for nodes that run
     why: dict[str, str] = field(default_factory=dict)  # node that runs -> what changed since its last entry
+    tokens: dict[str, str] = field(default_factory=dict)  # dataset -> the token of the entry it comes from
     serve: bool = True  # False (cache=false): nothing is served, every node runs and refreshes its entry
 
     @property
@@ -160,12 +162,14 @@ class NodeCache:
         return self.root / "nodes" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.json"
 
     def put(self, key: str, node: str, outputs: dict[str, Any], run_id: str,
-            parts: Mapping[str, str] | None = None, ran: Ran | None = None) -> str | None:
-        """Store a node's outputs with what it ran and read (``ran``), and the parts of their
-        key (to explain the next miss); returns why not, when they cannot be stored."""
+            parts: Mapping[str, str] | None = None, ran: Ran | None = None,
+            inputs: Mapping[str, str] | None = None) -> str | None:
+        """Store a node's outputs with what it ran and read (``ran``), the tokens of the entries
+        its inputs came from (``inputs``), and the parts of their key (to explain the next
+        miss); returns why not, when they cannot be stored."""
         if ran is None:
             return "what it ran was not recorded"
-        entry = Entry(node, dict(outputs), run_id, time.time(), ran)
+        entry = Entry(node, dict(outputs), run_id, time.time(), ran, dict(inputs or {}))
         try:
             data = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as err:
@@ -265,25 +269,19 @@ def plan(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog, root: 
     secret-named parameter is not cached unless ``allow_secrets``."""
     keys, reasons, parts = node_keys(pipeline, params, catalog, root, allow_secrets)
     result = Plan(keys, reasons, parts, serve=serve)
-    recomputed: dict[str, str] = {}  # dataset -> the node that computes it again though its key is the same
+    recomputed: dict[str, str] = {}  # dataset -> the node that computes it in this job
     for node in pipeline.nodes:
         key = keys[node.name]
         entry = store.get(key) if key is not None and serve else None
         why = None
         if entry is not None:
-            again = next((name for name in node.inputs if name in recomputed), None)
-            if again is not None:  # same key upstream, but what upstream ran has changed
-                why = f"its input {again} is computed again by {recomputed[again]}"
-            elif entry.ran is None:
-                why = "its entry does not say what the node ran (stored by an earlier kmrun)"
-            else:
-                why = next(iter(entry.ran.changes(root.resolve(), store.salt(), first=True)), None)
-        if entry is not None and why is None:
+            why = _stale(node, entry, result.tokens, recomputed, root, store)
+        if entry is not None and key is not None and why is None:
             result.hits[node.name] = entry
+            result.tokens.update({name: token(key, entry.ran) for name in node.outputs})
             continue
         result.run.append(node.name)
-        if entry is not None:
-            recomputed.update({name: node.name for name in node.outputs})
+        recomputed.update({name: node.name for name in node.outputs})
         if key is not None and serve:
             result.why[node.name] = why or store.why(node.name, parts[node.name])
     needed = {name for node in pipeline.nodes if node.name in result.run for name in node.inputs}
@@ -292,11 +290,35 @@ def plan(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog, root: 
     return result
 
 
+def _stale(node: Any, entry: Entry, tokens: Mapping[str, str], recomputed: Mapping[str, str], root: Path,
+           store: NodeCache) -> str | None:
+    """Why an entry found under the node's key may not be used, or None. The key holds what
+    the node is given; the entry must also have been computed from the very entries its
+    inputs come from now (a producer whose code changed at run time keeps its key), and
+    everything it ran and read must be unchanged."""
+    for name in node.inputs:
+        if name in recomputed:
+            return f"its input {name} is computed again by {recomputed[name]}"
+        if name in tokens and (entry.inputs or {}).get(name) != tokens[name]:
+            return f"its input {name} is not the one its entry was computed from"
+    if entry.ran is None:
+        return "its entry does not say what the node ran (stored by an earlier kmrun)"
+    return next(iter(entry.ran.changes(root.resolve(), store.salt(), first=True)), None)
+
+
+def token(key: str, ran: Ran | None) -> str:
+    """An entry's identity for the entries computed from it: its key and what it ran (the same
+    code on the same inputs computes the same outputs)."""
+    record = [ran.code, ran.files, ran.env] if ran is not None else None
+    return hashlib.sha256(json.dumps([key, record], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def restrict(plan_: Plan, pipeline: Pipeline, nodes: list[str]) -> Plan:
     """The same plan, running only ``nodes`` (fed from the cache where it can)."""
     needed = {name for node in pipeline.nodes if node.name in nodes for name in node.inputs}
     inject = {name: value for entry in plan_.hits.values() for name, value in entry.outputs.items() if name in needed}
-    return Plan(plan_.keys, plan_.reasons, plan_.parts, dict(plan_.hits), list(nodes), inject)
+    return Plan(plan_.keys, plan_.reasons, plan_.parts, dict(plan_.hits), list(nodes), inject,
+                tokens=dict(plan_.tokens))
 
 
 def node_keys(pipeline: Pipeline, params: Mapping[str, Any], catalog: Catalog, root: Path,

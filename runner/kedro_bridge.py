@@ -153,12 +153,18 @@ class _Hooks:
         self.recording = None
         if record is None or record.plan is None or record.cache is None:
             return
-        key = record.plan.keys.get(node.name)
+        from .cache import token
+
+        plan = record.plan
+        key = plan.keys.get(node.name)
         if key is not None and node.name not in record.not_cached:
-            reason = record.cache.put(key, node.name, outputs, record.mlflow_run_id, record.plan.parts.get(node.name),
-                                      ran)
+            inputs = {name: plan.tokens[name] for name in node.inputs if name in plan.tokens}
+            reason = record.cache.put(key, node.name, outputs, record.mlflow_run_id, plan.parts.get(node.name), ran,
+                                      inputs)
             if reason is not None:
                 record.not_cached[node.name] = reason
+            else:
+                plan.tokens.update({name: token(key, ran) for name in node.outputs})
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any) -> None:

@@ -374,7 +374,7 @@ EDITS = [
     ("typed param: a dataclass default", "src/mutp/options.py", "gamma: float = 0.0", "gamma: float = 0.5", (),
      TRAIN, True),
     ("CSV saved without its index, producer served", "src/mutp/nodes.py", "float(feats.index[0]) +",
-     "float(feats.index[0]) * 2 +", (), only("layout"), True),
+     "float(feats.index[0] + 1) +", (), only("layout"), True),
     ("load_args dtype, producer served", "src/mutp/nodes.py", '(feats["v"] / 3)', '(feats["v"] / 7)', (),
      only("layout"), True),
     ("file a node reads by path", "data/extras/a.txt", "2.5", "3.5", (), only("p_file"), True),

@@ -12,7 +12,7 @@ import pytest
 from kedro.pipeline import Pipeline, node
 
 from runner import deps
-from runner.cache import NodeCache, node_keys, plan
+from runner.cache import NodeCache, node_keys, plan, token
 from runner.datasets import Catalog
 from runner.trace import Ran
 
@@ -98,10 +98,32 @@ def test_the_cache_serves_hits_and_feeds_the_nodes_that_run(mod, tmp_path):
     first = plan(pipeline(mod), {"p": 1, "q": 2}, Catalog(CATALOG, tmp_path), tmp_path, store)
     assert first.run == ["load", "features", "model"] and not first.hits
     assert store.put(first.keys["load"], "load", {"a": 10}, "run-1", ran=RAN) is None
-    assert store.put(first.keys["features"], "features", {"b": 21}, "run-1", ran=RAN) is None
+    assert store.put(first.keys["features"], "features", {"b": 21}, "run-1", ran=RAN,
+                     inputs={"a": token(first.keys["load"], RAN)}) is None
     second = plan(pipeline(mod), {"p": 1, "q": 9}, Catalog(CATALOG, tmp_path), tmp_path, NodeCache(tmp_path / "cache", 10**6))
     assert second.run == ["model"] and second.inject == {"b": 21} and second.sources == {"load": "run-1", "features": "run-1"}
     assert store.put("ab" + "0" * 30, "x", {"f": lambda: 1}, "r", ran=RAN).startswith("its outputs cannot be pickled")
+
+
+def test_an_entry_is_used_only_with_the_entries_its_inputs_came_from(mod, tmp_path):
+    """A producer computed again (its code changed at run time: the same key) while the
+    consumer's entry was not (a kill between the two): the consumer's entry is not used."""
+    store = NodeCache(tmp_path / "cache", max_bytes=10**6)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/raw.csv").write_text("x\n")
+    first = plan(pipeline(mod), {"p": 1, "q": 2}, Catalog(CATALOG, tmp_path), tmp_path, store)
+    old = RAN
+    store.put(first.keys["load"], "load", {"a": 10}, "run-1", ran=old)
+    store.put(first.keys["features"], "features", {"b": 21}, "run-1", ran=RAN, inputs={"a": token(first.keys["load"], old)})
+    assert plan(pipeline(mod), {"p": 1, "q": 2}, Catalog(CATALOG, tmp_path), tmp_path, store).run == ["model"]
+    from runner.trace import file_digest
+
+    new = Ran(files={"data/raw.csv": file_digest("data/raw.csv", tmp_path)})  # load did other things since, and
+    # stored its entry; features did not
+    store.put(first.keys["load"], "load", {"a": 11}, "run-2", ran=new)
+    again = plan(pipeline(mod), {"p": 1, "q": 2}, Catalog(CATALOG, tmp_path), tmp_path, store)
+    assert again.hits.keys() == {"load"} and again.run == ["features", "model"]
+    assert again.why["features"] == "its input a is not the one its entry was computed from"
 
 
 def test_least_recently_used_entries_go_beyond_the_size_limit(tmp_path):

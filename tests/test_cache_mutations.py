@@ -125,6 +125,12 @@ def test_cached_runs_equal_fresh_runs_after_every_kind_of_edit(tmp_path, templat
     assert noop_needless <= NEEDLESS_SHARE * noop_runs, needless
     # the refreshed entries are served afterwards: a default run after cache=false reruns nothing,
     # and the project's pipeline hooks still run for it
+    # a typed section checks like any other: a typo, a wrong type, and a field the dataclass lacks exit 2
+    for bad, says in (("params.model.alpah=0.3", "params.model.alpah"), ("params.model.alpha=abc", "params.model.alpha"),
+                      ("+params.model.delta=1", "delta")):
+        done = subprocess.run([sys.executable, "-m", "runner.cli", bad], cwd=root, capture_output=True, text=True,
+                              env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", **env, "KMRUN_DAEMON": "0"})
+        assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
     log = where / "data" / "pipeline_runs.txt"
     before = log.read_text().count("\n")
     assert kmrun(root, env)["ran"] == set()
