@@ -334,6 +334,7 @@ def _names(code: types.CodeType) -> tuple[set[str], set[tuple[str, int]]]:
 
 
 IMPORT_NAME = dis.opmap["IMPORT_NAME"]
+NOP = dis.opmap["NOP"]
 
 
 def _is_code(obj: Any) -> bool:
@@ -343,8 +344,13 @@ def _is_code(obj: Any) -> bool:
 
 
 def _code_digest(code: types.CodeType, skip_doc: bool = False) -> str:
-    consts = code.co_consts[1:] if skip_doc else code.co_consts
-    parts = [code.co_name, code.co_code.hex(), ",".join(code.co_names), ",".join(code.co_varnames),
+    """Compiled code without what formatting changes: a docstring reads as no docstring (None,
+    as a function without one has), and the NOPs that keep line events of an expression
+    spread over several lines are left out."""
+    consts = (None, *code.co_consts[1:]) if skip_doc else code.co_consts
+    raw = code.co_code
+    ops = b"".join(raw[i:i + 2] for i in range(0, len(raw), 2) if raw[i] != NOP)
+    parts = [code.co_name, ops.hex(), ",".join(code.co_names), ",".join(code.co_varnames),
              ",".join(code.co_freevars), str((code.co_argcount, code.co_kwonlyargcount, code.co_flags))]
     for const in consts:
         parts.append(_code_digest(const) if isinstance(const, types.CodeType) else repr(_sorted(const)))

@@ -132,9 +132,10 @@ class Recorder:
             name = self.name(measured)
             ran.code.update(units(name, self.root, lines))
         seen: set[str] = set()
-        for unit in list(ran.code):  # the project modules those files import, for the values they hand over
-            if "::" not in unit or "::<module" in unit:
-                for imported in self.imports(unit.partition("::")[0], seen):
+        for unit in list(ran.code):  # the project modules those files import: their side effects, and
+            path, _, function = unit.partition("::")  # the values of the names taken from them
+            if not function or function.startswith("<module"):
+                for imported in self.imports(path, _names_of(function), seen):
                     ran.code.setdefault(imported, code_digest(imported, self.root))
         for path in sorted(self._opened):
             name = self.name(path)
@@ -161,23 +162,22 @@ class Recorder:
         except ValueError:
             return str(Path(path).resolve())
 
-    def imports(self, name: str, seen: set[str] | None = None) -> list[str]:
-        """The units of the project files a file's module-level imports load, transitively:
-        ``from m import A`` needs what ``A`` needs in ``m``; ``import m``, all of ``m``."""
-        seen = set() if seen is None else seen
+    def imports(self, name: str, names: frozenset[str] | None, seen: set[str]) -> list[str]:
+        """The units of the project files that file ``name``'s imports load, transitively, as
+        far as ``names`` (in ``name``) need them: ``from m import A`` with ``A`` needed takes
+        what ``A`` needs in ``m``; ``import m as x`` with ``x`` needed takes all of ``m``; any
+        other import takes the imported module's side effects (its statements that are not
+        definitions)."""
         out = []
-        for module, names in _module_imports(_resolve(name, self.root)):
+        for module, wanted in _parse(_resolve(name, self.root)).imports(names):
             where = getattr(sys.modules.get(module), "__file__", None)
             if not where or not _traced(where) or not any(_under(where, s) for s in self.sources):
                 continue
             imported = self.name(where)
-            unit = imported if names is None else f"{imported}::<module {','.join(sorted(names))}>"
+            unit = imported if wanted is None else f"{imported}::<module {','.join(sorted(wanted))}>"
             if unit not in seen:
                 seen.add(unit)
-                out.append(unit)
-            if imported not in seen:
-                seen.add(imported)
-                out += self.imports(imported, seen)
+                out += [unit, *self.imports(imported, wanted, seen)]
         return out
 
     def opened(self, path: Any, writing: bool) -> None:
@@ -269,7 +269,7 @@ def units(name: str, root: Path, lines: Iterable[int]) -> dict[str, str]:
         else:
             out[f"{name}::{function}"] = parsed.functions[function]
             if reads is not None:
-                reads |= parsed.reads[function]
+                reads |= parsed.reads[function] | {function.split(".")[0]}  # a method needs its class
     module = name if reads is None else f"{name}::<module {','.join(sorted(reads))}>"
     out[module] = code_digest(module, root)
     return out
@@ -280,9 +280,16 @@ def code_digest(unit: str, root: Path) -> str:
     parsed = _parse(_resolve(path, root))
     if not function:
         return parsed.module(None)
-    if function.startswith("<module "):
-        return parsed.module(frozenset(n for n in function[len("<module "):-1].split(",") if n))
+    if function.startswith("<module"):
+        return parsed.module(_names_of(function))
     return parsed.functions.get(function, "absent")
+
+
+def _names_of(function: str) -> frozenset[str] | None:
+    """The names a module unit (``<module A,B>``) stands for; None for the whole module."""
+    if not function.startswith("<module"):
+        return None
+    return frozenset(n for n in function[len("<module "):-1].split(",") if n)
 
 
 def file_digest(name: str, root: Path) -> str:
@@ -317,38 +324,82 @@ class _Parsed:
         self.functions: dict[str, str] = {}
         self.reads: dict[str, set[str]] = {}  # function -> the names it reads
         self.spans: list[tuple[int, int, str]] = []  # (first body line, last line, qualname)
-        self.statements: list[tuple[set[str] | None, set[str], str]] = []  # (names assigned or None, read, digest)
-        self._modules: dict[frozenset[str] | None, str] = {}
+        self.statements: list[tuple[set[str] | None, set[str], str]] = []  # (names bound or None, read, digest)
+        self._imports: list[tuple[str, set[str], str | None]] = []  # (module, names it binds here, name taken)
+        self._modules: dict[frozenset[str] | None, tuple[str, frozenset[str]]] = {}
+        self._path: Path | None = None
         if source is None:
-            self._modules[None] = "absent"
+            self._modules[None] = ("absent", frozenset())
             return
         try:
             tree = ast.parse(source)
         except (SyntaxError, ValueError):
-            self._modules[None] = hashlib.sha256(source).hexdigest()[:16]
+            self._modules[None] = (hashlib.sha256(source).hexdigest()[:16], frozenset())
             return
         self._visit(tree.body, "")
         self.spans.sort(key=lambda span: (span[0], -span[1]))
+        self.tree = tree
         for statement in _Skeleton().visit(_undocumented(tree)).body:
-            assigned = _assigned(statement)
-            self.statements.append((assigned, _read(statement) if assigned is not None else set(), _dump(statement)))
+            bound = _bound(statement)
+            self.statements.append((bound, _read(statement), _dump(statement)))
 
     def module(self, names: frozenset[str] | None) -> str:
-        """The digest of the module-level statements that ``names`` need (every one for None):
-        all but assignments, and the assignments of those names, followed through the names
-        their values read."""
+        """The digest of the module-level statements that ``names`` need (every one for None)."""
+        return self._closure(names)[0]
+
+    def _closure(self, names: frozenset[str] | None) -> tuple[str, frozenset[str]]:
+        """What ``names`` need at module level: every statement that binds no name (a side effect),
+        and the statements that bind a needed name (an assignment, a ``def``, a ``class``, an
+        import), followed through the names they read. Returns the digest of those statements
+        and every name needed."""
         if names not in self._modules:
-            needed = set(names or ())
-            kept = [names is None or assigned is None for assigned, _, _ in self.statements]
+            kept = [names is None or bound is None for bound, _, _ in self.statements]
+            needed = set(names or ()) | {n for keep, (_, read, _) in zip(kept, self.statements, strict=True) if keep
+                                         for n in read}
             grew = True
             while grew:
                 grew = False
-                for i, (assigned, read, _) in enumerate(self.statements):
-                    if not kept[i] and assigned is not None and assigned & needed:
+                for i, (bound, read, _) in enumerate(self.statements):
+                    if not kept[i] and bound is not None and bound & needed:
                         kept[i], grew = True, True
                         needed |= read
-            self._modules[names] = _digest_of(d for keep, (_, _, d) in zip(kept, self.statements, strict=True) if keep)
+            if names is None:
+                needed |= {n for bound, _, _ in self.statements if bound for n in bound}
+            digest = _digest_of(d for keep, (_, _, d) in zip(kept, self.statements, strict=True) if keep)
+            self._modules[names] = (digest, frozenset(needed))
         return self._modules[names]
+
+    def imports(self, names: frozenset[str] | None) -> list[tuple[str, frozenset[str] | None]]:
+        """The modules this file imports at module level, each with what ``names`` need of it
+        (None: all of it; empty: its side effects only)."""
+        if self._path is None or not hasattr(self, "tree"):
+            return []
+        needed = self._closure(names)[1]
+        package = _package_of(self._path)
+        out: list[tuple[str, frozenset[str] | None]] = []
+        for node in self.tree.body:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    binds = alias.asname or alias.name.split(".")[0]
+                    out.append((alias.name, None if binds in needed else frozenset()))
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".") if package else []
+                    parts = parts[:len(parts) - node.level + 1] if node.level > 1 else parts
+                    base = ".".join([*parts, *([node.module] if node.module else [])])
+                if any(alias.name == "*" for alias in node.names):
+                    out.append((base, None))
+                    continue
+                taken = frozenset(a.name for a in node.names if (a.asname or a.name) in needed)
+                out.append((base, taken))
+                for alias in node.names:  # a submodule taken by name
+                    if f"{base}.{alias.name}" in sys.modules:
+                        out.append((f"{base}.{alias.name}", None if (alias.asname or alias.name) in needed
+                                    else frozenset()))
+        parents: list[tuple[str, frozenset[str] | None]] = [
+            (".".join(m.split(".")[:i]), frozenset()) for m, _ in out for i in range(1, m.count(".") + 1)]
+        return [(module, wanted) for module, wanted in [*out, *parents] if module]  # a package's __init__ runs too
 
     def _visit(self, body: list[ast.stmt], prefix: str) -> None:
         for node in body:
@@ -397,18 +448,25 @@ def _digest_of(parts: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _assigned(statement: ast.stmt) -> set[str] | None:
-    """The names a plain module-level assignment binds; None for any other statement."""
+def _bound(statement: ast.stmt) -> set[str] | None:
+    """The names a module-level statement binds: an assignment to names, a ``def``, a
+    ``class``, an import. None for any other statement (a call, ``obj.attr = ...``, an ``if``):
+    a side effect, which every unit of the module keeps."""
+    if isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return {statement.name}
+    if isinstance(statement, ast.Import | ast.ImportFrom):
+        if any(alias.name == "*" for alias in statement.names):
+            return None
+        return {alias.asname or alias.name.split(".")[0] for alias in statement.names}
     if isinstance(statement, ast.Assign):
         targets = statement.targets
     elif isinstance(statement, ast.AnnAssign | ast.AugAssign):
         targets = [statement.target]
     else:
         return None
-    names = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
-    if any(not isinstance(n, ast.Name | ast.Tuple | ast.List | ast.Starred) for t in targets for n in [t]):
-        return None  # obj.attr = ... or d[k] = ...: a side effect on something else
-    return names
+    if any(not isinstance(t, ast.Name | ast.Tuple | ast.List | ast.Starred) for t in targets):
+        return None  # d[k] = ... or obj.attr = ...: a side effect on something else
+    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
 
 
 def _read(node: ast.AST) -> set[str]:
@@ -443,6 +501,7 @@ def _parse(path: Path) -> _Parsed:
         return hit[1]
     try:
         parsed = _Parsed(path.read_bytes())
+        parsed._path = path
     except OSError:
         parsed = _Parsed(None)
     _PARSED[str(path)] = (stamp, parsed)
@@ -450,46 +509,6 @@ def _parse(path: Path) -> _Parsed:
 
 
 _PARSED: dict[str, tuple[tuple[int, ...], _Parsed]] = {}
-
-
-def _module_imports(path: Path) -> list[tuple[str, frozenset[str] | None]]:
-    """The modules a file's module-level statements import (absolute names), each with the
-    names taken from it (None: the module itself is bound); kept while the file is unchanged."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return []
-    stamp = (st.st_ino, st.st_size, st.st_mtime_ns, len(sys.modules))
-    hit = _IMPORTS.get(str(path))
-    if hit is None or hit[0] != stamp:
-        hit = (stamp, _read_imports(path))
-        _IMPORTS[str(path)] = hit
-    return hit[1]
-
-
-_IMPORTS: dict[str, tuple[tuple[int, ...], list[tuple[str, frozenset[str] | None]]]] = {}
-
-
-def _read_imports(path: Path) -> list[tuple[str, frozenset[str] | None]]:
-    try:
-        tree = ast.parse(path.read_bytes())
-    except (OSError, SyntaxError, ValueError):
-        return []
-    package = _package_of(path)
-    out: list[tuple[str, frozenset[str] | None]] = []
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            out += [(alias.name, None) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".") if package else []
-                parts = parts[:len(parts) - node.level + 1] if node.level > 1 else parts
-                base = ".".join([*parts, *([node.module] if node.module else [])])
-            names = [alias.name for alias in node.names]
-            out.append((base, None if "*" in names else frozenset(names)))
-            out += [(f"{base}.{name}", None) for name in names if f"{base}.{name}" in sys.modules]  # submodules
-    return [(name, names) for name, names in out if name]
 
 
 def _package_of(path: Path) -> str:
@@ -537,20 +556,22 @@ def _under(path: str, folder: Path) -> bool:
 
 
 def editable_sources() -> list[Path]:
-    """Source folders of the distributions installed editable (``pip install -e``)."""
-    import importlib.metadata as metadata
+    """Source folders of the distributions installed editable (``pip install -e``): read from
+    the ``direct_url.json`` files in the environment's site folders (far cheaper than asking
+    ``importlib.metadata`` about every distribution)."""
     import json
+    import site
     from urllib.parse import unquote, urlparse
 
+    folders = {p for p in sys.path if p.endswith(("site-packages", "dist-packages"))}
+    folders.update(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
     out = []
-    for dist in metadata.distributions():
-        text = dist.read_text("direct_url.json")
-        if not text:
-            continue
-        try:
-            info = json.loads(text)
-        except ValueError:
-            continue
-        if info.get("dir_info", {}).get("editable") and str(info.get("url", "")).startswith("file://"):
-            out.append(Path(unquote(urlparse(info["url"]).path)).resolve())
+    for folder in sorted(folders):
+        for found in sorted(Path(folder).glob("*.dist-info/direct_url.json")):
+            try:
+                info = json.loads(found.read_text())
+            except (OSError, ValueError):
+                continue
+            if info.get("dir_info", {}).get("editable") and str(info.get("url", "")).startswith("file://"):
+                out.append(Path(unquote(urlparse(info["url"]).path)).resolve())
     return out

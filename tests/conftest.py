@@ -216,3 +216,18 @@ def _clean_globals(monkeypatch: pytest.MonkeyPatch):
 
         while mlflow.active_run():
             mlflow.end_run()
+
+
+@pytest.fixture
+def libraries(tmp_path):
+    """The mutation project's libraries (tests/mutation_project.py): a wheel in two versions, one
+    installed, and a library installed editable from a folder outside the project."""
+    from kedro_projects import editable, pip, wheel
+
+    versions = {v: wheel(tmp_path, "kmrun_tinylib", v, f"FACTOR = {float(v)}\n") for v in ("1.0", "2.0")}
+    pip("install", "--no-deps", "--no-index", str(versions["1.0"]))
+    source, installed = editable(tmp_path / "edlib", "kmrun_edlib", "def factor():\n    return 1.5\n")
+    yield versions, source
+    pip("uninstall", "-y", "kmrun_tinylib")
+    for path in installed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()

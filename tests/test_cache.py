@@ -213,3 +213,21 @@ def test_a_nodes_explanation_is_written_when_it_changes_and_always_holds_the_las
     assert ours.why("train", {"code": "a2", "param model.C": "1"}).startswith("code")  # against the entry for C=1
     ours.put("k4", "train", {"m": 4}, "run4", first, ran=RAN)  # ours again, though this process wrote it before
     assert ours.why("train", first) == theirs.why("train", first) == "its entry was evicted or cleared"
+
+
+def test_cache_tags_keep_one_line_per_node_whatever_the_reasons_hold():
+    """A reason may hold "; " and ": " (environment: scikit-learn 1.8 -> 1.9; param model.C: 1 -> 2):
+    kmrun cache explain must still list the real nodes only, each hit with its own source run."""
+    from runner.cache import Entry, Plan
+    from runner.commands import _records
+    from runner.job_cache import cache_tags
+    from runner.kedro_bridge import KedroRun
+
+    why = {"train": "environment: scikit-learn 1.8 -> 1.9; param model.C: 1 -> 2", "evaluate": "its input m is computed again by train"}
+    plan_ = Plan({"load": "k1", "split": "k2", "train": "k3", "evaluate": "k4"}, {}, {},
+                 hits={"load": Entry("load", {}, "run-a", 0.0), "split": Entry("split", {}, "run-b", 0.0)},
+                 run=["train", "evaluate"], why=why)
+    tags = cache_tags(KedroRun("r", plan=plan_, not_cached={"report": "its outputs cannot be pickled (x: y)"}))
+    assert _records(tags["kmrun.cache.misses"]) == why
+    assert _records(tags["kmrun.cache.sources"]) == {"load": "run-a", "split": "run-b"}
+    assert _records(tags["kmrun.cache.not_cached"]) == {"report": "its outputs cannot be pickled (x: y)"}

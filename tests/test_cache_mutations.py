@@ -12,21 +12,20 @@ a plain one too.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from kedro_projects import editable, pip, project, wheel
+from kedro_projects import pip, project
 from mutation_project import ALL, CATALOG, EDITS, FILES, KMRUN, PARAMETERS, PIPELINE
 
 pytestmark = pytest.mark.slow
 NEEDLESS_SHARE = 0.05  # of the node runs over the edits that change nothing
 
 
-def kmrun(where: Path, env: dict[str, str], *args: str, daemon: bool = True) -> dict:
+def kmrun(where: Path, env: dict[str, str], *args: str, daemon: bool = True, uri: str | None = None) -> dict:
     """Run kmrun; return each run it made (by run name) with its metrics, and the nodes that ran."""
     from mlflow import MlflowClient
 
@@ -37,7 +36,7 @@ def kmrun(where: Path, env: dict[str, str], *args: str, daemon: bool = True) -> 
     done = subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=where, env=full, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    client = MlflowClient(f"sqlite:///{where / 'mlflow.db'}")
+    client = MlflowClient(uri or f"sqlite:///{where / 'mlflow.db'}")
     runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()],
                                           filter_string=f"attributes.start_time >= {started}", max_results=100)]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags] or runs
@@ -47,17 +46,6 @@ def kmrun(where: Path, env: dict[str, str], *args: str, daemon: bool = True) -> 
         ran |= ALL - (set(run.data.tags["kmrun.cache.hits"].split(",")) - {"none"})
     return {"metrics": {r.info.run_name if len(children) > 1 else "": r.data.metrics for r in children},
             "ran": ran, "misses": " | ".join(r.data.tags.get("kmrun.cache.misses", "") for r in children)}
-
-
-@pytest.fixture
-def libraries(tmp_path):
-    versions = {v: wheel(tmp_path, "kmrun_tinylib", v, f"FACTOR = {float(v)}\n") for v in ("1.0", "2.0")}
-    pip("install", "--no-deps", "--no-index", str(versions["1.0"]))
-    source, installed = editable(tmp_path / "edlib", "kmrun_edlib", "def factor():\n    return 1.5\n")
-    yield versions, source
-    pip("uninstall", "-y", "kmrun_tinylib")
-    for path in installed:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 @pytest.fixture

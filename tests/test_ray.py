@@ -293,3 +293,32 @@ def test_a_job_out_of_memory_on_ray_says_so_and_how_to_fix_it(ws, server):
     assert "out of memory" in text and "ray.resources.memory" in text, text[-3000:]
     statuses = Counter((r.info.run_name, r.info.status) for r in children(server, "ray-oom"))
     assert statuses == {("hog_gb=0", "FINISHED"): 1, ("hog_gb=6", "FAILED"): 2}, statuses  # run again once
+
+
+RAY_EDITS = ("class named by a param, load_obj", "module imported in a node's body", "package folder named data",
+             "file a node reads by path", "singledispatch implementation", "attribute a decorator sets")
+
+
+def test_the_node_cache_on_ray_gives_a_plain_runs_numbers_after_edits(tmp_path, template_store, libraries, cluster,
+                                                                       server):
+    """A subset of the difference test (tests/test_cache_mutations.py) on two Ray nodes: after
+    each edit, a cached grid on the cluster records what a cache=false grid run here records."""
+    from kedro_projects import project
+    from mutation_project import CATALOG, EDITS, FILES, KMRUN, PARAMETERS, PIPELINE
+    from test_cache_mutations import apply
+    from test_cache_mutations import kmrun as run
+
+    root = tmp_path / "ws"
+    where = project(root, "mutp", PIPELINE, {**FILES, "conf/base/parameters.yml": PARAMETERS}, {}, CATALOG, KMRUN,
+                    template_store)
+    grid = ("-m", "params.model.alpha=0.1,0.2", "sweep.executor=ray", "sweep.n_jobs=2", f"ray.address={cluster.address}",
+            f"mlflow.tracking_uri={server}")
+    env: dict[str, str] = {}
+    run(root, env, *grid, daemon=False, uri=server)
+    edits = {edit[0]: edit for edit in EDITS}
+    for what in RAY_EDITS:
+        apply(where, edits[what], libraries, env)
+        cached = run(root, env, *grid, daemon=False, uri=server)
+        fresh = run(root, env, *grid[:2], "cache=false", f"mlflow.tracking_uri={server}", daemon=False, uri=server)
+        assert cached["metrics"] == fresh["metrics"], what
+        assert edits[what][5] <= cached["ran"], (what, cached["ran"])
