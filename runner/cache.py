@@ -455,8 +455,9 @@ def differences(before: Mapping[str, str], after: Mapping[str, str]) -> str:
             words.append(f"code of {what}" if name in before and name in after else
                          f"code of {what} ({'now used' if name in after else 'no longer used'})")
         elif kind == "dist":
-            words.append(f"environment: {what} {before.get(name, 'absent').split()[0]} -> "
-                         f"{after.get(name, 'absent').split()[0]}")
+            old, new = before.get(name, "absent").split()[0], after.get(name, "absent").split()[0]
+            words.append(f"environment: {what} {old} -> {new}" if old != new else
+                         f"environment: {what} {new} (its installed files or its source changed)")
         elif kind == "input" and str(after.get(name, "")).startswith("from "):
             words.append(f"input {what} (its producer {after[name].split(':')[0][5:]} changed)")
         elif kind == "param" and name in before and name in after:

@@ -45,6 +45,7 @@ def kmrun(where: Path, env: dict[str, str], *args: str, daemon: bool = True, uri
     for run in children:
         ran |= ALL - (set(run.data.tags["kmrun.cache.hits"].split(",")) - {"none"})
     return {"metrics": {r.info.run_name if len(children) > 1 else "": r.data.metrics for r in children},
+            "params": {r.info.run_name if len(children) > 1 else "": r.data.params for r in children},
             "ran": ran, "misses": " | ".join(r.data.tags.get("kmrun.cache.misses", "") for r in children)}
 
 
@@ -99,6 +100,8 @@ def test_cached_runs_equal_fresh_runs_after_every_kind_of_edit(tmp_path, templat
         if not moves:
             noop_runs += len(ALL)
             noop_needless += len(extra)
+        if "+params.seed=1,2" in args:  # each cell ran with its own runtime param, and records it, cached or not
+            assert sorted(p["clean.seed"] for p in cached["params"].values()) == ["1", "2"], cached["params"]
         moved = any(metrics != previous for metrics in fresh["metrics"].values())
         assert moved == moves, f"{what}: the edit must {'' if moves else 'not '}move the result"
         report.append(f"{what:<58} ran {len(cached['ran']):>2} (needed {len(expected):>2})  {cached['misses'][:150]}")
