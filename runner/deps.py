@@ -99,7 +99,13 @@ class _Walk:
         elif isinstance(obj, types.ModuleType):
             self.installed(obj.__name__)
         elif isinstance(obj, types.BuiltinFunctionType | types.BuiltinMethodType):
-            self.installed(getattr(obj, "__module__", None) or "builtins")
+            module = getattr(obj, "__module__", None) or "builtins"
+            where = getattr(sys.modules.get(module), "__file__", None)
+            if where and self.own(module):  # the project's own C extension: no trace sees inside it
+                self.reach.code[f"module {module}"] = _file_digest(Path(where))
+                self.reach.coarse = self.reach.coarse or f"{module} is a C extension of the project"
+            else:
+                self.installed(module)
         elif isinstance(obj, list | tuple | set | frozenset):
             for item in obj:
                 self.value(item, depth + 1)
