@@ -153,6 +153,13 @@ def parse_args(argv: list[str]) -> Args:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        print("Error: the working directory no longer exists (it was deleted, or replaced by a new folder of the "
+              "same name). cd into the folder that holds conf/ (cd \"$PWD\" enters the new one) and run the "
+              "command again.", file=sys.stderr)
+        return 2
     if args[:1] == ["daemon"]:
         return daemon.command(args[1:])
     if daemon.wanted():  # a kept-alive process with the libraries imported runs it, if one serves us

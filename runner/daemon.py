@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 IDLE = float(os.environ.get("KMRUN_DAEMON_IDLE", 900))  # seconds without a command before a zygote stops
+CONNECT_SECONDS = 10.0  # the most a command waits for a zygote's answer before it runs by itself
 MAX_ZYGOTES = 2  # per user: starting another stops the oldest
 IMPORT_TIME_VARIABLES = ("PYTHON", "OMP_", "OPENBLAS_", "MKL_", "NUMEXPR_", "VECLIB_", "KMP_", "LD_", "CUDA_",
                          "MLFLOW_", "KEDRO_", "HYDRA_", "OPTUNA_", "SQLALCHEMY_")
@@ -85,8 +86,53 @@ def key() -> str:
         with contextlib.suppress(OSError):
             stamps.append((entry, os.stat(entry).st_mtime_ns if installed else None))
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_VARIABLES))
-    text = json.dumps([os.path.realpath(sys.executable), stamps, env])
+    # what a forked child cannot take on: the groups and the cgroup (a SLURM job's, a systemd unit's)
+    text = json.dumps([os.path.realpath(sys.executable), stamps, env, sorted(os.getgroups()), _cgroup()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cgroup() -> str:
+    try:
+        return Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return ""
+
+
+def limits() -> dict[str, Any]:
+    """This process's limits and scheduling, which a child of the zygote takes on."""
+    import resource
+
+    found: dict[str, Any] = {"rlimits": {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource)
+                                         if name.startswith("RLIMIT_")}}
+    with contextlib.suppress(OSError, AttributeError):
+        found["affinity"] = sorted(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError):
+        found["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+    return found
+
+
+def take_on(wanted: dict[str, Any]) -> str | None:
+    """Make this process's limits and scheduling ``wanted`` (the client's); why not, when it
+    cannot (a limit above the zygote's hard limit, a lower nice value without privilege)."""
+    import resource
+
+    for name, (soft, hard) in wanted.get("rlimits", {}).items():
+        which = getattr(resource, name, None)
+        if which is None:
+            continue
+        try:
+            if tuple(resource.getrlimit(which)) != (soft, hard):
+                resource.setrlimit(which, (soft, hard))
+        except (OSError, ValueError) as err:
+            return f"{name} {soft}/{hard}: {err}"
+    try:
+        if "affinity" in wanted and sorted(os.sched_getaffinity(0)) != wanted["affinity"]:
+            os.sched_setaffinity(0, wanted["affinity"])
+        if "nice" in wanted and os.getpriority(os.PRIO_PROCESS, 0) != wanted["nice"]:
+            os.setpriority(os.PRIO_PROCESS, 0, wanted["nice"])
+    except (OSError, AttributeError) as err:
+        return f"scheduling: {err}"
+    return None
 
 
 # ---- the client: a `kmrun` command ----
@@ -99,6 +145,7 @@ def forward(argv: list[str]) -> int | None:
         return None
     path = sockets / f"{key()}.sock"
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(CONNECT_SECONDS)  # a zygote that is gone refuses at once; one that hangs is not waited for
     try:
         client.connect(str(path))
     except OSError:
@@ -108,15 +155,16 @@ def forward(argv: list[str]) -> int | None:
     with client:
         ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # started in the background: Ctrl-C is not ours
         request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(), "path": sys.path,
-                   "sigint_ignored": ignored}
+                   "sigint_ignored": ignored, "limits": limits()}
         try:
             socket.send_fds(client, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
             reader = client.makefile("rb")
             first = reader.readline()
-        except OSError:
+        except OSError:  # no answer in time (its child, if one was forked, sees us gone and ends): run here
             return None
         if not first.startswith(b"pid "):  # refused, or the zygote died before forking: run here
             return None
+        client.settimeout(None)
         child = int(first.split()[1])
         relay = _relay_signals(child, ignored)
         try:
@@ -144,8 +192,19 @@ def _relay_signals(child: int, sigint_ignored: bool) -> dict[int, Any]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child, sig)
 
+    def suspend(sig: int, frame: object) -> None:  # Ctrl-Z: the command stops with us, and goes on with us
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child, signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, suspend)  # `fg` sent SIGCONT: we run again, and so does the command
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child, signal.SIGCONT)
+
     relayed = (signal.SIGTERM, signal.SIGHUP) if sigint_ignored else (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    return {sig: signal.signal(sig, relay) for sig in relayed}
+    saved: dict[int, Any] = {sig: signal.signal(sig, relay) for sig in relayed}
+    saved[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, suspend)
+    return saved
 
 
 def start(sockets: Path, path: Path) -> None:
@@ -247,7 +306,7 @@ def serve(path_text: str) -> None:
             if not ready:
                 continue
             conn, _ = listener.accept()
-            op = _serve_one(conn, children)
+            op = _serve_one(conn, children, (listener, lock))
             if op == "command":
                 last = time.time()
             elif isinstance(op, dict):  # status
@@ -274,7 +333,7 @@ def _reaped(children: set[int]) -> set[int]:
     return done
 
 
-def _serve_one(conn: socket.socket, children: set[int]) -> str | dict[str, Any] | None:
+def _serve_one(conn: socket.socket, children: set[int], held: tuple[Any, ...]) -> str | dict[str, Any] | None:
     """One connection: a status or stop request, or a command forked into a child."""
     uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
     if uid != os.getuid():
@@ -296,6 +355,8 @@ def _serve_one(conn: socket.socket, children: set[int]) -> str | dict[str, Any] 
         return None
     pid = os.fork()
     if pid == 0:
+        for kept in held:  # the listener and the zygote's lock are the zygote's alone: a command that outlives a
+            kept.close()  # killed or stopped zygote must not keep new commands waiting, nor a new zygote out
         _child(conn, fds, request)  # never returns
     for fd in fds:
         os.close(fd)
@@ -319,11 +380,16 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
         os.environ.clear()
         os.environ.update(request["env"], KMRUN_DAEMON="0")  # the command, and what it starts, run here
         os.umask(request["umask"])
+        refused = take_on(request.get("limits", {}))
+        if refused is not None:  # this zygote cannot run it as the client would: the client runs it itself
+            conn.sendall(f"refused {refused}\n".encode())
+            os._exit(0)
         sys.path[:] = request["path"]
         sys.stdin = open(0, closefd=False)  # noqa: SIM115
         sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.argv = ["kmrun", *request["argv"]]
+        _as_a_new_process()
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()  # not the zygote's state: each command its own
         conn.settimeout(None)
@@ -346,12 +412,31 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
         with contextlib.suppress(BaseException):
             import atexit
 
+            for thread in threading.enumerate():  # as an interpreter's exit does: non-daemon threads first
+                if thread is not threading.current_thread() and not thread.daemon:
+                    thread.join()
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
         with contextlib.suppress(OSError):
             conn.sendall(f"exit {code}\n".encode())
         os._exit(code)
+
+
+def _as_a_new_process() -> None:
+    """What a new interpreter reads from its environment and working directory at start, read
+    again: the time zone, the locale, and Kedro's logging config (``KEDRO_LOGGING_CONFIG``, else
+    ``conf/logging.yml`` here), which Kedro applied when the zygote imported it elsewhere."""
+    import locale
+
+    time.tzset()
+    with contextlib.suppress(locale.Error):
+        locale.setlocale(locale.LC_CTYPE, "")
+    project = sys.modules.get("kedro.framework.project")
+    if project is not None:
+        with contextlib.suppress(Exception):  # a bad logging file: Kedro says so when the command imports it
+            logging_ = getattr(project, "LOGGING")  # noqa: B009  (a UserDict Kedro fills in its __init__)
+            logging_.__init__()
 
 
 def _watch_client(conn: socket.socket, finishing: threading.Event) -> None:

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import eventually, group_gone
@@ -242,3 +244,192 @@ def test_an_install_or_upgrade_asks_for_another_zygote(monkeypatch, tmp_path):
     assert daemon.key() == before  # nothing changed: the same zygote
     (site / "somelib-1.0.dist-info").rename(site / "somelib-1.1.dist-info")  # what an upgrade does
     assert daemon.key() != before
+
+
+PROBE_NODES = '''import json, locale, logging, os, resource, threading, time
+
+
+def probe(x):
+    logging.getLogger("probe").info("PROBE-LINE")
+    out = os.environ["PROBE_OUT"]
+    time.sleep(float(os.environ.get("PROBE_SLEEP", "0")))
+
+    def later():
+        time.sleep(0.5)
+        with open(out + ".thread", "w") as handle:
+            handle.write("done")
+
+    threading.Thread(target=later).start()  # not a daemon thread: the interpreter waits for it
+    with open(out, "w") as handle:
+        json.dump({"tz_hour": time.localtime(0).tm_hour, "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+                   "affinity": sorted(os.sched_getaffinity(0)), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                   "root_level": logging.getLogger().getEffectiveLevel(), "ctype": locale.setlocale(locale.LC_CTYPE),
+                   "pid": os.getpid()}, handle)
+    return {"score": float(x)}
+'''
+PROBE_PIPELINE = '''from kedro.pipeline import Pipeline, node
+
+from kmrun_par import nodes
+
+
+def register_pipelines():
+    return {"__default__": Pipeline([node(nodes.probe, "params:x", "metrics", name="probe")])}
+'''
+MARKED_LOGGING = """version: 1
+disable_existing_loggers: false
+formatters:
+  marked: {format: "KMLOG|%(levelname)s|%(name)s|%(message)s"}
+handlers:
+  console: {class: logging.StreamHandler, formatter: marked, stream: "ext://sys.stdout"}
+root: {level: INFO, handlers: [console]}
+"""
+
+
+@pytest.fixture
+def probe_ws(tmp_path, template_store):
+    from kedro_projects import project
+
+    root = tmp_path / "ws"
+    project(root, "kmrun_par", PROBE_PIPELINE, {"src/kmrun_par/nodes.py": PROBE_NODES}, {"x": 1.0}, {},
+            {"metrics": ["metrics"], "objective": {"metric": "score", "direction": "maximize"}}, template_store)
+    (root / "conf" / "logging.yml").write_text(MARKED_LOGGING)  # Kedro reads it from the working directory
+    return root
+
+
+def socket_of(tmp_path) -> list[Path]:
+    """The socket of the zygote a test's first command started."""
+    found = lambda: list((tmp_path / "runtime").glob("kmrun-*/*.sock"))  # noqa: E731
+    assert eventually(lambda: bool(found()), 120), "no zygote started"
+    return found()
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def in_a_terminal(where, env: dict[str, str], *args: str, limited: bool = False, out: str = "") -> tuple[int, str]:
+    """``kmrun args`` in a pseudo-terminal; with ``limited``, under a lower file limit, one CPU and nice 5."""
+    import pty
+    import resource
+
+    def limit() -> None:
+        if limited:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+            os.sched_setaffinity(0, {0})
+            os.nice(5)
+
+    master, slave = pty.openpty()
+    full = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "PROBE_OUT": out, "TERM": "xterm-256color", **env}
+    if "NO_COLOR" not in env:  # colour as a terminal has it, unless the test asks otherwise
+        full.pop("NO_COLOR", None)
+    child = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=where, env=full, stdin=slave,
+                             stdout=slave, stderr=slave, preexec_fn=limit)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other side is closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return child.wait(timeout=300), b"".join(chunks).decode(errors="replace")
+
+
+@slow
+def test_a_served_command_behaves_as_a_plain_one_in_a_terminal(probe_ws, daemon_env, tmp_path):
+    """Through a warm zygote started by another command (default limits, no TZ), a command in
+    a terminal takes on its caller's TZ, file limit, CPU affinity, nice value, the project's
+    logging config and colour, and its non-daemon threads finish, as without the daemon."""
+    from runner.daemon import _ask
+
+    assert subprocess.run([sys.executable, "-m", "runner.cli", "cache"], cwd=probe_ws, env={**os.environ, **daemon_env},
+                          capture_output=True, timeout=300).returncode == 0
+    sockets = socket_of(tmp_path)
+    seen = {}
+    for mode, setting in (("plain", "0"), ("served", "1")):
+        before = _ask(sockets[0], "status")["last"]
+        out = str(tmp_path / f"{mode}.json")
+        code, text = in_a_terminal(probe_ws, {**daemon_env, "KMRUN_DAEMON": setting, "TZ": "Asia/Tokyo"},
+                                   "cache=false", "-v", limited=True, out=out)
+        assert code == 0, text[-3000:]
+        assert (_ask(sockets[0], "status")["last"] > before) == (mode == "served")  # it was (or was not) served
+        assert "KMLOG|INFO|probe|PROBE-LINE" in text, text[-3000:]  # the project's logging config, in both
+        assert Path(out + ".thread").read_text() == "done"  # the node's thread finished before the exit
+        seen[mode] = {**json.loads(Path(out).read_text()), "coloured": "\x1b[" in text}
+        code, text = in_a_terminal(probe_ws, {**daemon_env, "KMRUN_DAEMON": setting, "NO_COLOR": "1"}, "runs")
+        seen[mode]["no_color_coloured"] = "\x1b[" in text
+    plain, served = (dict(seen[m]) for m in ("plain", "served"))
+    assert plain.pop("pid") != served.pop("pid")
+    assert plain == served, (plain, served)
+    assert plain["tz_hour"] == 9 and plain["nofile"] == [512, 512] and plain["affinity"] == [0] and plain["nice"] == 5
+
+
+@slow
+def test_a_command_after_the_zygote_is_killed_mid_command_runs_at_once(probe_ws, daemon_env, tmp_path):
+    """The running command's child holds neither the listener nor the zygote's lock: the next
+    command is refused at once, runs by itself, and a new zygote can start."""
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", **daemon_env, "KMRUN_DAEMON": "1"}
+    subprocess.run([sys.executable, "-m", "runner.cli", "cache"], cwd=probe_ws, env=env, capture_output=True, timeout=300)
+    sockets = socket_of(tmp_path)
+    from runner.daemon import _ask
+
+    zygote = _ask(sockets[0], "status")["pid"]
+    long = subprocess.Popen([sys.executable, "-m", "runner.cli", "cache=false"], cwd=probe_ws, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**env, "PROBE_OUT": str(tmp_path / "long.json"),
+                                                            "PROBE_SLEEP": "120"})
+    assert eventually(lambda: _ask(sockets[0], "status")["children"] == 1, 60)
+    os.kill(zygote, signal.SIGKILL)
+    started = time.monotonic()
+    quick = subprocess.run([sys.executable, "-m", "runner.cli", "cache"], cwd=probe_ws, env=env, capture_output=True,
+                           timeout=110)
+    assert quick.returncode == 0 and time.monotonic() - started < 60, quick.stderr
+    assert eventually(lambda: [p for p in (tmp_path / "runtime").glob("kmrun-*/*.sock")
+                               if (_ask(p, "status") or {}).get("pid") not in (None, zygote)], 120), "no new zygote"
+    long.kill()
+    long.wait()
+
+
+@slow
+def test_ctrl_z_stops_the_whole_command_and_fg_resumes_it(probe_ws, daemon_env, tmp_path):
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", **daemon_env, "KMRUN_DAEMON": "1"}
+    subprocess.run([sys.executable, "-m", "runner.cli", "cache"], cwd=probe_ws, env=env, capture_output=True, timeout=300)
+    sockets = socket_of(tmp_path)
+    from runner.daemon import _ask
+
+    client = subprocess.Popen([sys.executable, "-m", "runner.cli", "cache=false"], cwd=probe_ws,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**env, "PROBE_OUT": str(tmp_path / "z.json"), "PROBE_SLEEP": "6"})
+    assert eventually(lambda: _ask(sockets[0], "status")["children"] == 1, 60)
+    zygote = _ask(sockets[0], "status")["pid"]
+    [child] = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == zygote]
+    client.send_signal(signal.SIGTSTP)  # what Ctrl-Z sends to the terminal's foreground group
+
+    def state(pid: int) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    assert eventually(lambda: state(client.pid) == "T" and state(child) == "T", 30), "not every part stopped"
+    time.sleep(8)  # longer than the node sleeps: a command that ran on would be done by now
+    assert client.poll() is None and not (tmp_path / "z.json").exists()
+    client.send_signal(signal.SIGCONT)  # `fg`
+    assert client.wait(timeout=120) == 0
+    assert (tmp_path / "z.json").exists()
+
+
+@slow
+def test_a_deleted_working_directory_is_one_clear_message_with_or_without_the_daemon(tmp_path, daemon_env):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    for setting in ("0", "1"):
+        done = subprocess.run([sys.executable, "-c", "import os, sys; os.rmdir(sys.argv[1]); "
+                               "from runner.cli import main; sys.exit(main(['+experiment=baseline']))", str(gone)],
+                              cwd=gone, env={**os.environ, **daemon_env, "KMRUN_DAEMON": setting}, capture_output=True,
+                              text=True, timeout=60)
+        gone.mkdir()
+        assert done.returncode == 2 and "working directory no longer exists" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
