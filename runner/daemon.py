@@ -51,7 +51,8 @@ MAX_ZYGOTES = 2  # per user: starting another stops the oldest
 IMPORT_TIME_VARIABLES = ("PYTHON", "OMP_", "OPENBLAS_", "MKL_", "NUMEXPR_", "VECLIB_", "KMP_", "LD_", "CUDA_",
                          "MLFLOW_", "KEDRO_", "HYDRA_", "OPTUNA_", "SQLALCHEMY_")
 PRELOAD = ("mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "sqlalchemy", "hydra",
-           "omegaconf", "optuna", "kedro.framework.session", "kedro.io", "rich.console", "rich.table", "pandas")
+           "omegaconf", "optuna", "kedro.framework.session", "kedro.framework.startup", "kedro.io", "rich.console",
+           "rich.table", "pandas")
 
 
 def wanted() -> bool:
@@ -287,9 +288,19 @@ def serve(path_text: str) -> None:
     except OSError:
         return  # another zygote serves this key
     sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
+    # Kedro configures logging when it is imported, from the working directory: here it is given a
+    # config that changes nothing, and each child applies the real one when its command first uses Kedro
+    quiet = path.with_suffix(".logging.yml")
+    quiet.write_text("version: 1\ndisable_existing_loggers: false\n")
+    saved = os.environ.get("KEDRO_LOGGING_CONFIG")
+    os.environ["KEDRO_LOGGING_CONFIG"] = str(quiet)
     for name in PRELOAD:
         with contextlib.suppress(Exception):
             __import__(name)
+    if saved is None:
+        os.environ.pop("KEDRO_LOGGING_CONFIG", None)
+    else:
+        os.environ["KEDRO_LOGGING_CONFIG"] = saved
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -426,17 +437,28 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
 def _as_a_new_process() -> None:
     """What a new interpreter reads from its environment and working directory at start, read
     again: the time zone, the locale, and Kedro's logging config (``KEDRO_LOGGING_CONFIG``, else
-    ``conf/logging.yml`` here), which Kedro applied when the zygote imported it elsewhere."""
+    ``conf/logging.yml`` here), which a plain process applies when it imports Kedro: here when
+    the command first bootstraps a project, so that a command that never uses Kedro (``kmrun
+    runs``) keeps Python's own logging, as it does without the daemon."""
     import locale
 
     time.tzset()
     with contextlib.suppress(locale.Error):
         locale.setlocale(locale.LC_CTYPE, "")
-    project = sys.modules.get("kedro.framework.project")
-    if project is not None:
-        with contextlib.suppress(Exception):  # a bad logging file: Kedro says so when the command imports it
-            logging_ = getattr(project, "LOGGING")  # noqa: B009  (a UserDict Kedro fills in its __init__)
-            logging_.__init__()
+    startup = sys.modules.get("kedro.framework.startup")
+    if startup is not None:  # Kedro's logging config, as a plain process applies it: when Kedro is first used
+        bootstrap = startup.bootstrap_project
+
+        def bootstrap_with_logging(*args: Any, **kwargs: Any) -> Any:
+            setattr(startup, "bootstrap_project", bootstrap)  # noqa: B010  (once is enough)
+            project = sys.modules.get("kedro.framework.project")
+            if project is not None:
+                with contextlib.suppress(Exception):  # a bad logging file: Kedro says so itself
+                    logging_ = getattr(project, "LOGGING")  # noqa: B009  (a UserDict Kedro fills in its __init__)
+                    logging_.__init__()
+            return bootstrap(*args, **kwargs)
+
+        setattr(startup, "bootstrap_project", bootstrap_with_logging)  # noqa: B010
 
 
 def _watch_client(conn: socket.socket, finishing: threading.Event) -> None:
