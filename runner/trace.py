@@ -512,22 +512,21 @@ _PARSED: dict[str, tuple[tuple[int, ...], _Parsed]] = {}
 
 
 def _package_of(path: Path) -> str:
-    """The dotted package a file belongs to, read from the loaded modules."""
-    if _MODULES_SEEN[0] != len(sys.modules):
-        _MODULES_SEEN[0] = len(sys.modules)
-        _FILES_TO_MODULES.clear()
-        for loaded, module in list(sys.modules.items()):
-            where = getattr(module, "__file__", None)
-            if isinstance(where, str):
-                _FILES_TO_MODULES[os.path.realpath(where)] = loaded
-    found = _FILES_TO_MODULES.get(os.path.realpath(path))
-    if found is None:
-        return ""
-    return found if path.name == "__init__.py" else found.rpartition(".")[0]
+    """The dotted package a file belongs to, read from the ``sys.path`` entry it lies under."""
+    real = os.path.realpath(path)
+    entries = _ENTRIES.get(tuple(sys.path))
+    if entries is None:
+        entries = sorted({os.path.realpath(p or ".") for p in sys.path}, key=len, reverse=True)
+        _ENTRIES.clear()
+        _ENTRIES[tuple(sys.path)] = entries
+    for entry in entries:
+        if real.startswith(entry + os.sep):
+            parts = list(Path(real[len(entry) + 1:]).with_suffix("").parts)
+            return ".".join(parts[:-1])  # a package's __init__ and a module alike: the folder's package
+    return ""
 
 
-_FILES_TO_MODULES: dict[str, str] = {}
-_MODULES_SEEN = [0]  # how many modules were loaded when the map was made
+_ENTRIES: dict[tuple[str, ...], list[str]] = {}
 
 
 def _resolve(name: str, root: Path) -> Path:

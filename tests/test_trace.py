@@ -19,11 +19,13 @@ FILES = {
                       "decimal.getcontext().prec = 28\n\n\ndef scale(x):\n    return x * SCALE * W\n\n\n"
                       "def unused(x):\n    return x\n",
     "pkg/late.py": "def late(x):\n    return x + 100\n",
-    "pkg/nodes.py": "import os\n\nfrom pkg.helpers import scale\n\n\ndef node(x, path=None):\n"
+    "pkg/relconsts.py": "R = 2.0\n",
+    "pkg/rel.py": "from .relconsts import R\n\n\ndef rel(x):\n    return x * R\n",
+    "pkg/nodes.py": "import os\n\nfrom pkg.helpers import scale\nfrom pkg.rel import rel\n\n\ndef node(x, path=None):\n"
                     "    from pkg.late import late  # imported in the body\n"
                     "    shift = float(os.getenv('KMRUN_TEST_SHIFT', '0'))\n"
                     "    text = open(path).read() if path else ''\n"
-                    "    return late(scale(x)) + shift + len(text)\n",
+                    "    return late(scale(x)) + shift + len(text) + rel(1.0)\n",
 }
 
 
@@ -75,6 +77,7 @@ EDITS = [
     ("pkg/helpers.py", "SCALE = 2", "SCALE = 3", True),
     ("pkg/consts.py", "W = 0.5", "W = 0.7", True),  # a constant another module imports
     ("pkg/late.py", "x + 100", "x + 101", True),  # a module imported inside the node
+    ("pkg/relconsts.py", "R = 2.0", "R = 3.0", True),  # a constant taken by a relative import
     ("pkg/helpers.py", "prec = 28", "prec = 6", True),  # a side effect at import
     ("pkg/helpers.py", "return x\n", "return x + 1\n", False),  # a function the node did not run
     ("pkg/helpers.py", "OTHER = 1", "OTHER = 2", False),  # a constant no code that ran reads
